@@ -1,0 +1,142 @@
+"""`spotguard check`: is this node protected? Answered before an incident, not during one.
+
+Prints one line per check (OK / WARN / FAIL with the reason) and exits 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+import aiohttp
+
+from spotguard import kube as k
+from spotguard import providers, vllm
+from spotguard.config import Config
+
+# (verb, resource, group, subresource): every call the daemon makes.
+REQUIRED_ACCESS = (
+    ("get", "nodes", "", ""),
+    ("list", "nodes", "", ""),
+    ("watch", "nodes", "", ""),
+    ("patch", "nodes", "", ""),
+    ("list", "pods", "", ""),
+    ("watch", "pods", "", ""),
+    ("get", "pods", "", ""),
+    ("patch", "pods", "", "status"),
+    ("create", "pods", "", "eviction"),
+    ("create", "events", "", ""),
+    ("list", "endpointslices", "discovery.k8s.io", ""),
+    ("list", "poddisruptionbudgets", "policy", ""),
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # OK, WARN, FAIL
+    text: str
+
+
+async def run_check(config: Config, *, out: TextIO = sys.stdout,
+                    client_factory: Callable[[], object] | None = None) -> int:
+    findings: list[Finding] = []
+
+    def say(level: str, text: str) -> None:
+        findings.append(Finding(level, text))
+        print(f"{level:<4} {text}", file=out, flush=True)
+
+    await _check_provider(config, say)
+    try:
+        if client_factory is None:
+            from spotguard.cli import kube_client
+
+            client_factory = kube_client
+        api = k.Kube(client_factory(), node_name=config.node_name)
+    except Exception as error:  # noqa: BLE001 - report, don't crash
+        say("FAIL", f"Kubernetes credentials: {error}")
+        return 1
+    await asyncio.to_thread(_check_node_and_access, api, config, say)
+    await _check_pods(api, say)
+    failed = [f for f in findings if f.level == "FAIL"]
+    print(f"{'NOT PROTECTED' if failed else 'PROTECTED'}: {len(failed)} failed, "
+          f"{sum(f.level == 'WARN' for f in findings)} warnings", file=out)
+    return 1 if failed else 0
+
+
+async def _check_provider(config: Config, say: Callable[[str, str], None]) -> None:
+    try:
+        provider = await providers.detect(config)
+        await provider.probe()
+    except providers.ProviderUnreachable as error:
+        say("FAIL", f"metadata: {error}")
+        return
+    say("OK", f"metadata: {provider.name} metadata server answers"
+              f"{' at ' + config.metadata_url if config.metadata_url else ''}")
+
+
+def _check_node_and_access(api: k.Kube, config: Config, say: Callable[[str, str], None]) -> None:
+    try:
+        node = api.get_node()
+    except k.KubeError as error:
+        say("FAIL", f"node {config.node_name}: {error}")
+        return
+    except Exception as error:  # noqa: BLE001
+        say("FAIL", f"Kubernetes API: {error}")
+        return
+    say("OK", f"node {config.node_name} found")
+    progress = k.progress_from_node(node)
+    if progress is not None:
+        say("WARN", f"node is in the middle of a drain (phase {progress.phase.value}, {progress.notice_kind})")
+    for verb, resource, group, subresource in REQUIRED_ACCESS:
+        what = f"{verb} {resource}{'/' + subresource if subresource else ''}"
+        try:
+            allowed, reason = api.can_i(verb=verb, resource=resource, group=group, subresource=subresource)
+        except Exception as error:  # noqa: BLE001
+            say("FAIL", f"RBAC {what}: cannot ask ({error})")
+            continue
+        if allowed:
+            say("OK", f"RBAC {what}")
+        else:
+            say("FAIL", f"RBAC {what}: denied{' (' + reason + ')' if reason else ''}")
+
+
+async def _check_pods(api: k.Kube, say: Callable[[str, str], None]) -> None:
+    try:
+        pods, _ = await asyncio.to_thread(api.list_pods)
+    except Exception as error:  # noqa: BLE001
+        say("FAIL", f"pods on the node: {error}")
+        return
+    serving = [pod for pod in pods if k.is_serving_pod(pod)]
+    unguarded = [pod for pod in pods if not k.is_serving_pod(pod) and _looks_like_vllm(pod)]
+    if not serving:
+        say("WARN", "no serving pods on this node (none declares readiness gate spotguard.io/serving)")
+    for pod in unguarded:
+        say("WARN", f"pod {_key(pod)} looks like vLLM but has no spotguard.io/serving readiness gate: "
+                    "routers will keep sending it work after a notice")
+    async with aiohttp.ClientSession() as session:
+        for pod in serving:
+            url = k.metrics_url(pod)
+            if url is None:
+                say("FAIL", f"pod {_key(pod)}: no pod IP or bad spotguard.io/metrics-port annotation")
+                continue
+            try:
+                reading = await vllm.read_in_flight(session, url, timeout=3)
+            except vllm.ScrapeError as error:
+                say("FAIL", f"pod {_key(pod)}: vLLM metrics at {url} unreadable ({error.reason}: {error})")
+                continue
+            say("OK", f"pod {_key(pod)}: readiness gate declared; vLLM metrics at {url} "
+                      f"({reading.total:.0f} in flight over {reading.engines} engine(s))")
+
+
+def _looks_like_vllm(pod: k.Obj) -> bool:
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        words = [container.get("image", "")] + list(container.get("command") or []) + list(container.get("args") or [])
+        if any("vllm" in str(word).lower() for word in words):
+            return True
+    return False
+
+
+def _key(pod: k.Obj) -> str:
+    return f"{pod['metadata'].get('namespace')}/{pod['metadata'].get('name')}"

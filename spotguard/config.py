@@ -1,0 +1,232 @@
+"""The daemon's configuration: one frozen dataclass built from flags and their environment variables.
+
+Every setting is a flag that also reads an environment variable (the flag wins). A bad value is a
+`ConfigError` whose message names both, so the operator sees one line such as
+`--notice-seconds / SPOTGUARD_NOTICE_SECONDS: must be a number of seconds > 0, got 'soon'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Mapping
+from urllib.parse import urlsplit
+
+PROVIDERS = ("auto", "gce", "aws", "azure")
+# Providers whose watcher exists. The others are accepted names in the contract but refused at
+# start with a clear message rather than silently doing nothing.
+BUILT_PROVIDERS = ("gce",)
+GCE_DEFAULT_METADATA_URL = "http://metadata.google.internal"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message is one line naming the flag and env var."""
+
+
+@dataclass(frozen=True)
+class Config:
+    node_name: str
+    provider: str
+    # Root of the metadata server, scheme://host[:port]; None means the provider's own default.
+    metadata_url: str | None
+    listen_host: str
+    listen_port: int
+    dry_run: bool
+    # Notice length to assume when the provider gives no deadline (GCE instance/preempted).
+    notice_seconds: float | None
+    # Evictions must have been issued this long before the deadline, so pods can still stop.
+    safety_margin_seconds: float
+    # Longest wait for a pod's EndpointSlice endpoints to show not-ready before draining anyway.
+    endpoint_wait_seconds: float
+    # Longest drain even on long notices (a not-ready pod holds a GPU its replacement needs).
+    max_drain_seconds: float
+    # How often in-flight requests are read from vLLM while draining.
+    drain_poll_seconds: float
+    log_level: str
+
+
+@dataclass(frozen=True)
+class _Setting:
+    dest: str
+    flag: str
+    env: str
+    help: str
+    default: str | None = None
+    is_switch: bool = False
+    metavar: str | None = None
+
+
+SETTINGS: tuple[_Setting, ...] = (
+    _Setting("node_name", "--node-name", "NODE_NAME",
+             "the node this daemon guards (set from the downward API: spec.nodeName); required",
+             metavar="NAME"),
+    _Setting("provider", "--provider", "SPOTGUARD_PROVIDER",
+             "where preemption notices come from: auto (detect), gce, aws, azure", default="auto"),
+    _Setting("metadata_url", "--metadata-url", "SPOTGUARD_METADATA_URL",
+             "root URL of the metadata server, scheme://host[:port]; the provider appends its paths. "
+             "For GCE, GCE_METADATA_HOST (host:port) is honoured too", metavar="URL"),
+    _Setting("listen", "--listen", "SPOTGUARD_LISTEN",
+             "HOST:PORT serving /metrics, /healthz and /readyz", default="0.0.0.0:9101"),
+    _Setting("dry_run", "--dry-run", "SPOTGUARD_DRY_RUN",
+             "log and count every action but change nothing in the cluster", is_switch=True),
+    _Setting("notice_seconds", "--notice-seconds", "SPOTGUARD_NOTICE_SECONDS",
+             "notice length to assume when the provider gives no deadline "
+             "(GCE preemption: 30, or up to 120 with preemptionNoticeDuration)", metavar="SECONDS"),
+    _Setting("safety_margin_seconds", "--safety-margin-seconds", "SPOTGUARD_SAFETY_MARGIN_SECONDS",
+             "stop draining and evict this long before the deadline, so pods have time to stop",
+             default="5", metavar="SECONDS"),
+    _Setting("endpoint_wait_seconds", "--endpoint-wait-seconds", "SPOTGUARD_ENDPOINT_WAIT_SECONDS",
+             "longest wait for EndpointSlices to show a pod not-ready before draining anyway",
+             default="10", metavar="SECONDS"),
+    _Setting("max_drain_seconds", "--max-drain-seconds", "SPOTGUARD_MAX_DRAIN_SECONDS",
+             "longest wait for in-flight requests, even when the notice is long (GPU host maintenance "
+             "gives 60 min): a not-ready pod holds a GPU its replacement needs", default="300",
+             metavar="SECONDS"),
+    _Setting("drain_poll_seconds", "--drain-poll-seconds", "SPOTGUARD_DRAIN_POLL_SECONDS",
+             "how often vLLM /metrics is read while draining", default="0.5", metavar="SECONDS"),
+    _Setting("log_level", "--log-level", "SPOTGUARD_LOG_LEVEL",
+             "debug, info, warning or error", default="info"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every setting as a flag. Defaults stay None so `load` can tell flag, env and default apart."""
+    for setting in SETTINGS:
+        help_text = f"{setting.help} [env {setting.env}"
+        help_text += f", default {setting.default}]" if setting.default else "]"
+        if setting.is_switch:
+            parser.add_argument(setting.flag, dest=setting.dest, action="store_const", const="true",
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(setting.flag, dest=setting.dest, default=None,
+                                metavar=setting.metavar or setting.dest.upper(), help=help_text)
+
+
+def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Config:
+    """Build the Config from parsed flags, falling back to environment variables, then defaults."""
+
+    def raw(setting: _Setting) -> str | None:
+        value = getattr(args, setting.dest, None)
+        if value is None:
+            value = environ.get(setting.env)
+        if value is None or value.strip() == "":
+            return setting.default
+        return value.strip()
+
+    def parsed(dest: str, parse: Callable[[str], object]) -> object:
+        setting = next(s for s in SETTINGS if s.dest == dest)
+        value = raw(setting)
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as error:
+            raise ConfigError(f"{setting.flag} / {setting.env}: {error}, got {value!r}") from None
+
+    node_name = parsed("node_name", _node_name)
+    if node_name is None:
+        raise ConfigError("--node-name / NODE_NAME: required (set it from the downward API: "
+                          "fieldRef spec.nodeName)")
+    host, port = parsed("listen", _host_port)  # type: ignore[misc]
+    metadata_url = parsed("metadata_url", _root_url)
+    if metadata_url is None and environ.get("GCE_METADATA_HOST", "").strip():
+        gce_host = environ["GCE_METADATA_HOST"].strip()
+        try:
+            metadata_url = _root_url(f"http://{gce_host}")
+        except ValueError as error:
+            raise ConfigError(f"GCE_METADATA_HOST: {error}, got {gce_host!r}") from None
+    return Config(
+        node_name=node_name,  # type: ignore[arg-type]
+        provider=parsed("provider", _provider),  # type: ignore[arg-type]
+        metadata_url=metadata_url,  # type: ignore[arg-type]
+        listen_host=host,
+        listen_port=port,
+        dry_run=bool(parsed("dry_run", _boolean)),
+        notice_seconds=parsed("notice_seconds", _positive_seconds),  # type: ignore[arg-type]
+        safety_margin_seconds=parsed("safety_margin_seconds", _non_negative_seconds),  # type: ignore[arg-type]
+        endpoint_wait_seconds=parsed("endpoint_wait_seconds", _non_negative_seconds),  # type: ignore[arg-type]
+        max_drain_seconds=parsed("max_drain_seconds", _positive_seconds),  # type: ignore[arg-type]
+        drain_poll_seconds=parsed("drain_poll_seconds", _positive_seconds),  # type: ignore[arg-type]
+        log_level=parsed("log_level", _log_level),  # type: ignore[arg-type]
+    )
+
+
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _node_name(value: str) -> str:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise ValueError("must be a Kubernetes node name (lower-case DNS subdomain)")
+    return value
+
+
+def _provider(value: str) -> str:
+    value = value.lower()
+    if value not in PROVIDERS:
+        raise ValueError(f"must be one of {', '.join(PROVIDERS)}")
+    if value != "auto" and value not in BUILT_PROVIDERS:
+        raise ValueError(f"the {value} provider is not built yet; only {', '.join(BUILT_PROVIDERS)} is")
+    return value
+
+
+def _root_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be a root URL like http://169.254.169.254 or http://127.0.0.1:8080")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be scheme://host[:port] only; the provider appends its own paths")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError("must be HOST:PORT with a port between 1 and 65535")
+    return host.strip("[]"), int(port_text)
+
+
+def _boolean(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite number of seconds")
+    return seconds
+
+
+def _positive_seconds(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError("must be a number of seconds > 0")
+    return seconds
+
+
+def _non_negative_seconds(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds < 0:
+        raise ValueError("must be a number of seconds >= 0")
+    return seconds
+
+
+def _log_level(value: str) -> str:
+    lowered = value.lower()
+    if lowered not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be debug, info, warning or error")
+    return lowered

@@ -1,0 +1,464 @@
+"""Wires the provider -> lifecycle -> adapters, and owns the asyncio loop and shutdown.
+
+One loop decides; everything else feeds it:
+- the provider task sets the current notice;
+- two watch threads (the kubernetes client is synchronous) keep this node and its pods cached;
+- while a notice is being handled, a timer refreshes EndpointSlice readiness and vLLM in-flight
+  counts every --drain-poll-seconds. With no notice nothing polls: the watches are the only API
+  traffic, one request per watch every five minutes.
+Each wake-up builds a `Seen` from the caches, asks `lifecycle.decide` what to do, and does it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from spotguard import kube as k
+from spotguard import lifecycle as lc
+from spotguard import vllm
+from spotguard.backoff import backoff_delay
+from spotguard.config import Config
+from spotguard.notice import Notice
+from spotguard.observability import Metrics, health_app
+from spotguard.providers import Provider
+
+log = structlog.get_logger("spotguard")
+WATCH_TIMEOUT_SECONDS = 300
+
+
+@dataclass
+class _Reading:
+    in_flight: int | None = None
+    unreadable: bool = False
+
+
+class Daemon:
+    def __init__(self, *, config: Config, provider: Provider, kube: k.Kube, metrics: Metrics,
+                 timing: lc.Timing, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.provider = provider
+        self.kube = kube
+        self.metrics = metrics
+        self.timing = timing
+        self.clock = clock
+        self.state = lc.State()
+        self.node: k.Obj | None = None
+        self.pods: dict[str, k.Obj] = {}
+        self.notice: Notice | None = None
+        self.provider_ready = False
+        self.readings: dict[str, _Reading] = {}
+        self.endpoints: dict[str, bool] = {}
+        self.api_healthy = False
+        self.notice_received_at: float | None = None  # monotonic, for the reaction histogram
+        self.dry_run_done: set[str] = set()
+        self._wake = asyncio.Event()
+        self._stopping = threading.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # Room for a node PATCH plus one pods/status PATCH per serving pod at the same moment.
+        self._loop.set_default_executor(ThreadPoolExecutor(max_workers=16, thread_name_prefix="kube"))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self.stop)
+        runner = web.AppRunner(health_app(metrics=self.metrics, alive=self._alive, ready=self._ready),
+                               access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.config.listen_host, self.config.listen_port).start()
+        self._session = aiohttp.ClientSession()
+        log.info("started", listen=f"{self.config.listen_host}:{self.config.listen_port}",
+                 provider=self.provider.name, dry_run=self.config.dry_run)
+        try:
+            await self._load_node()
+            for target in (self._watch_node, self._watch_pods):
+                thread = threading.Thread(target=target, name=target.__name__, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            self._tasks = [asyncio.create_task(self._follow_provider(), name="provider"),
+                           asyncio.create_task(self._decide_loop(), name="decide")]
+            await asyncio.gather(*self._tasks)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._stopping.set()
+            await self._session.close()
+            await runner.cleanup()
+            log.info("stopped")
+
+    def stop(self) -> None:
+        log.info("stopping")
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+
+    def _alive(self) -> bool:
+        return all(not task.done() for task in self._tasks) and all(t.is_alive() for t in self._threads)
+
+    async def _ready(self) -> tuple[bool, str]:
+        # From cached state only: a kubelet probing /readyz every 10 s must not become API traffic.
+        if not self.api_healthy:
+            return False, "kubernetes API not reachable (watch down)"
+        if not self.provider_ready or not self.metrics.metadata_reachable:
+            return False, "metadata server not reachable"
+        return True, "ok"
+
+    def _wake_soon(self) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    # -- feeding the loop --------------------------------------------------------------------
+
+    async def _load_node(self) -> None:
+        """Read the node once before deciding anything; a saved progress means we resume a drain."""
+        attempt = 0
+        while True:
+            try:
+                self.node = await asyncio.to_thread(self.kube.get_node)
+                break
+            except Exception as error:  # noqa: BLE001 - any failure: log, back off, retry
+                attempt += 1
+                self.metrics.kube_errors.labels(operation="get_node").inc()
+                log.warning("node not readable yet", error=str(error), attempt=attempt)
+                await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=10))
+        self.api_healthy = True
+        progress = k.progress_from_node(self.node)
+        if progress is not None:
+            log.info("resuming", phase=progress.phase.value, notice_kind=progress.notice_kind,
+                     seconds_to_deadline=round(progress.deadline - self.clock(), 1))
+            self.state = lc.State(progress=progress)
+
+    async def _follow_provider(self) -> None:
+        async for notice in self.provider.watch():
+            if notice is not None and (self.notice is None or notice.kind != self.notice.kind):
+                self.metrics.notices.labels(provider=self.provider.name, kind=notice.kind.value).inc()
+                self.notice_received_at = time.monotonic()
+                log.warning("notice", notice_kind=notice.kind.value, source=notice.source, detail=notice.detail,
+                            seconds_to_deadline=round(notice.deadline - self.clock(), 1))
+            elif notice is None and self.notice is not None:
+                self.metrics.notices_cancelled.labels(provider=self.provider.name).inc()
+                log.warning("notice withdrawn", notice_kind=self.notice.kind.value)
+            self.notice = notice
+            self.provider_ready = True
+            self._wake.set()
+
+    def _watch_node(self) -> None:
+        self._watch_forever(
+            "node", list_=lambda: self._list_node(),
+            path="/api/v1/nodes", query={"fieldSelector": f"metadata.name={self.config.node_name}"},
+            apply=self._apply_node_event)
+
+    def _list_node(self) -> str:
+        listed = self.kube.call("GET", "/api/v1/nodes",
+                                query={"fieldSelector": f"metadata.name={self.config.node_name}"})
+        items = listed.get("items", [])
+        self._call_in_loop(self._set_node, items[0] if items else None)
+        return listed["metadata"]["resourceVersion"]
+
+    def _watch_pods(self) -> None:
+        path, query = self.kube.pods_path()
+
+        def list_pods() -> str:
+            items, version = self.kube.list_pods()
+            self._call_in_loop(self._set_pods, items)
+            return version
+
+        self._watch_forever("pods", list_=list_pods, path=path, query=query, apply=self._apply_pod_event)
+
+    def _watch_forever(self, what: str, *, list_: Callable[[], str], path: str, query: dict[str, str],
+                       apply: Callable[[str, k.Obj], None]) -> None:
+        """List, then watch from that version; on any failure back off and list again. Never returns."""
+        attempt = 0
+        version: str | None = None
+        while not self._stopping.is_set():
+            try:
+                if version is None:
+                    version = list_()
+                self.api_healthy = True
+                attempt = 0
+                for kind, obj in self.kube.watch(path, query=query, resource_version=version,
+                                                 timeout_seconds=WATCH_TIMEOUT_SECONDS):
+                    version = obj.get("metadata", {}).get("resourceVersion", version)
+                    if kind != "BOOKMARK":
+                        self._call_in_loop(apply, kind, obj)
+            except Exception as error:  # noqa: BLE001 - a watch must survive anything
+                if isinstance(error, k.KubeError) and error.status == 410:
+                    version = None  # too old: list again
+                    continue
+                attempt += 1
+                version = None
+                self.api_healthy = False
+                self.metrics.kube_errors.labels(operation=f"watch_{what}").inc()
+                log.warning("watch failed", what=what, error=str(error)[:300], attempt=attempt)
+                self._stopping.wait(backoff_delay(attempt, base=0.2, cap=5))
+
+    def _call_in_loop(self, function: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(function, *args)
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _set_node(self, node: k.Obj | None) -> None:
+        if node is None and self.node is not None:
+            log.warning("node object is gone")
+        self.node = node
+
+    def _apply_node_event(self, kind: str, node: k.Obj) -> None:
+        self._set_node(None if kind == "DELETED" else node)
+
+    def _set_pods(self, items: list[k.Obj]) -> None:
+        self.pods = {pod["metadata"]["uid"]: pod for pod in items}
+
+    def _apply_pod_event(self, kind: str, pod: k.Obj) -> None:
+        uid = pod["metadata"]["uid"]
+        if kind == "DELETED":
+            self.pods.pop(uid, None)
+            self.readings.pop(uid, None)
+        else:
+            self.pods[uid] = pod
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    async def _decide_loop(self) -> None:
+        while True:
+            active = self.state.progress is not None
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.drain_poll_seconds if active else None)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if not self.provider_ready or self.node is None:
+                continue
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug in one step must not stop the guard
+                log.exception("decision step failed")
+                await asyncio.sleep(self.config.drain_poll_seconds)
+
+    async def _step(self) -> None:
+        progress = self.state.progress
+        if progress is not None and self.notice is not None:
+            await self._observe(progress.phase)
+        seen = self._seen()
+        before = self.state.progress
+        decision = lc.decide(self.state, seen, now=self.clock(), timing=self.timing)
+        self.state = decision.state
+        after = self.state.progress
+        await self._execute(decision.actions, first_reaction=before is None and after is not None)
+        self._update_gauges(before, after)
+
+    async def _observe(self, phase: lc.Phase) -> None:
+        serving = [pod for pod in self.pods.values() if k.is_serving_pod(pod)
+                   and not pod["metadata"].get("deletionTimestamp")]
+        if phase is lc.Phase.DEREGISTERING and serving:
+            namespaces = {pod["metadata"]["namespace"] for pod in serving}
+            try:
+                self.endpoints = await asyncio.to_thread(self.kube.endpoints_ready, namespaces)
+            except Exception as error:  # noqa: BLE001
+                self.metrics.kube_errors.labels(operation="list_endpointslices").inc()
+                log.warning("endpointslices not readable", error=str(error)[:300])
+        if phase is lc.Phase.DRAINING and serving:
+            await asyncio.gather(*(self._read_in_flight(pod) for pod in serving))
+
+    async def _read_in_flight(self, pod: k.Obj) -> None:
+        uid, key = pod["metadata"]["uid"], f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+        url = k.metrics_url(pod)
+        reading = self.readings.setdefault(uid, _Reading())
+        if url is None:
+            reading.unreadable = True
+            return
+        assert self._session is not None
+        try:
+            result = await vllm.read_in_flight(self._session, url,
+                                               timeout=min(2.0, max(0.2, self.config.drain_poll_seconds * 2)))
+        except vllm.ScrapeError as error:
+            if not reading.unreadable:
+                log.warning("vllm metrics unreadable", pod=key, reason=error.reason, error=str(error)[:200])
+            self.metrics.scrape_errors.labels(reason=error.reason).inc()
+            reading.unreadable = True
+            return
+        count = int(result.total)
+        if reading.in_flight != count:
+            log.info("in flight", pod=key, in_flight=count)
+        reading.in_flight, reading.unreadable = count, False
+        self.metrics.in_flight.labels(namespace=pod["metadata"]["namespace"], pod=pod["metadata"]["name"]).set(count)
+
+    def _seen(self) -> lc.Seen:
+        assert self.node is not None
+        facts = []
+        for uid, pod in self.pods.items():
+            reading = self.readings.get(uid, _Reading())
+            facts.append(k.pod_facts(pod, endpoints_ready=self.endpoints.get(uid), in_flight=reading.in_flight,
+                                     metrics_unreadable=reading.unreadable))
+        return lc.Seen(notice=self.notice, node_unschedulable=k.node_unschedulable(self.node),
+                       node_has_taint=k.node_has_taint(self.node), pods=tuple(facts),
+                       stored_progress=k.progress_from_node(self.node))
+
+    # -- acting ------------------------------------------------------------------------------
+
+    async def _execute(self, actions: tuple[lc.Action, ...], *, first_reaction: bool) -> None:
+        """Node and readiness changes first and together (they are the reaction), then evictions,
+        then Events."""
+        urgent = [a for a in actions if isinstance(a, (lc.UpdateNode, lc.SetServing))]
+        await asyncio.gather(*(self._do(action) for action in urgent))
+        if first_reaction and self.notice_received_at is not None:
+            reaction = time.monotonic() - self.notice_received_at
+            self.metrics.reaction.observe(reaction)
+            log.info("reacted", reaction_ms=round(reaction * 1000, 1))
+            self.notice_received_at = None
+        reports = [a for a in actions if isinstance(a, lc.Report)]
+        evictions = [a for a in actions if isinstance(a, lc.Evict)]
+        results = await asyncio.gather(*(self._do(action) for action in evictions))
+        for evict, result in zip(evictions, results):
+            if result is None:
+                continue
+            outcome, detail = result
+            self.state, follow = lc.record_eviction(self.state, evict.pod, outcome, now=self.clock(),
+                                                    timing=self.timing, blocked_by=detail)
+            reports.extend(follow)
+            self._count_eviction(evict.pod, outcome, detail)
+        for report in reports:
+            self._count_report(report)
+            await self._do(report)
+
+    async def _do(self, action: lc.Action) -> Any:
+        names = _action_names(action)
+        fields = _action_log_fields(action, self.state.progress, self.clock())
+        if self.config.dry_run:
+            # The cluster does not change, so the level-triggered loop asks again: say it once.
+            key = repr(action)
+            if key not in self.dry_run_done:
+                self.dry_run_done.add(key)
+                log.info("dry-run", actions=names, **fields)
+                self._count(names, "dry_run")
+            return (lc.EvictionOutcome.EVICTED, None) if isinstance(action, lc.Evict) else None
+        try:
+            result = await asyncio.to_thread(self._call, action)
+        except Exception as error:  # noqa: BLE001 - report, count, and let the next decision ask again
+            self._count(names, "error")
+            if isinstance(error, k.KubeError) and error.status == 404 and isinstance(action, lc.UpdateNode):
+                log.warning("node is gone; nothing to change", actions=names)
+            else:
+                log.warning("action failed", actions=names, error=str(error)[:300], **fields)
+            return None
+        self._count(names, "ok")
+        if not isinstance(action, lc.Report):
+            log.info("done", actions=names, **fields)
+        return result
+
+    def _count(self, names: list[str], result: str) -> None:
+        for name in names:
+            self.metrics.actions.labels(action=name, result=result).inc()
+
+    def _call(self, action: lc.Action) -> Any:
+        """The blocking API call for one action (runs in a worker thread)."""
+        if isinstance(action, lc.UpdateNode):
+            node = self.kube.patch_node(action)
+            self._call_in_loop(self._set_node, node)
+            return None
+        if isinstance(action, lc.SetServing):
+            reason = "Guarding" if action.value else "TerminationNotice"
+            message = ("spotguard guards this node; no termination notice" if action.value
+                       else "the node has a termination notice; stop sending new requests")
+            self.kube.set_serving(action.pod, action.value, reason=reason, message=message)
+            return None
+        if isinstance(action, lc.Evict):
+            return self.kube.evict(action.pod, grace_seconds=action.grace_seconds)
+        if isinstance(action, lc.Report):
+            self.kube.record_event(action, node_uid=(self.node or {}).get("metadata", {}).get("uid"))
+            return None
+        raise TypeError(f"unknown action {action!r}")
+
+    # -- telling people ----------------------------------------------------------------------
+
+    def _count_eviction(self, pod: lc.PodFacts, outcome: lc.EvictionOutcome, detail: str | None) -> None:
+        self.metrics.evictions.labels(result=outcome.value).inc()
+        blocked = self.metrics.eviction_blocked
+        if outcome in (lc.EvictionOutcome.BLOCKED_BY_PDB, lc.EvictionOutcome.MULTIPLE_PDBS):
+            blocked.labels(namespace=pod.namespace, pod=pod.name, pdb=detail or "unknown").set(1)
+            log.warning("eviction blocked", pod=pod.key, pdb=detail, outcome=outcome.value)
+        elif outcome in (lc.EvictionOutcome.EVICTED, lc.EvictionOutcome.GONE):
+            _clear_series(blocked, namespace=pod.namespace, pod=pod.name)
+        else:
+            log.warning("eviction failed", pod=pod.key, error=detail)
+
+    def _count_report(self, report: lc.Report) -> None:
+        if report.reason == "DeadlineMissed":
+            self.metrics.drain_missed_deadline.inc()
+        if report.reason == "DrainBudgetSpent":
+            self.metrics.abandoned_requests.inc(sum(r.in_flight or 0 for r in self.readings.values()))
+        log_fields = {"reason": report.reason, "message": report.message}
+        if report.pod is not None:
+            log_fields["pod"] = report.pod.key
+        (log.warning if report.warning else log.info)("event", **log_fields)
+
+    def _update_gauges(self, before: lc.Progress | None, after: lc.Progress | None) -> None:
+        phase = after.phase.value if after else "guarding"
+        self.metrics.set_phase(phase)
+        self.metrics.seconds_to_deadline.set(max(0.0, after.deadline - self.clock()) if after else 0)
+        if before is not None and before.phase is lc.Phase.DRAINING and (after is None or after.phase is not
+                                                                          lc.Phase.DRAINING):
+            self.metrics.drain.observe(max(0.0, self.clock() - before.noticed_at))
+        if before is not None and after is None:  # cancelled: forget per-notice series
+            self.readings.clear()
+            self.endpoints.clear()
+            self.metrics.eviction_blocked.clear()
+            self.metrics.in_flight.clear()
+        if before is None or after is None or before.phase is not after.phase:
+            structlog.contextvars.bind_contextvars(phase=phase)
+            if after is not None:
+                structlog.contextvars.bind_contextvars(notice_kind=after.notice_kind)
+
+
+def _clear_series(gauge: Any, **labels: str) -> None:
+    for sample_labels in [dict(zip(gauge._labelnames, values)) for values in list(gauge._metrics)]:
+        if all(sample_labels.get(key) == value for key, value in labels.items()):
+            gauge.remove(*[sample_labels[name] for name in gauge._labelnames])
+
+
+def _action_names(action: lc.Action) -> list[str]:
+    """Metric/log names of what one action does (one node PATCH can cordon, taint and save)."""
+    if isinstance(action, lc.UpdateNode):
+        names = []
+        if action.unschedulable is not None:
+            names.append("cordon" if action.unschedulable else "uncordon")
+        if action.taint_value is not None:
+            names.append("taint")
+        if action.remove_taint:
+            names.append("untaint")
+        if action.progress is not None or action.clear_progress:
+            names.append("save_progress")
+        return names
+    if isinstance(action, lc.SetServing):
+        return ["set_serving" if action.value else "set_not_serving"]
+    if isinstance(action, lc.Evict):
+        return ["evict"]
+    return ["event"]
+
+
+def _action_log_fields(action: lc.Action, progress: lc.Progress | None, now: float) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if progress is not None:
+        fields["seconds_to_deadline"] = round(progress.deadline - now, 1)
+    if isinstance(action, (lc.SetServing, lc.Evict, lc.Report)) and action.pod is not None:
+        fields["pod"] = action.pod.key
+    if isinstance(action, lc.Evict):
+        fields["grace_seconds"] = action.grace_seconds
+    if isinstance(action, lc.UpdateNode) and action.progress is not None:
+        fields["phase"] = action.progress.phase.value
+    return fields

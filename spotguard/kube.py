@@ -1,0 +1,396 @@
+"""Kubernetes adapter: the only module that talks to the API server.
+
+Objects are kept as the plain JSON dicts the API server sends (no model classes): they are cheap to
+hold, easy to build in tests, and the pure functions at the bottom turn them into the lifecycle's
+`PodFacts` / `Progress`. Requests go through the official client's ApiClient, which owns
+authentication (kubeconfig, in-cluster token refresh) and TLS.
+
+Every call is synchronous (that is the client); the daemon runs them with asyncio.to_thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator, Mapping
+
+from spotguard import __version__
+from spotguard.lifecycle import (
+    SERVING_CONDITION,
+    TAINT_KEY,
+    EvictionOutcome,
+    Phase,
+    PodFacts,
+    Progress,
+    Report,
+    UpdateNode,
+)
+
+ANNOTATION_PREFIX = "spotguard.io/"
+METRICS_PORT_ANNOTATION = "spotguard.io/metrics-port"
+METRICS_PATH_ANNOTATION = "spotguard.io/metrics-path"
+EVICT_ANNOTATION = "spotguard.io/evict"
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+# Node annotations that hold one notice's progress (see Progress).
+PROGRESS_ANNOTATIONS = {
+    "phase": "spotguard.io/phase",
+    "notice_kind": "spotguard.io/notice-kind",
+    "deadline": "spotguard.io/deadline",
+    "noticed_at": "spotguard.io/noticed-at",
+    "phase_since": "spotguard.io/phase-since",
+    "cordoned_by_us": "spotguard.io/cordoned-by-spotguard",
+    "tainted_by_us": "spotguard.io/tainted-by-spotguard",
+}
+USER_AGENT = f"spotguard/{__version__}"
+_SMP = "application/strategic-merge-patch+json"
+Obj = dict[str, Any]
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str, body: Obj | None = None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.body = body or {}
+
+
+class Kube:
+    """The API calls spotguard makes, for one node."""
+
+    def __init__(self, api_client: Any, *, node_name: str, request_timeout: float = 10.0) -> None:
+        self.api = api_client
+        self.api.user_agent = USER_AGENT
+        self.node_name = node_name
+        self.request_timeout = request_timeout
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _open(self, method: str, path: str, *, query: Mapping[str, Any] | None = None,
+              body: Any = None, content_type: str | None = None, timeout: float | None = None) -> Any:
+        headers = {"Accept": "application/json"}
+        if content_type or body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        request = self.api.param_serialize(method=method, resource_path=path,
+                                           query_params=list((query or {}).items()),
+                                           header_params=headers, body=body, auth_settings=["BearerToken"])
+        return self.api.call_api(*request, _request_timeout=timeout or self.request_timeout)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Obj:
+        response = self._open(method, path, **kwargs)
+        raw = response.read()
+        try:
+            decoded = json.loads(raw) if raw else {}
+        except ValueError:
+            decoded = {"message": raw[:200].decode(errors="replace")}
+        if response.status >= 400:
+            raise KubeError(response.status, decoded.get("message", response.reason or ""), decoded)
+        return decoded
+
+    def watch(self, path: str, *, query: Mapping[str, Any], resource_version: str,
+              timeout_seconds: int) -> Iterator[tuple[str, Obj]]:
+        """Yield (type, object) from one watch request until the server ends it.
+
+        Raises KubeError(410) when the resource version is too old: the caller lists again.
+        """
+        params = {**query, "watch": "true", "resourceVersion": resource_version,
+                  "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
+        response = self._open("GET", path, query=params, timeout=(10, timeout_seconds + 30))
+        if response.status >= 400:
+            raise KubeError(response.status, response.read()[:200].decode(errors="replace"))
+        buffer = b""
+        try:
+            for chunk in response.response.stream(65536, decode_content=True):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object", {})
+                        raise KubeError(int(status.get("code", 500)), status.get("message", "watch error"))
+                    yield event["type"], event["object"]
+        finally:
+            response.response.release_conn()
+
+    # -- the node ---------------------------------------------------------------------------
+
+    def get_node(self) -> Obj:
+        return self.call("GET", f"/api/v1/nodes/{self.node_name}")
+
+    def patch_node(self, update: UpdateNode) -> Obj:
+        return self.call("PATCH", f"/api/v1/nodes/{self.node_name}", body=node_patch(update),
+                         content_type=_SMP)
+
+    # -- pods ------------------------------------------------------------------------------
+
+    def pods_path(self) -> tuple[str, dict[str, str]]:
+        return "/api/v1/pods", {"fieldSelector": f"spec.nodeName={self.node_name}"}
+
+    def list_pods(self) -> tuple[list[Obj], str]:
+        path, query = self.pods_path()
+        listed = self.call("GET", path, query=query)
+        return listed.get("items", []), listed["metadata"]["resourceVersion"]
+
+    def set_serving(self, pod: PodFacts, value: bool, *, reason: str, message: str) -> None:
+        condition = {"type": SERVING_CONDITION, "status": "True" if value else "False", "reason": reason,
+                     "message": message, "lastTransitionTime": _rfc3339(time.time())}
+        # metadata.uid in the patch is a precondition: never touch a same-named replacement pod.
+        body = {"metadata": {"uid": pod.uid}, "status": {"conditions": [condition]}}
+        self.call("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status", body=body,
+                  content_type=_SMP)
+
+    def endpoints_ready(self, namespaces: set[str]) -> dict[str, bool]:
+        """Pod UID -> does any EndpointSlice in these namespaces list it as ready?"""
+        ready: dict[str, bool] = {}
+        for namespace in sorted(namespaces):
+            slices = self.call("GET", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices")
+            for endpoint_slice in slices.get("items", []):
+                for endpoint in endpoint_slice.get("endpoints") or []:
+                    uid = (endpoint.get("targetRef") or {}).get("uid")
+                    if uid:
+                        # Absent "ready" means ready, per the EndpointSlice API.
+                        is_ready = (endpoint.get("conditions") or {}).get("ready") is not False
+                        ready[uid] = ready.get(uid, False) or is_ready
+        return ready
+
+    def evict(self, pod: PodFacts, *, grace_seconds: int) -> tuple[EvictionOutcome, str | None]:
+        """Ask the Eviction API (which enforces PodDisruptionBudgets) to evict the pod.
+
+        Returns the outcome and, when refused, the PodDisruptionBudget(s) responsible.
+        """
+        body = {"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": pod.name, "namespace": pod.namespace},
+                "deleteOptions": {"gracePeriodSeconds": grace_seconds, "preconditions": {"uid": pod.uid}}}
+        try:
+            self.call("POST", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/eviction", body=body)
+        except KubeError as error:
+            if error.status == 404:
+                return EvictionOutcome.GONE, None
+            if error.status == 409:  # UID precondition: the pod we meant is already gone
+                return EvictionOutcome.GONE, None
+            if error.status == 429:
+                named = blocking_pdb(error.body)
+                if named is not None or _is_pdb_refusal(error.body):
+                    return EvictionOutcome.BLOCKED_BY_PDB, named or self._pdbs_for(pod)
+                return EvictionOutcome.ERROR, f"HTTP 429: {error.body.get('message', 'too many requests')}"
+            if error.status == 500 and "more than one" in str(error.body.get("message", "")).lower():
+                return EvictionOutcome.MULTIPLE_PDBS, self._pdbs_for(pod)
+            return EvictionOutcome.ERROR, str(error)
+        return EvictionOutcome.EVICTED, None
+
+    def _pdbs_for(self, pod: PodFacts) -> str | None:
+        try:
+            listed = self.call("GET", f"/apis/policy/v1/namespaces/{pod.namespace}/poddisruptionbudgets")
+            labels = self.call("GET", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}")["metadata"].get(
+                "labels") or {}
+        except KubeError:
+            return None
+        names = [p["metadata"]["name"] for p in listed.get("items", [])
+                 if selector_matches((p.get("spec") or {}).get("selector"), labels)]
+        return ",".join(sorted(names)) or None
+
+    # -- events ------------------------------------------------------------------------------
+
+    def record_event(self, report: Report, *, node_uid: str | None) -> None:
+        if report.pod is not None:
+            namespace = report.pod.namespace
+            involved = {"kind": "Pod", "apiVersion": "v1", "namespace": namespace, "name": report.pod.name,
+                        "uid": report.pod.uid}
+        else:
+            namespace = "default"  # where kubectl looks for a Node's events
+            involved = {"kind": "Node", "apiVersion": "v1", "name": self.node_name, "uid": node_uid or ""}
+        now = _rfc3339(time.time())
+        event = {
+            "metadata": {"generateName": f"{involved['name']}.spotguard.", "namespace": namespace},
+            "involvedObject": involved, "reason": report.reason, "message": report.message[:1024],
+            "type": "Warning" if report.warning else "Normal",
+            "source": {"component": "spotguard", "host": self.node_name},
+            "reportingComponent": "spotguard.io/spotguard", "reportingInstance": self.node_name,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        self.call("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def can_i(self, *, verb: str, resource: str, group: str = "", subresource: str = "",
+              namespace: str = "", name: str = "") -> tuple[bool, str]:
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                  "spec": {"resourceAttributes": {"verb": verb, "resource": resource, "group": group,
+                                                  "subresource": subresource, "namespace": namespace,
+                                                  "name": name}}}
+        answer = self.call("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", body=review)
+        status = answer.get("status", {})
+        return bool(status.get("allowed")), status.get("reason", "") or status.get("evaluationError", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure translations between API objects and the lifecycle's types
+
+
+def is_serving_pod(pod: Obj) -> bool:
+    gates = (pod.get("spec") or {}).get("readinessGates") or []
+    return any(g.get("conditionType") == SERVING_CONDITION for g in gates)
+
+
+def not_evictable_reason(pod: Obj) -> str | None:
+    metadata = pod.get("metadata") or {}
+    if any(ref.get("kind") == "DaemonSet" and ref.get("controller")
+           for ref in metadata.get("ownerReferences") or []):
+        return "daemonset"
+    annotations = metadata.get("annotations") or {}
+    if MIRROR_ANNOTATION in annotations:
+        return "mirror"
+    if str(annotations.get(EVICT_ANNOTATION, "")).strip().lower() == "false":
+        return "opted-out"
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return "finished"
+    return None
+
+
+def condition_status(pod: Obj, condition_type: str) -> bool | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == condition_type:
+            return {"True": True, "False": False}.get(condition.get("status"))
+    return None
+
+
+def pod_facts(pod: Obj, *, endpoints_ready: bool | None = None, in_flight: int | None = None,
+              metrics_unreadable: bool = False) -> PodFacts:
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    grace = spec.get("terminationGracePeriodSeconds")
+    return PodFacts(
+        namespace=metadata.get("namespace", ""),
+        name=metadata.get("name", ""),
+        uid=metadata.get("uid", ""),
+        serving=is_serving_pod(pod),
+        serving_condition=condition_status(pod, SERVING_CONDITION),
+        not_evictable=not_evictable_reason(pod),
+        terminating=metadata.get("deletionTimestamp") is not None,
+        termination_grace_seconds=int(grace) if isinstance(grace, int) and grace >= 0 else 30,
+        endpoints_ready=endpoints_ready,
+        in_flight=in_flight,
+        metrics_unreadable=metrics_unreadable,
+    )
+
+
+def metrics_url(pod: Obj) -> str | None:
+    """Where the pod's vLLM serves /metrics: pod IP, port and path from spotguard.io/ annotations."""
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    port = str(annotations.get(METRICS_PORT_ANNOTATION, "8000")).strip()
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    path = str(annotations.get(METRICS_PATH_ANNOTATION, "/metrics")).strip() or "/metrics"
+    if not path.startswith("/"):
+        path = "/" + path
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}{path}"
+
+
+def node_has_taint(node: Obj) -> bool:
+    return any(t.get("key") == TAINT_KEY for t in (node.get("spec") or {}).get("taints") or [])
+
+
+def node_unschedulable(node: Obj) -> bool:
+    return bool((node.get("spec") or {}).get("unschedulable"))
+
+
+def progress_from_node(node: Obj) -> Progress | None:
+    """Read a notice's progress back from the node annotations; None if absent or unreadable."""
+    annotations = (node.get("metadata") or {}).get("annotations") or {}
+    values = {field: annotations.get(key) for field, key in PROGRESS_ANNOTATIONS.items()}
+    if values["phase"] is None:
+        return None
+    try:
+        return Progress(
+            phase=Phase(values["phase"]),
+            notice_kind=str(values["notice_kind"]),
+            deadline=_parse_rfc3339(values["deadline"]),
+            noticed_at=_parse_rfc3339(values["noticed_at"]),
+            phase_since=_parse_rfc3339(values["phase_since"]),
+            cordoned_by_us=values["cordoned_by_us"] == "true",
+            tainted_by_us=values["tainted_by_us"] == "true",
+        )
+    except (ValueError, TypeError):
+        return None
+
+
+def node_patch(update: UpdateNode) -> Obj:
+    """The strategic-merge patch for one UpdateNode action."""
+    patch: Obj = {}
+    spec: Obj = {}
+    if update.unschedulable is not None:
+        spec["unschedulable"] = update.unschedulable
+    if update.taint_value is not None:
+        # Node taints merge by key, so this adds or replaces only spotguard's taint.
+        spec["taints"] = [{"key": TAINT_KEY, "value": update.taint_value, "effect": "NoSchedule"}]
+    elif update.remove_taint:
+        spec["taints"] = [{"key": TAINT_KEY, "$patch": "delete"}]
+    if spec:
+        patch["spec"] = spec
+    if update.progress is not None:
+        progress = update.progress
+        patch["metadata"] = {"annotations": {
+            PROGRESS_ANNOTATIONS["phase"]: progress.phase.value,
+            PROGRESS_ANNOTATIONS["notice_kind"]: progress.notice_kind,
+            PROGRESS_ANNOTATIONS["deadline"]: _rfc3339(progress.deadline),
+            PROGRESS_ANNOTATIONS["noticed_at"]: _rfc3339(progress.noticed_at),
+            PROGRESS_ANNOTATIONS["phase_since"]: _rfc3339(progress.phase_since),
+            PROGRESS_ANNOTATIONS["cordoned_by_us"]: "true" if progress.cordoned_by_us else "false",
+            PROGRESS_ANNOTATIONS["tainted_by_us"]: "true" if progress.tainted_by_us else "false",
+        }}
+    elif update.clear_progress:
+        patch["metadata"] = {"annotations": {key: None for key in PROGRESS_ANNOTATIONS.values()}}
+    return patch
+
+
+_PDB_NAME = re.compile(r"disruption budget ([a-z0-9]([-a-z0-9.]*[a-z0-9])?)", re.IGNORECASE)
+
+
+def blocking_pdb(status: Obj) -> str | None:
+    """The PDB named in a 429 Eviction answer (details.causes[].message), if any."""
+    for cause in ((status.get("details") or {}).get("causes") or []):
+        match = _PDB_NAME.search(str(cause.get("message", "")))
+        if match:
+            return match.group(1)
+    return None
+
+
+def _is_pdb_refusal(status: Obj) -> bool:
+    causes = (status.get("details") or {}).get("causes") or []
+    return any(c.get("reason") == "DisruptionBudget" for c in causes) or \
+        "disruption budget" in str(status.get("message", "")).lower()
+
+
+def selector_matches(selector: Obj | None, labels: Mapping[str, str]) -> bool:
+    """metav1.LabelSelector semantics; a PDB with a null selector selects nothing (policy/v1)."""
+    if selector is None:
+        return False
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression.get("key"), expression.get("operator"), expression.get("values") or []
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+def _parse_rfc3339(value: Any) -> float:
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()

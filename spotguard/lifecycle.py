@@ -1,0 +1,412 @@
+"""The decision state machine: what to do next, given what the daemon sees. Pure: no I/O, no clock.
+
+The daemon calls `decide(state, seen, now=...)` every time something changes (a notice, a pod or
+node update, a vLLM reading, a timer while draining) and carries out the returned actions. It is
+level-triggered like a Kubernetes controller: each call looks at the whole observed world and asks
+for what is still missing, so a failed API call is simply asked for again on the next call, and a
+restarted daemon picks up where the node annotations (`Progress`) say it was.
+
+The path of one notice:
+
+    guarding --notice--> deregistering --endpoints not-ready--> draining --in-flight 0--> evicting
+        ^                  (cordon, taint,      (or wait bounded)          (or budget spent)    |
+        |                   serving=False)                                                      v
+        +--------------- notice withdrawn: undo only what spotguard did ------------------- drained
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Union
+
+from spotguard.backoff import backoff_delay
+from spotguard.notice import Notice
+
+SERVING_CONDITION = "spotguard.io/serving"
+TAINT_KEY = "spotguard.io/impending-termination"
+
+
+class Phase(enum.StrEnum):
+    GUARDING = "guarding"
+    DEREGISTERING = "deregistering"  # cordoned, pods set not-ready; waiting for endpoints to follow
+    DRAINING = "draining"  # waiting for vLLM's in-flight requests to finish
+    EVICTING = "evicting"  # Eviction API calls, retried while a PDB refuses
+    DRAINED = "drained"  # every evictable pod is gone or terminating; the VM may go
+
+
+# ---------------------------------------------------------------------------------------------
+# What the daemon sees
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    namespace: str
+    name: str
+    uid: str
+    # Declares the spotguard.io/serving readiness gate: a vLLM pod spotguard deregisters and drains.
+    serving: bool
+    # Current value of the spotguard.io/serving condition; None when not set.
+    serving_condition: bool | None
+    # Why the pod must never be evicted ("daemonset", "mirror", "opted-out", "finished"), or None.
+    not_evictable: str | None
+    terminating: bool
+    termination_grace_seconds: int = 30
+    # Does any EndpointSlice still list this pod as ready? None: no endpoints, or not looked at.
+    endpoints_ready: bool | None = None
+    # running + waiting requests from vLLM's /metrics; None: not read yet or unreadable.
+    in_flight: int | None = None
+    # The last /metrics read failed (so `in_flight` is not known).
+    metrics_unreadable: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Seen:
+    notice: Notice | None
+    node_unschedulable: bool
+    node_has_taint: bool
+    pods: tuple[PodFacts, ...]
+    # What the node's annotations hold now (lags `State.progress` when a PATCH failed).
+    stored_progress: Progress | None = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    # Evictions are issued at the latest this long before the deadline.
+    safety_margin_seconds: float = 5.0
+    # Longest wait for EndpointSlices to show the pods not-ready.
+    endpoint_wait_seconds: float = 10.0
+    # Longest drain even when the notice is long (GPU host maintenance gives an hour): a not-ready
+    # pod holds a GPU that its replacement needs, and vLLM requests rarely run for minutes.
+    max_drain_seconds: float = 300.0
+    # Retrying an eviction refused by a PDB: exponential from base to cap.
+    eviction_retry_base_seconds: float = 0.5
+    eviction_retry_cap_seconds: float = 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# What the daemon remembers
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One notice's progress; stored in the node's spotguard.io/ annotations so a restart resumes."""
+
+    phase: Phase
+    notice_kind: str
+    deadline: float
+    noticed_at: float
+    phase_since: float
+    # Ownership: undo on cancellation only what spotguard itself did.
+    cordoned_by_us: bool
+    tainted_by_us: bool
+
+
+@dataclass(frozen=True)
+class EvictionAttempt:
+    attempts: int
+    retry_at: float
+    blocked_by: str | None = None
+
+
+@dataclass(frozen=True)
+class State:
+    progress: Progress | None = None
+    # In memory only: after a restart, pods already evicted show up as terminating or gone.
+    evicted: frozenset[str] = frozenset()
+    attempts: Mapping[str, EvictionAttempt] = field(default_factory=dict)
+    # Events already recorded for this notice, so a level-triggered loop reports each thing once.
+    reported: frozenset[str] = frozenset()
+
+
+# ---------------------------------------------------------------------------------------------
+# What the daemon is asked to do
+
+
+@dataclass(frozen=True)
+class UpdateNode:
+    """One node PATCH: cordon/uncordon, add/remove spotguard's taint, write/clear progress."""
+
+    unschedulable: bool | None = None
+    taint_value: str | None = None  # add the taint with this value (the notice kind)
+    remove_taint: bool = False
+    progress: Progress | None = None
+    clear_progress: bool = False
+
+
+@dataclass(frozen=True)
+class SetServing:
+    pod: PodFacts
+    value: bool
+
+
+@dataclass(frozen=True)
+class Evict:
+    pod: PodFacts
+    # Capped so the pod is asked to finish before the VM disappears.
+    grace_seconds: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """A Kubernetes Event (on the pod when given, else the node) and a log line."""
+
+    reason: str
+    message: str
+    pod: PodFacts | None = None
+    warning: bool = False
+
+
+Action = Union[UpdateNode, SetServing, Evict, Report]
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: State
+    actions: tuple[Action, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Deciding
+
+
+def decide(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
+    progress = state.progress
+    if seen.notice is None:
+        if progress is None:
+            return Decision(state, _keep_serving(seen.pods))
+        return _cancel(state, seen)
+    if progress is None:
+        return _start(state, seen, now=now)
+    # A second notice can only bring the deadline closer (maintenance, then preempted).
+    if seen.notice.deadline < progress.deadline:
+        progress = replace(progress, deadline=seen.notice.deadline, notice_kind=seen.notice.kind.value)
+        state = replace(state, progress=progress)
+    step = {
+        Phase.DEREGISTERING: _deregistering,
+        Phase.DRAINING: _draining,
+        Phase.EVICTING: _evicting,
+        Phase.DRAINED: _drained,
+    }[progress.phase]
+    decision = step(state, seen, now=now, timing=timing)
+    return Decision(decision.state, (*_repair_node(state.progress, seen, decision.actions), *decision.actions))
+
+
+def _repair_node(progress: Progress | None, seen: Seen, planned: tuple[Action, ...]) -> tuple[Action, ...]:
+    """Ask again for node changes a failed PATCH (API server down, a conflict) did not make."""
+    if progress is None or any(isinstance(a, UpdateNode) for a in planned):
+        return ()
+    cordon = progress.cordoned_by_us and not seen.node_unschedulable
+    taint = progress.tainted_by_us and not seen.node_has_taint
+    if not (cordon or taint or seen.stored_progress != progress):
+        return ()
+    return (UpdateNode(unschedulable=True if cordon else None,
+                       taint_value=progress.notice_kind if taint else None, progress=progress),)
+
+
+def _keep_serving(pods: tuple[PodFacts, ...]) -> tuple[Action, ...]:
+    """No notice: every serving pod gets serving=True, so new vLLM pods are not held unready."""
+    return tuple(SetServing(pod, True) for pod in pods
+                 if pod.serving and not pod.terminating and pod.serving_condition is not True)
+
+
+def _start(state: State, seen: Seen, *, now: float) -> Decision:
+    notice = seen.notice
+    assert notice is not None
+    progress = Progress(
+        phase=Phase.DEREGISTERING,
+        notice_kind=notice.kind.value,
+        deadline=notice.deadline,
+        noticed_at=now,
+        phase_since=now,
+        cordoned_by_us=not seen.node_unschedulable,
+        tainted_by_us=not seen.node_has_taint,
+    )
+    node_update = UpdateNode(
+        unschedulable=True if progress.cordoned_by_us else None,
+        taint_value=notice.kind.value if progress.tainted_by_us else None,
+        progress=progress,
+    )
+    not_serving = _not_serving(seen.pods)
+    report = Report("TerminationNotice",
+                    f"{notice.kind.value} notice from {notice.source} ({notice.detail}); the VM goes in "
+                    f"{max(0.0, notice.deadline - now):.0f}s: cordoned, tainted, {len(not_serving)} "
+                    f"serving pod(s) set not-ready", warning=True)
+    return Decision(replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset()),
+                    (node_update, *not_serving, report))
+
+
+def _not_serving(pods: tuple[PodFacts, ...]) -> tuple[SetServing, ...]:
+    return tuple(SetServing(pod, False) for pod in pods
+                 if pod.serving and not pod.terminating and pod.serving_condition is not False)
+
+
+def _move(state: State, phase: Phase, *, now: float) -> tuple[State, UpdateNode]:
+    assert state.progress is not None
+    progress = replace(state.progress, phase=phase, phase_since=now)
+    return replace(state, progress=progress), UpdateNode(progress=progress)
+
+
+def _deregistering(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
+    assert state.progress is not None
+    # New serving pods, or a PATCH that failed: ask again. Other pods can go at once.
+    actions: list[Action] = [*_not_serving(seen.pods)]
+    evictions = _evict_due(state, seen, now=now, serving_too=False)
+    actions += evictions
+    serving = [pod for pod in seen.pods if pod.serving and not pod.terminating]
+    still_ready = [pod for pod in serving if pod.endpoints_ready or pod.serving_condition is not False]
+    waited = now - state.progress.phase_since
+    if still_ready and waited < timing.endpoint_wait_seconds and now < _drain_until(state.progress, timing):
+        return Decision(state, tuple(actions))
+    if still_ready:
+        state, first = _report_once(state, Report(
+            "EndpointsStillReady",
+            f"endpoints of {', '.join(p.key for p in still_ready)} still ready after {waited:.1f}s; "
+            "draining anyway", warning=True))
+        actions += first
+    state, node_update = _move(state, Phase.DRAINING, now=now)
+    return Decision(state, (*actions, node_update))
+
+
+def _drain_until(progress: Progress, timing: Timing) -> float:
+    return min(progress.deadline - timing.safety_margin_seconds,
+               progress.noticed_at + timing.max_drain_seconds)
+
+
+def _draining(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
+    assert state.progress is not None
+    actions: list[Action] = [*_not_serving(seen.pods)]
+    evictions = _evict_due(state, seen, now=now, serving_too=False)
+    actions += evictions
+    serving = [pod for pod in seen.pods if pod.serving and not pod.terminating]
+    for pod in serving:
+        if pod.metrics_unreadable:
+            state, first = _report_once(state, Report(
+                "MetricsUnavailable", "vLLM /metrics unreadable; falling back to the time budget",
+                pod=pod, warning=True))
+            actions += first
+    busy = [pod for pod in serving if pod.in_flight != 0]
+    if busy and now < _drain_until(state.progress, timing):
+        return Decision(state, tuple(actions))
+    if busy:
+        counts = ", ".join(f"{p.key}={'unknown' if p.in_flight is None else p.in_flight}" for p in busy)
+        actions.append(Report("DrainBudgetSpent",
+                              f"drain budget spent with requests in flight ({counts}); evicting",
+                              warning=True))
+    else:
+        actions.append(Report("Drained", f"{len(serving)} serving pod(s) have no requests in flight"))
+    state, node_update = _move(state, Phase.EVICTING, now=now)
+    evictions = _evict_due(state, seen, now=now, serving_too=True)
+    return Decision(state, (*actions, node_update, *evictions))
+
+
+def _evicting(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
+    assert state.progress is not None
+    evictions = _evict_due(state, seen, now=now, serving_too=True)
+    actions: list[Action] = [*evictions]
+    if now >= state.progress.deadline:
+        left = [p.key for p in _evictable(seen.pods) if p.uid not in state.evicted]
+        state, first = _report_once(state, Report(
+            "DeadlineMissed", f"deadline passed with pods not evicted: {', '.join(left)}", warning=True))
+        actions += first
+    remaining = [p for p in _evictable(seen.pods) if p.uid not in state.evicted]
+    if remaining:
+        return Decision(state, tuple(actions))
+    state, node_update = _move(state, Phase.DRAINED, now=now)
+    actions.append(node_update)
+    actions.append(Report("NodeDrained", "every evictable pod is evicted or terminating"))
+    return Decision(state, tuple(actions))
+
+
+def _drained(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
+    # Pods created after the drain (a controller that tolerates our taint) are evicted too.
+    return _evicting(state, seen, now=now, timing=timing) if _has_new_pods(state, seen) \
+        else Decision(state, ())
+
+
+def _has_new_pods(state: State, seen: Seen) -> bool:
+    return any(p.uid not in state.evicted for p in _evictable(seen.pods))
+
+
+def _evictable(pods: tuple[PodFacts, ...]) -> list[PodFacts]:
+    return [pod for pod in pods if pod.not_evictable is None and not pod.terminating]
+
+
+def _evict_due(state: State, seen: Seen, *, now: float, serving_too: bool) -> list[Action]:
+    assert state.progress is not None
+    grace = max(0, int(state.progress.deadline - now))
+    actions: list[Action] = []
+    for pod in _evictable(seen.pods):
+        if pod.uid in state.evicted or (pod.serving and not serving_too):
+            continue
+        attempt = state.attempts.get(pod.uid)
+        if attempt is not None and attempt.retry_at > now:
+            continue
+        actions.append(Evict(pod, min(pod.termination_grace_seconds, grace)))
+    return actions
+
+
+def _report_once(state: State, report: Report) -> tuple[State, list[Action]]:
+    key = f"{report.reason}:{report.pod.uid if report.pod else ''}"
+    if key in state.reported:
+        return state, []
+    return replace(state, reported=state.reported | {key}), [report]
+
+
+def _cancel(state: State, seen: Seen) -> Decision:
+    progress = state.progress
+    assert progress is not None
+    restored = tuple(SetServing(pod, True) for pod in seen.pods
+                     if pod.serving and not pod.terminating and pod.serving_condition is False)
+    undo = UpdateNode(unschedulable=False if progress.cordoned_by_us else None,
+                      remove_taint=progress.tainted_by_us, clear_progress=True)
+    kept = "" if progress.cordoned_by_us else " (the cordon was not spotguard's, so it stays)"
+    gone = f"; {len(state.evicted)} pod(s) already evicted cannot be brought back" if state.evicted else ""
+    report = Report("NoticeCancelled", f"the {progress.notice_kind} notice was withdrawn: undid "
+                                       f"spotguard's cordon and taint{kept}{gone}")
+    return Decision(State(), (undo, *restored, report))
+
+
+# ---------------------------------------------------------------------------------------------
+# Feeding back what an eviction answered
+
+
+class EvictionOutcome(enum.StrEnum):
+    EVICTED = "evicted"  # 200/201: the pod is terminating
+    BLOCKED_BY_PDB = "blocked_by_pdb"  # 429: a PodDisruptionBudget allows no disruption now
+    MULTIPLE_PDBS = "multiple_pdbs"  # 500: more than one PDB selects the pod; the API refuses
+    GONE = "gone"  # 404: already deleted
+    ERROR = "error"  # anything else; retried
+
+
+def record_eviction(state: State, pod: PodFacts, outcome: EvictionOutcome, *, now: float, timing: Timing,
+                    blocked_by: str | None = None, rand: float = 0.5) -> tuple[State, tuple[Report, ...]]:
+    """Remember an Eviction API answer: accepted pods are never evicted again, refused ones retried."""
+    if outcome in (EvictionOutcome.EVICTED, EvictionOutcome.GONE):
+        attempts = {uid: a for uid, a in state.attempts.items() if uid != pod.uid}
+        state = replace(state, evicted=state.evicted | {pod.uid}, attempts=attempts)
+        return state, (Report("Evicted", "evicted through the Eviction API", pod=pod),) \
+            if outcome is EvictionOutcome.EVICTED else ()
+    previous = state.attempts.get(pod.uid)
+    count = previous.attempts + 1 if previous else 1
+    delay = backoff_delay(count, base=timing.eviction_retry_base_seconds,
+                          cap=timing.eviction_retry_cap_seconds, rand=lambda: rand)
+    attempts = {**state.attempts, pod.uid: EvictionAttempt(count, now + delay, blocked_by)}
+    state = replace(state, attempts=attempts)
+    if outcome is EvictionOutcome.BLOCKED_BY_PDB:
+        report = Report("EvictionBlocked",
+                        f"PodDisruptionBudget {blocked_by or '(unknown)'} allows no disruption; retrying "
+                        f"until the deadline", pod=pod, warning=True)
+    elif outcome is EvictionOutcome.MULTIPLE_PDBS:
+        report = Report("EvictionBlocked", "more than one PodDisruptionBudget selects this pod "
+                                           f"({blocked_by or 'unknown'}); the Eviction API refuses it",
+                        pod=pod, warning=True)
+    else:
+        report = Report("EvictionFailed", f"eviction failed ({blocked_by or 'unknown error'}); retrying",
+                        pod=pod, warning=True)
+    state, reports = _report_once(state, report)
+    return state, tuple(reports)

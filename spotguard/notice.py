@@ -1,0 +1,27 @@
+"""The one type every cloud provider emits: a Notice that this VM is going away."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class NoticeKind(enum.StrEnum):
+    # The VM is reclaimed for capacity: GCE instance/preempted, AWS spot instance-action,
+    # Azure Preempt. Short notice (30 s to 2 min).
+    PREEMPTION = "preemption"
+    # The host goes into maintenance and this VM cannot live-migrate (GPU VMs):
+    # GCE TERMINATE_ON_HOST_MAINTENANCE. Long notice (GCE: 60 min for GPUs).
+    HOST_MAINTENANCE = "host-maintenance"
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: NoticeKind
+    # Wall-clock time (Unix seconds) when the VM is expected to be gone. Wall clock, not a
+    # monotonic one, because the deadline is stored on the node and read back by a restarted daemon.
+    deadline: float
+    # Where it came from, e.g. "gce:instance/preempted".
+    source: str
+    # The raw value the provider saw, e.g. "TERMINATE_ON_HOST_MAINTENANCE", for logs and Events.
+    detail: str

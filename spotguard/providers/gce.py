@@ -1,0 +1,492 @@
+"""GCE notices: instance/preempted and instance/maintenance-event, followed with hanging GETs.
+
+Three layers, each testable on its own:
+- parsers (`parse_preempted`, `parse_maintenance_event`, `parse_upcoming_maintenance`): bytes in,
+  value out, `MetadataBodyError` for anything else;
+- deadline rules (`GceState`, `observe_preempted`, `observe_maintenance`, `notice_for`): pure, the
+  time of observation passed in, so they are unit-tested with explicit times;
+- `GceProvider`: the I/O. Two tasks follow the two keys at the same time with
+  `?wait_for_change=true&last_etag=...`, each with its own ETag, so a spot preemption is seen within
+  milliseconds even while the maintenance key is quiet (and the other way round).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import AsyncIterator, Awaitable, Callable, Generic, NoReturn, TypeVar
+
+import aiohttp
+import structlog
+
+from spotguard.backoff import backoff_delay
+from spotguard.config import GCE_DEFAULT_METADATA_URL
+from spotguard.notice import Notice, NoticeKind
+from spotguard.providers import ProviderUnreachable
+
+FLAVOR_HEADER = "Metadata-Flavor"
+FLAVOR = "Google"
+PREEMPTED_KEY = "instance/preempted"
+MAINTENANCE_KEY = "instance/maintenance-event"
+UPCOMING_MAINTENANCE_KEY = "instance/upcoming-maintenance"
+
+MAINTENANCE_NONE = "NONE"
+MAINTENANCE_MIGRATE = "MIGRATE_ON_HOST_MAINTENANCE"
+MAINTENANCE_TERMINATE = "TERMINATE_ON_HOST_MAINTENANCE"
+# Older name for TERMINATE, still accepted: it means the same thing for us.
+MAINTENANCE_SHUTDOWN = "SHUTDOWN_ON_HOST_MAINTENANCE"
+MAINTENANCE_EVENTS = frozenset({MAINTENANCE_NONE, MAINTENANCE_MIGRATE, MAINTENANCE_TERMINATE,
+                                MAINTENANCE_SHUTDOWN})
+TERMINATING_EVENTS = frozenset({MAINTENANCE_TERMINATE, MAINTENANCE_SHUTDOWN})
+
+# Spot VMs get 30 s unless the instance sets preemptionNoticeDuration (then --notice-seconds).
+DEFAULT_PREEMPTION_NOTICE_SECONDS = 30.0
+# GPU VMs get 60 min between TERMINATE_ON_HOST_MAINTENANCE and the maintenance itself.
+DEFAULT_MAINTENANCE_NOTICE_SECONDS = 3600.0
+# Every real body is a few bytes (the upcoming-maintenance JSON a few hundred). Anything much
+# larger is not the metadata server, and reading it all would let a broken proxy exhaust memory.
+MAX_BODY_BYTES = 64 * 1024
+# A hanging GET answered faster than this with nothing changed means the server does not honour
+# wait_for_change (some proxies don't): the loop then paces itself instead of spinning.
+_MIN_HANG_SECONDS = 0.1
+
+T = TypeVar("T")
+
+
+class MetadataBodyError(ValueError):
+    """A metadata body is not one of the values GCE documents (garbage, non-UTF-8, too large)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers: pure, bytes (or text) in, value out.
+
+
+def _text(body: bytes | str, *, key: str) -> str:
+    size = len(body)
+    if size > MAX_BODY_BYTES:
+        raise MetadataBodyError(f"{key}: body of {size} bytes is larger than {MAX_BODY_BYTES}")
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MetadataBodyError(f"{key}: body is not UTF-8") from None
+    return body.strip()
+
+
+def _shown(text: str) -> str:
+    """A bounded repr for error messages, so a garbage body cannot flood the log line."""
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def parse_preempted(body: bytes | str) -> bool:
+    """instance/preempted: `TRUE` or `FALSE` (surrounding whitespace tolerated)."""
+    text = _text(body, key=PREEMPTED_KEY)
+    if text == "TRUE":
+        return True
+    if text == "FALSE":
+        return False
+    raise MetadataBodyError(f"{PREEMPTED_KEY}: expected TRUE or FALSE, got {_shown(text)}")
+
+
+def parse_maintenance_event(body: bytes | str) -> str:
+    """instance/maintenance-event: one of `MAINTENANCE_EVENTS`, returned as GCE spelled it."""
+    text = _text(body, key=MAINTENANCE_KEY)
+    if text in MAINTENANCE_EVENTS:
+        return text
+    raise MetadataBodyError(
+        f"{MAINTENANCE_KEY}: expected one of {', '.join(sorted(MAINTENANCE_EVENTS))}, got {_shown(text)}")
+
+
+def parse_rfc3339(text: str) -> float:
+    """An RFC 3339 timestamp with a zone (`2025-01-02T03:04:05Z`) as Unix seconds; ValueError else."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except (ValueError, OverflowError):
+        raise ValueError(f"not an RFC 3339 timestamp: {_shown(text)}") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp has no time zone: {_shown(text)}")
+    try:
+        return moment.timestamp()
+    except (ValueError, OverflowError):
+        raise ValueError(f"timestamp out of range: {_shown(text)}") from None
+
+
+def parse_upcoming_maintenance(body: bytes | str) -> float | None:
+    """instance/upcoming-maintenance?alt=json: the window start (Unix seconds), or None.
+
+    `{}` (or an empty body) means no maintenance is scheduled. The metadata server spells the
+    field `window_start_time`; the Compute API's `windowStartTime` is accepted too. A window start
+    that is present but not a timestamp is an error: the caller then falls back to the default
+    notice length instead of trusting a value it cannot read.
+    """
+    text = _text(body, key=UPCOMING_MAINTENANCE_KEY)
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise MetadataBodyError(f"{UPCOMING_MAINTENANCE_KEY}: not JSON: {_shown(text)}") from None
+    if not isinstance(data, dict):
+        raise MetadataBodyError(f"{UPCOMING_MAINTENANCE_KEY}: expected a JSON object, got {_shown(text)}")
+    raw = data.get("window_start_time", data.get("windowStartTime"))
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise MetadataBodyError(f"{UPCOMING_MAINTENANCE_KEY}: window_start_time is not a string")
+    try:
+        return parse_rfc3339(raw)
+    except ValueError as error:
+        raise MetadataBodyError(f"{UPCOMING_MAINTENANCE_KEY}: window_start_time: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Deadline rules: pure, the observation time passed in.
+
+
+@dataclass(frozen=True)
+class GceState:
+    """What the metadata server said last, and since when (wall clock) each notice has been seen."""
+
+    preempted: bool | None = None
+    # First time preempted=TRUE was seen; kept while it stays TRUE so re-reads don't move it.
+    preempted_since: float | None = None
+    maintenance_event: str | None = None
+    # First time a terminating maintenance event was seen; kept while it stays terminating.
+    maintenance_since: float | None = None
+    # Start of the upcoming maintenance window (Unix seconds), if the server gave a readable one.
+    window_start: float | None = None
+
+
+def observe_preempted(state: GceState, *, preempted: bool, now: float) -> GceState:
+    """Record a read of instance/preempted made at `now`."""
+    if not preempted:
+        return replace(state, preempted=False, preempted_since=None)
+    since = state.preempted_since if state.preempted_since is not None else now
+    return replace(state, preempted=True, preempted_since=since)
+
+
+def observe_maintenance(state: GceState, *, event: str, window_start: float | None,
+                        now: float) -> GceState:
+    """Record a read of instance/maintenance-event (and the window, if one was read) at `now`."""
+    if event not in TERMINATING_EVENTS:
+        return replace(state, maintenance_event=event, maintenance_since=None, window_start=None)
+    was_terminating = state.maintenance_event in TERMINATING_EVENTS and state.maintenance_since is not None
+    since = state.maintenance_since if was_terminating else now
+    # A re-read whose window could not be fetched keeps the window already known.
+    window = window_start if window_start is not None else (state.window_start if was_terminating else None)
+    return replace(state, maintenance_event=event, maintenance_since=since, window_start=window)
+
+
+def notice_for(state: GceState, *, notice_seconds: float | None) -> Notice | None:
+    """The notice the state amounts to; a preemption wins over host maintenance.
+
+    Deadlines count from when the notice was first observed, never from when it is acted on, so a
+    slow reaction cannot stretch them. MIGRATE_ON_HOST_MAINTENANCE is no notice: live migration
+    keeps the VM and its pods.
+    """
+    if state.preempted and state.preempted_since is not None:
+        length = notice_seconds or DEFAULT_PREEMPTION_NOTICE_SECONDS
+        return Notice(kind=NoticeKind.PREEMPTION, deadline=state.preempted_since + length,
+                      source=f"gce:{PREEMPTED_KEY}", detail="TRUE")
+    if state.maintenance_event in TERMINATING_EVENTS and state.maintenance_since is not None:
+        if state.window_start is not None:
+            deadline = state.window_start
+        else:
+            deadline = state.maintenance_since + DEFAULT_MAINTENANCE_NOTICE_SECONDS
+        return Notice(kind=NoticeKind.HOST_MAINTENANCE, deadline=deadline,
+                      source=f"gce:{MAINTENANCE_KEY}", detail=state.maintenance_event)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O.
+
+
+class _RequestFailed(Exception):
+    """One failed request; `reason` is one of observability.METADATA_ERRORS."""
+
+    def __init__(self, reason: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class _Observation(Generic[T]):
+    key: str
+    value: T
+    # Wall clock when the value was received (before any follow-up request).
+    at: float
+    window_start: float | None = None
+
+
+def _ignore_error(reason: str) -> None:
+    pass
+
+
+def _ignore_ok() -> None:
+    pass
+
+
+class GceProvider:
+    """Follows the GCE metadata server and yields `Notice | None` (see `providers.Provider`)."""
+
+    name = "gce"
+
+    def __init__(self, *, root_url: str = GCE_DEFAULT_METADATA_URL,
+                 notice_seconds: float | None = None,
+                 on_error: Callable[[str], None] = _ignore_error,
+                 on_ok: Callable[[], None] = _ignore_ok,
+                 clock: Callable[[], float] = time.time,
+                 hanging_timeout_seconds: float = 60.0,
+                 request_timeout_seconds: float = 5.0,
+                 backoff_base_seconds: float = 0.5,
+                 backoff_cap_seconds: float = 30.0) -> None:
+        self.root_url = root_url.rstrip("/")
+        self._base = f"{self.root_url}/computeMetadata/v1/"
+        self._notice_seconds = notice_seconds
+        self._on_error = on_error
+        self._on_ok = on_ok
+        self._clock = clock
+        # GCE takes whole seconds for timeout_sec.
+        self._timeout_sec = max(1, math.ceil(hanging_timeout_seconds))
+        self._request_timeout = request_timeout_seconds
+        self._backoff_base = backoff_base_seconds
+        self._backoff_cap = backoff_cap_seconds
+        # A lazy logger: resolved at first use, so logging may be configured after construction.
+        self._log = structlog.get_logger(provider=self.name)
+
+    def _session(self) -> aiohttp.ClientSession:
+        # trust_env=False: an HTTP(S)_PROXY in the pod's environment must never carry metadata
+        # requests off the node.
+        return aiohttp.ClientSession(headers={FLAVOR_HEADER: FLAVOR}, trust_env=False)
+
+    async def probe(self) -> None:
+        """Read instance/preempted once; `ProviderUnreachable` says why if that fails."""
+        async with self._session() as session:
+            try:
+                body, _ = await self._get(session, PREEMPTED_KEY, params=None,
+                                          timeout=self._request_timeout)
+                parse_preempted(body)
+            except _RequestFailed as failure:
+                raise ProviderUnreachable(
+                    f"GCE metadata server at {self.root_url}: {failure.reason}: {failure}") from None
+            except MetadataBodyError as error:
+                raise ProviderUnreachable(
+                    f"GCE metadata server at {self.root_url}: bad_body: {error}") from None
+
+    async def watch(self) -> AsyncIterator[Notice | None]:
+        """The state at start-up (once both keys were read, or at once if either is a notice),
+        then every change: a `Notice`, or `None` when it is withdrawn. Never raises for
+        metadata errors; those go to `on_error` and are retried."""
+        observations: asyncio.Queue[_Observation[object]] = asyncio.Queue()
+        async with self._session() as session:
+            followers = [
+                asyncio.create_task(self._follow(session, key=PREEMPTED_KEY, parse=parse_preempted,
+                                                 emit=lambda value: self._emit_preempted(observations, value)),
+                                    name="gce-follow-preempted"),
+                asyncio.create_task(self._follow(session, key=MAINTENANCE_KEY, parse=parse_maintenance_event,
+                                                 emit=lambda value: self._emit_maintenance(session, observations, value)),
+                                    name="gce-follow-maintenance-event"),
+            ]
+            try:
+                state = GceState()
+                keys_read: set[str] = set()
+                started = False
+                last: Notice | None = None
+                while True:
+                    observation = await self._next(observations, followers)
+                    keys_read.add(observation.key)
+                    if observation.key == PREEMPTED_KEY:
+                        state = observe_preempted(state, preempted=bool(observation.value),
+                                                  now=observation.at)
+                    else:
+                        state = observe_maintenance(state, event=str(observation.value),
+                                                    window_start=observation.window_start,
+                                                    now=observation.at)
+                    notice = notice_for(state, notice_seconds=self._notice_seconds)
+                    if not started:
+                        # The first answer waits for both keys, so "no notice" is really known; a
+                        # notice from either key is acted on at once rather than held back by the
+                        # other key's errors.
+                        if len(keys_read) < 2 and notice is None:
+                            continue
+                        started = True
+                    elif notice == last:
+                        continue
+                    last = notice
+                    self._log.info("gce_notice_state", notice_kind=notice.kind.value if notice else None,
+                                   deadline=notice.deadline if notice else None,
+                                   detail=notice.detail if notice else None)
+                    yield notice
+            finally:
+                for task in followers:
+                    task.cancel()
+                await asyncio.gather(*followers, return_exceptions=True)
+
+    @staticmethod
+    async def _next(observations: asyncio.Queue[_Observation[object]],
+                    followers: list[asyncio.Task[NoReturn]]) -> _Observation[object]:
+        """The next observation; re-raises if a follower died (a bug: followers never return)."""
+        getter = asyncio.ensure_future(observations.get())
+        try:
+            done, _ = await asyncio.wait([getter, *followers], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter in done:
+            return getter.result()
+        for task in followers:
+            if task.done():
+                task.result()
+        raise RuntimeError("a GCE metadata follower stopped")
+
+    async def _emit_preempted(self, observations: asyncio.Queue[_Observation[object]],
+                              value: bool) -> None:
+        observations.put_nowait(_Observation(key=PREEMPTED_KEY, value=value, at=self._clock()))
+
+    async def _emit_maintenance(self, session: aiohttp.ClientSession,
+                                observations: asyncio.Queue[_Observation[object]], value: str) -> None:
+        at = self._clock()
+        window_start = None
+        if value in TERMINATING_EVENTS:
+            window_start = await self._read_window(session)
+        elif value == MAINTENANCE_MIGRATE:
+            self._log.info("gce_live_migration_pending", maintenance_event=value,
+                           note="live migration keeps the VM: no notice")
+        observations.put_nowait(_Observation(key=MAINTENANCE_KEY, value=value, at=at,
+                                             window_start=window_start))
+
+    async def _read_window(self, session: aiohttp.ClientSession) -> float | None:
+        """The upcoming maintenance window start, or None (unknown: the caller uses 60 min)."""
+        try:
+            body, _ = await self._get(session, UPCOMING_MAINTENANCE_KEY, params={"alt": "json"},
+                                      timeout=self._request_timeout)
+            window_start = parse_upcoming_maintenance(body)
+        except _RequestFailed as failure:
+            if failure.status == 404:
+                # No such key on this VM (no scheduled-maintenance information): not an error.
+                self._on_ok()
+                return None
+            reason, message = failure.reason, str(failure)
+        except MetadataBodyError as error:
+            reason, message = "bad_body", str(error)
+        else:
+            self._on_ok()
+            return window_start
+        self._on_error(reason)
+        self._log.warning("metadata_error", key=UPCOMING_MAINTENANCE_KEY, reason=reason, error=message,
+                          fallback=f"deadline = observed + {DEFAULT_MAINTENANCE_NOTICE_SECONDS:g} s")
+        return None
+
+    async def _follow(self, session: aiohttp.ClientSession, *, key: str,
+                      parse: Callable[[bytes], T], emit: Callable[[T], Awaitable[None]]) -> NoReturn:
+        """Read `key` now, then hang on it for changes; emit each new value. Never returns.
+
+        Every error is reported, logged and retried after `backoff_delay`; the ETag is kept across
+        errors so the first successful hanging GET returns at once if the value changed meanwhile.
+        """
+        log = self._log.bind(key=key)
+        loop = asyncio.get_running_loop()
+        etag: str | None = None
+        first_read_done = False
+        failures = 0
+        unhonoured_waits = 0
+        last: object = _UNSET
+        while True:
+            if not first_read_done:
+                # The current value, without waiting: a notice present at start must be seen now.
+                params: dict[str, str] | None = None
+                timeout = self._request_timeout
+            else:
+                params = {"wait_for_change": "true", "timeout_sec": str(self._timeout_sec)}
+                if etag:
+                    params["last_etag"] = etag
+                timeout = self._timeout_sec + self._request_timeout
+            sent_at = loop.time()
+            try:
+                body, new_etag = await self._get(session, key, params=params, timeout=timeout)
+                value = parse(body)
+            except _RequestFailed as failure:
+                reason, message = failure.reason, str(failure)
+            except MetadataBodyError as error:
+                reason, message = "bad_body", str(error)
+            else:
+                self._on_ok()
+                if failures:
+                    log.info("metadata_recovered", failed_requests=failures)
+                failures = 0
+                etag = new_etag
+                waited = first_read_done
+                first_read_done = True
+                if value != last:
+                    log.info("gce_metadata_value", value=value, changed_from=None if last is _UNSET else last)
+                    last = value
+                    unhonoured_waits = 0
+                    await emit(value)
+                elif waited and loop.time() - sent_at < _MIN_HANG_SECONDS:
+                    delay = backoff_delay(unhonoured_waits, base=self._backoff_base, cap=self._backoff_cap)
+                    if unhonoured_waits == 0:
+                        log.warning("metadata_wait_not_honoured", retry_in_seconds=round(delay, 3),
+                                    note="hanging GET answered at once without a change; pacing requests")
+                    unhonoured_waits += 1
+                    await asyncio.sleep(delay)
+                else:
+                    unhonoured_waits = 0
+                continue
+            self._on_error(reason)
+            delay = backoff_delay(failures, base=self._backoff_base, cap=self._backoff_cap)
+            failures += 1
+            log.warning("metadata_error", reason=reason, error=message,
+                        failed_requests=failures, retry_in_seconds=round(delay, 3))
+            await asyncio.sleep(delay)
+
+    async def _get(self, session: aiohttp.ClientSession, key: str, *,
+                   params: dict[str, str] | None, timeout: float) -> tuple[bytes, str | None]:
+        """GET one key: (body, ETag) or `_RequestFailed` with the reason."""
+        url = self._base + key
+        try:
+            async with session.get(url, params=params, allow_redirects=False,
+                                   timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                # Checked first: without it the answer is from something else (a proxy, a captive
+                # portal, a web server on the wrong port), whatever its status says.
+                if response.headers.get(FLAVOR_HEADER) != FLAVOR:
+                    raise _RequestFailed("bad_flavor",
+                                         f"HTTP {response.status} without {FLAVOR_HEADER}: {FLAVOR}: "
+                                         "not the GCE metadata server", status=response.status)
+                if response.status != 200:
+                    if response.status == 429:
+                        reason = "http_429"
+                    elif response.status >= 500:
+                        reason = "http_5xx"
+                    else:
+                        reason = "http_other"
+                    raise _RequestFailed(reason, f"HTTP {response.status}", status=response.status)
+                body = await _read_limited(response)
+                return body, response.headers.get("ETag")
+        except _RequestFailed:
+            raise
+        except asyncio.TimeoutError:
+            raise _RequestFailed("timeout", f"no answer within {timeout:g} s") from None
+        except (aiohttp.ClientError, OSError) as error:
+            raise _RequestFailed("connection", f"{type(error).__name__}: {error}") from None
+
+
+_UNSET = object()
+
+
+async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
+    """The body, refusing (as bad_body) to read more than MAX_BODY_BYTES."""
+    too_large = _RequestFailed("bad_body", f"body larger than {MAX_BODY_BYTES} bytes")
+    if response.content_length is not None and response.content_length > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(16 * 1024):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    return bytes(body)

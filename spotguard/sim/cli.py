@@ -1,0 +1,80 @@
+"""`spotguard sim ...`: the simulation's commands. Imports stay inside the handlers so that
+`spotguard run` never loads simulation code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_commands(sim: argparse.ArgumentParser) -> None:
+    commands = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND", required=True)
+
+    cluster = commands.add_parser("cluster", help="start or stop the local control plane",
+                                  description="The local control plane: real etcd, kube-apiserver, "
+                                              "kube-controller-manager and kube-scheduler (built once from "
+                                              "Go modules and cached) plus the simulated kubelet.")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", metavar="up|down", required=True)
+    cluster_commands.add_parser("build", help="build and cache the control plane binary (up does it too)")
+    for name, text in (("up", "start it in the background (or reuse the running one); prints KUBECONFIG=..."),
+                       ("down", "stop every process `up` started")):
+        command = cluster_commands.add_parser(name, help=text, description=text)
+        command.add_argument("--dir", type=Path, default=Path(".spotguard-sim"),
+                             help="cluster directory: kubeconfig, certificates, logs (default .spotguard-sim)")
+
+    metadata = commands.add_parser("gce-metadata", help="serve an emulated GCE metadata server",
+                                   description="Emulated GCE metadata server. POST /sim/preempt, "
+                                               "/sim/maintenance?event=..., /sim/fault?mode=..., /sim/reset.")
+    metadata.add_argument("--listen", default="127.0.0.1:8089", help="HOST:PORT (default 127.0.0.1:8089)")
+
+    from spotguard.sim import fake_vllm
+
+    vllm = commands.add_parser("vllm", help="serve a fake vLLM (OpenAI API, /metrics, SIGTERM semantics)",
+                               description="A fake vLLM server speaking vLLM's real /metrics text.")
+    fake_vllm.add_vllm_arguments(vllm)
+
+    reclaim = commands.add_parser("reclaim", help="reclaim a simulated VM (GKE graceful node shutdown)",
+                                  description="Annotate the node so the simulated kubelet shuts it down "
+                                              "like GKE: pods get SIGTERM 30 s before the VM goes.")
+    reclaim.add_argument("node")
+    reclaim.add_argument("--in", dest="seconds", type=float, default=30.0,
+                         help="seconds until the VM is gone (default 30)")
+    reclaim.add_argument("--dir", type=Path, default=Path(".spotguard-sim"))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.sim_command == "cluster":
+        from spotguard.sim import controlplane
+
+        try:
+            if args.cluster_command == "build":
+                print(controlplane.ensure_built())
+            elif args.cluster_command == "up":
+                info = controlplane.up(args.dir)
+                print(f"KUBECONFIG={info.kubeconfig}")
+            else:
+                controlplane.down(args.dir)
+        except controlplane.ControlPlaneError as error:
+            print(f"spotguard sim: error: {error}", file=sys.stderr)
+            return 1
+        return 0
+    if args.sim_command == "gce-metadata":
+        from spotguard.sim.gce_metadata import run_gce_metadata
+
+        return run_gce_metadata(args.listen) or 0
+    if args.sim_command == "vllm":
+        from spotguard.sim.fake_vllm import run_vllm_from_args
+
+        return run_vllm_from_args(args)
+    if args.sim_command == "reclaim":
+        from datetime import datetime, timedelta, timezone
+
+        from kubernetes import config
+
+        from spotguard.sim.kubelet import reclaim
+
+        api = config.new_client_from_config(config_file=str(args.dir / "kubeconfig"))
+        reclaim(api, args.node, at=datetime.now(timezone.utc) + timedelta(seconds=args.seconds))
+        return 0
+    raise AssertionError(args.sim_command)

@@ -1,0 +1,50 @@
+"""Shared fixtures. Tests marked `cluster` run against the real local control plane
+(spotguard.sim.controlplane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the
+simulated kubelet), started once per test session and stopped at its end, even on failure."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from spotguard.sim import controlplane
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.ClusterInfo]:
+    # SPOTGUARD_TEST_CLUSTER_DIR reuses a cluster a developer keeps running between test runs.
+    reuse = os.environ.get("SPOTGUARD_TEST_CLUSTER_DIR")
+    directory = Path(reuse) if reuse else tmp_path_factory.mktemp("sim-cluster")
+    info = controlplane.up(directory)
+    try:
+        yield info
+    finally:
+        if not reuse:
+            controlplane.down(directory)
+
+
+@pytest.fixture(scope="session")
+def api_client(cluster: controlplane.ClusterInfo):
+    from kubernetes import config
+
+    client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def namespace(api_client) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (its pods with it)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name, grace_period_seconds=0)

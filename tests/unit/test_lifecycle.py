@@ -1,0 +1,325 @@
+"""Every transition of the decision state machine, with explicit times (no clock, no sleeps)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from spotguard import lifecycle as lc
+from spotguard.notice import Notice, NoticeKind
+
+T0 = 1_800_000_000.0
+TIMING = lc.Timing(safety_margin_seconds=5, endpoint_wait_seconds=10, max_drain_seconds=300,
+                   eviction_retry_base_seconds=0.5, eviction_retry_cap_seconds=5)
+PREEMPTED = Notice(NoticeKind.PREEMPTION, deadline=T0 + 30, source="gce:instance/preempted", detail="TRUE")
+
+
+def pod(name: str, *, serving: bool = True, condition: bool | None = True, not_evictable: str | None = None,
+        terminating: bool = False, endpoints_ready: bool | None = None, in_flight: int | None = None,
+        unreadable: bool = False, grace: int = 30) -> lc.PodFacts:
+    return lc.PodFacts(namespace="ml", name=name, uid=f"uid-{name}", serving=serving,
+                       serving_condition=condition if serving else None, not_evictable=not_evictable,
+                       terminating=terminating, termination_grace_seconds=grace,
+                       endpoints_ready=endpoints_ready, in_flight=in_flight, metrics_unreadable=unreadable)
+
+
+def seen(*pods: lc.PodFacts, notice: Notice | None = PREEMPTED, unschedulable: bool = False,
+         tainted: bool = False, stored: lc.Progress | None = None) -> lc.Seen:
+    return lc.Seen(notice=notice, node_unschedulable=unschedulable, node_has_taint=tainted, pods=pods,
+                   stored_progress=stored)
+
+
+def of_type(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def started(*pods: lc.PodFacts, unschedulable: bool = False, tainted: bool = False) -> lc.State:
+    return lc.decide(lc.State(), seen(*pods, unschedulable=unschedulable, tainted=tainted), now=T0,
+                     timing=TIMING).state
+
+
+def in_phase(phase: lc.Phase, *, since: float = T0) -> lc.State:
+    return lc.State(progress=lc.Progress(phase=phase, notice_kind="preemption", deadline=T0 + 30,
+                                         noticed_at=T0, phase_since=since, cordoned_by_us=True,
+                                         tainted_by_us=True))
+
+
+# -- guarding ------------------------------------------------------------------------------------
+
+
+def test_without_notice_serving_pods_are_set_serving():
+    fresh = pod("vllm-new", condition=None)
+    settled = pod("vllm-old", condition=True)
+    other = pod("web", serving=False)
+    decision = lc.decide(lc.State(), seen(fresh, settled, other, notice=None), now=T0, timing=TIMING)
+    assert decision.actions == (lc.SetServing(fresh, True),)
+    assert decision.state.progress is None
+
+
+def test_without_notice_terminating_pods_are_left_alone():
+    decision = lc.decide(lc.State(), seen(pod("old", condition=False, terminating=True), notice=None), now=T0,
+                         timing=TIMING)
+    assert decision.actions == ()
+
+
+# -- the notice ----------------------------------------------------------------------------------
+
+
+def test_notice_cordons_taints_and_sets_serving_pods_not_ready_in_one_decision():
+    vllm = pod("vllm-0")
+    web = pod("web", serving=False)
+    decision = lc.decide(lc.State(), seen(vllm, web), now=T0, timing=TIMING)
+    update = of_type(decision.actions, lc.UpdateNode)[0]
+    assert update.unschedulable is True
+    assert update.taint_value == "preemption"
+    assert update.progress.phase is lc.Phase.DEREGISTERING
+    assert update.progress.deadline == T0 + 30
+    assert update.progress.cordoned_by_us and update.progress.tainted_by_us
+    assert of_type(decision.actions, lc.SetServing) == [lc.SetServing(vllm, False)]
+    assert [r.reason for r in of_type(decision.actions, lc.Report)] == ["TerminationNotice"]
+    # The reaction comes before anything slow: node and readiness first.
+    assert isinstance(decision.actions[0], lc.UpdateNode)
+
+
+def test_node_already_cordoned_by_someone_else_is_not_owned():
+    decision = lc.decide(lc.State(), seen(pod("vllm-0"), unschedulable=True, tainted=True), now=T0,
+                         timing=TIMING)
+    update = of_type(decision.actions, lc.UpdateNode)[0]
+    assert update.unschedulable is None and update.taint_value is None
+    assert not update.progress.cordoned_by_us and not update.progress.tainted_by_us
+
+
+def test_non_serving_pods_are_evicted_at_once_serving_pods_wait():
+    vllm, web = pod("vllm-0", condition=False, endpoints_ready=True), pod("web", serving=False)
+    decision = lc.decide(started(vllm, web), seen(vllm, web), now=T0 + 0.1, timing=TIMING)
+    assert [e.pod.name for e in of_type(decision.actions, lc.Evict)] == ["web"]
+
+
+def test_daemonset_mirror_and_opted_out_pods_are_never_evicted():
+    pods = [pod("ds", serving=False, not_evictable="daemonset"), pod("mirror", serving=False, not_evictable="mirror"),
+            pod("keep", serving=False, not_evictable="opted-out")]
+    decision = lc.decide(in_phase(lc.Phase.EVICTING), seen(*pods), now=T0 + 1, timing=TIMING)
+    assert of_type(decision.actions, lc.Evict) == []
+    assert decision.state.progress.phase is lc.Phase.DRAINED
+
+
+# -- deregistering -------------------------------------------------------------------------------
+
+
+def test_waits_for_endpoints_to_show_not_ready():
+    vllm = pod("vllm-0", condition=False, endpoints_ready=True)
+    decision = lc.decide(started(vllm), seen(vllm), now=T0 + 1, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.DEREGISTERING
+
+
+def test_endpoints_not_ready_moves_to_draining():
+    vllm = pod("vllm-0", condition=False, endpoints_ready=False)
+    decision = lc.decide(started(vllm), seen(vllm), now=T0 + 1, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.DRAINING
+    assert of_type(decision.actions, lc.UpdateNode)[0].progress.phase is lc.Phase.DRAINING
+
+
+def test_endpoint_wait_is_bounded_and_reported():
+    vllm = pod("vllm-0", condition=False, endpoints_ready=True)
+    decision = lc.decide(started(vllm), seen(vllm), now=T0 + 10, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.DRAINING
+    assert [r.reason for r in of_type(decision.actions, lc.Report)] == ["EndpointsStillReady"]
+
+
+def test_a_failed_readiness_patch_is_asked_for_again():
+    vllm = pod("vllm-0", condition=True, endpoints_ready=True)  # the first PATCH did not land
+    decision = lc.decide(started(vllm), seen(vllm), now=T0 + 0.5, timing=TIMING)
+    assert lc.SetServing(vllm, False) in decision.actions
+
+
+def test_a_failed_cordon_is_asked_for_again():
+    vllm = pod("vllm-0", condition=False, endpoints_ready=True)
+    state = started(vllm)
+    decision = lc.decide(state, seen(vllm, unschedulable=False, tainted=True, stored=state.progress),
+                         now=T0 + 0.5, timing=TIMING)
+    update = of_type(decision.actions, lc.UpdateNode)[0]
+    assert update.unschedulable is True and update.taint_value is None
+
+
+def test_node_with_no_serving_pods_goes_straight_to_draining_and_evicting():
+    web = pod("web", serving=False)
+    state = started(web)
+    decision = lc.decide(state, seen(web), now=T0 + 0.2, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.DRAINING
+    decision = lc.decide(decision.state, seen(web), now=T0 + 0.3, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.EVICTING
+
+
+# -- draining ------------------------------------------------------------------------------------
+
+
+def test_draining_waits_while_requests_are_in_flight():
+    vllm = pod("vllm-0", condition=False, in_flight=3)
+    decision = lc.decide(in_phase(lc.Phase.DRAINING), seen(vllm), now=T0 + 5, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.DRAINING
+    assert of_type(decision.actions, lc.Evict) == []
+
+
+def test_unknown_in_flight_counts_as_busy():
+    vllm = pod("vllm-0", condition=False, in_flight=None)
+    decision = lc.decide(in_phase(lc.Phase.DRAINING), seen(vllm), now=T0 + 5, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.DRAINING
+
+
+def test_zero_in_flight_evicts_the_serving_pod_with_grace_capped_to_the_deadline():
+    vllm = pod("vllm-0", condition=False, in_flight=0, grace=120)
+    decision = lc.decide(in_phase(lc.Phase.DRAINING), seen(vllm), now=T0 + 8, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.EVICTING
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(vllm, 22)]
+    assert [r.reason for r in of_type(decision.actions, lc.Report)] == ["Drained"]
+
+
+def test_drain_budget_ends_at_deadline_minus_safety_margin():
+    vllm = pod("vllm-0", condition=False, in_flight=2)
+    state = in_phase(lc.Phase.DRAINING)
+    assert lc.decide(state, seen(vllm), now=T0 + 24.9, timing=TIMING).state.progress.phase is lc.Phase.DRAINING
+    decision = lc.decide(state, seen(vllm), now=T0 + 25, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.EVICTING
+    report = of_type(decision.actions, lc.Report)[0]
+    assert report.reason == "DrainBudgetSpent" and "ml/vllm-0=2" in report.message
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(vllm, 5)]
+
+
+def test_long_notice_drain_is_capped_by_max_drain():
+    state = lc.State(progress=replace(in_phase(lc.Phase.DRAINING).progress, deadline=T0 + 3600))
+    vllm = pod("vllm-0", condition=False, in_flight=1)
+    maintenance = Notice(NoticeKind.HOST_MAINTENANCE, deadline=T0 + 3600, source="gce", detail="TERMINATE")
+    assert lc.decide(state, seen(vllm, notice=maintenance), now=T0 + 299,
+                     timing=TIMING).state.progress.phase is lc.Phase.DRAINING
+    assert lc.decide(state, seen(vllm, notice=maintenance), now=T0 + 300,
+                     timing=TIMING).state.progress.phase is lc.Phase.EVICTING
+
+
+def test_unreadable_metrics_are_reported_once():
+    vllm = pod("vllm-0", condition=False, unreadable=True)
+    first = lc.decide(in_phase(lc.Phase.DRAINING), seen(vllm), now=T0 + 1, timing=TIMING)
+    assert [r.reason for r in of_type(first.actions, lc.Report)] == ["MetricsUnavailable"]
+    second = lc.decide(first.state, seen(vllm), now=T0 + 2, timing=TIMING)
+    assert of_type(second.actions, lc.Report) == []
+
+
+# -- evicting ------------------------------------------------------------------------------------
+
+
+def test_evicted_pod_is_never_evicted_again():
+    vllm = pod("vllm-0", condition=False, in_flight=0)
+    state = in_phase(lc.Phase.EVICTING)
+    state, reports = lc.record_eviction(state, vllm, lc.EvictionOutcome.EVICTED, now=T0 + 9, timing=TIMING)
+    assert [r.reason for r in reports] == ["Evicted"]
+    decision = lc.decide(state, seen(vllm), now=T0 + 9.5, timing=TIMING)
+    assert of_type(decision.actions, lc.Evict) == []
+    assert decision.state.progress.phase is lc.Phase.DRAINED
+
+
+def test_pdb_block_is_retried_with_backoff_and_reported_once_with_the_pdb():
+    vllm = pod("vllm-0", condition=False, in_flight=0)
+    state = in_phase(lc.Phase.EVICTING)
+    state, reports = lc.record_eviction(state, vllm, lc.EvictionOutcome.BLOCKED_BY_PDB, now=T0 + 9,
+                                        timing=TIMING, blocked_by="vllm-pdb")
+    assert [r.reason for r in reports] == ["EvictionBlocked"] and "vllm-pdb" in reports[0].message
+    retry_at = state.attempts[vllm.uid].retry_at
+    assert T0 + 9 < retry_at <= T0 + 9 + 5
+    assert of_type(lc.decide(state, seen(vllm), now=retry_at - 0.01, timing=TIMING).actions, lc.Evict) == []
+    assert of_type(lc.decide(state, seen(vllm), now=retry_at, timing=TIMING).actions, lc.Evict) != []
+    state, reports = lc.record_eviction(state, vllm, lc.EvictionOutcome.BLOCKED_BY_PDB, now=retry_at,
+                                        timing=TIMING, blocked_by="vllm-pdb")
+    assert reports == ()
+    assert state.attempts[vllm.uid].attempts == 2
+
+
+def test_pdb_block_keeps_retrying_after_the_deadline_and_reports_the_miss_once():
+    vllm = pod("vllm-0", condition=False)
+    state = in_phase(lc.Phase.EVICTING)
+    state, _ = lc.record_eviction(state, vllm, lc.EvictionOutcome.BLOCKED_BY_PDB, now=T0 + 28, timing=TIMING)
+    decision = lc.decide(state, seen(vllm), now=T0 + 40, timing=TIMING)
+    assert [r.reason for r in of_type(decision.actions, lc.Report)] == ["DeadlineMissed"]
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(vllm, 0)]
+    again = lc.decide(decision.state, seen(vllm), now=T0 + 41, timing=TIMING)
+    assert of_type(again.actions, lc.Report) == []
+
+
+def test_multiple_pdbs_are_reported_as_such():
+    vllm = pod("vllm-0")
+    _, reports = lc.record_eviction(in_phase(lc.Phase.EVICTING), vllm, lc.EvictionOutcome.MULTIPLE_PDBS,
+                                    now=T0, timing=TIMING, blocked_by="a,b")
+    assert reports[0].reason == "EvictionBlocked" and "more than one" in reports[0].message
+
+
+def test_gone_pod_counts_as_evicted_without_an_event():
+    vllm = pod("vllm-0")
+    state, reports = lc.record_eviction(in_phase(lc.Phase.EVICTING), vllm, lc.EvictionOutcome.GONE, now=T0,
+                                        timing=TIMING)
+    assert vllm.uid in state.evicted and reports == ()
+
+
+def test_drained_node_evicts_pods_that_appear_later():
+    newcomer = pod("late", serving=False)
+    decision = lc.decide(in_phase(lc.Phase.DRAINED), seen(newcomer), now=T0 + 12, timing=TIMING)
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(newcomer, 18)]
+
+
+def test_drained_node_with_nothing_new_does_nothing():
+    state = in_phase(lc.Phase.DRAINED)
+    decision = lc.decide(state, seen(stored=state.progress, unschedulable=True, tainted=True), now=T0 + 12,
+                         timing=TIMING)
+    assert decision.actions == ()
+
+
+# -- resume and cancellation ---------------------------------------------------------------------
+
+
+def test_resumed_drain_does_not_cordon_again():
+    state = in_phase(lc.Phase.DRAINING)
+    vllm = pod("vllm-0", condition=False, in_flight=1)
+    decision = lc.decide(state, seen(vllm, unschedulable=True, tainted=True, stored=state.progress),
+                         now=T0 + 3, timing=TIMING)
+    assert of_type(decision.actions, lc.UpdateNode) == []
+
+
+def test_resumed_drain_does_not_evict_terminating_pods_again():
+    state = in_phase(lc.Phase.EVICTING)
+    evicted = pod("vllm-0", condition=False, terminating=True)
+    decision = lc.decide(state, seen(evicted, unschedulable=True, tainted=True, stored=state.progress),
+                         now=T0 + 10, timing=TIMING)
+    assert of_type(decision.actions, lc.Evict) == []
+
+
+def test_withdrawn_notice_undoes_only_what_spotguard_did():
+    vllm = pod("vllm-0", condition=False)
+    state = started(vllm, unschedulable=True)  # someone else had cordoned the node
+    decision = lc.decide(state, seen(vllm, notice=None, unschedulable=True, tainted=True), now=T0 + 5,
+                         timing=TIMING)
+    update = of_type(decision.actions, lc.UpdateNode)[0]
+    assert update.unschedulable is None  # their cordon stays
+    assert update.remove_taint is True and update.clear_progress is True
+    assert lc.SetServing(vllm, True) in decision.actions
+    assert decision.state == lc.State()
+    assert "stays" in of_type(decision.actions, lc.Report)[0].message
+
+
+def test_withdrawn_notice_uncordons_when_spotguard_cordoned():
+    vllm = pod("vllm-0", condition=False)
+    decision = lc.decide(started(vllm), seen(vllm, notice=None, unschedulable=True, tainted=True), now=T0 + 5,
+                         timing=TIMING)
+    assert of_type(decision.actions, lc.UpdateNode)[0].unschedulable is False
+
+
+def test_a_closer_deadline_replaces_the_old_one():
+    maintenance = Notice(NoticeKind.HOST_MAINTENANCE, deadline=T0 + 3600, source="gce", detail="TERMINATE")
+    state = lc.decide(lc.State(), seen(notice=maintenance), now=T0, timing=TIMING).state
+    decision = lc.decide(state, seen(notice=PREEMPTED), now=T0 + 1, timing=TIMING)
+    assert decision.state.progress.deadline == T0 + 30
+    assert decision.state.progress.notice_kind == "preemption"
+
+
+@pytest.mark.parametrize("phase", list(lc.Phase)[1:])
+def test_every_active_phase_handles_cancellation(phase):
+    decision = lc.decide(in_phase(phase), seen(notice=None), now=T0 + 1, timing=TIMING)
+    assert decision.state.progress is None
+    assert of_type(decision.actions, lc.UpdateNode)[0].clear_progress
