@@ -176,6 +176,8 @@ def _root_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be a root URL like http://169.254.169.254 or http://127.0.0.1:8080")
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?", parts.netloc):
+        raise ValueError("has an invalid host (no credentials, spaces or odd characters)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError("must be scheme://host[:port] only; the provider appends its own paths")
     try:

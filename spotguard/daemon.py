@@ -56,6 +56,7 @@ class Daemon:
         self.pods: dict[str, k.Obj] = {}
         self.notice: Notice | None = None
         self.provider_ready = False
+        self.pods_synced = False
         self.readings: dict[str, _Reading] = {}
         self.endpoints: dict[str, bool] = {}
         self.api_healthy = False
@@ -221,6 +222,7 @@ class Daemon:
 
     def _set_pods(self, items: list[k.Obj]) -> None:
         self.pods = {pod["metadata"]["uid"]: pod for pod in items}
+        self.pods_synced = True
 
     def _apply_pod_event(self, kind: str, pod: k.Obj) -> None:
         uid = pod["metadata"]["uid"]
@@ -240,17 +242,22 @@ class Daemon:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            if not self.provider_ready or self.node is None:
+            # Nothing is decided on a partial picture: a drain resumed before the pods are listed
+            # would see "no serving pods" and evict at once.
+            if not (self.provider_ready and self.pods_synced) or self.node is None:
                 continue
             try:
-                await self._step()
+                acted = await self._step()
+                if acted:
+                    # Let the watches report what the actions changed before deciding again.
+                    await asyncio.sleep(0.02)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a bug in one step must not stop the guard
                 log.exception("decision step failed")
                 await asyncio.sleep(self.config.drain_poll_seconds)
 
-    async def _step(self) -> None:
+    async def _step(self) -> bool:
         progress = self.state.progress
         if progress is not None and self.notice is not None:
             await self._observe(progress.phase)
@@ -261,6 +268,7 @@ class Daemon:
         after = self.state.progress
         await self._execute(decision.actions, first_reaction=before is None and after is not None)
         self._update_gauges(before, after)
+        return bool(decision.actions)
 
     async def _observe(self, phase: lc.Phase) -> None:
         serving = [pod for pod in self.pods.values() if k.is_serving_pod(pod)
@@ -368,7 +376,7 @@ class Daemon:
     def _call(self, action: lc.Action) -> Any:
         """The blocking API call for one action (runs in a worker thread)."""
         if isinstance(action, lc.UpdateNode):
-            node = self.kube.patch_node(action)
+            node = self.kube.patch_node(action, current=self.node)
             self._call_in_loop(self._set_node, node)
             return None
         if isinstance(action, lc.SetServing):

@@ -45,6 +45,7 @@ PROGRESS_ANNOTATIONS = {
 }
 USER_AGENT = f"spotguard/{__version__}"
 _SMP = "application/strategic-merge-patch+json"
+_MERGE_PATCH = "application/merge-patch+json"
 Obj = dict[str, Any]
 
 
@@ -119,9 +120,20 @@ class Kube:
     def get_node(self) -> Obj:
         return self.call("GET", f"/api/v1/nodes/{self.node_name}")
 
-    def patch_node(self, update: UpdateNode) -> Obj:
-        return self.call("PATCH", f"/api/v1/nodes/{self.node_name}", body=node_patch(update),
-                         content_type=_SMP)
+    def patch_node(self, update: UpdateNode, *, current: Obj | None = None, attempts: int = 5) -> Obj:
+        """Apply one UpdateNode. Node taints are a plain list (no merge key), so changing them means
+        writing the whole list: done against a known resourceVersion and retried on conflict, so a
+        taint another controller adds at the same moment is never lost."""
+        node = current or self.get_node()
+        for attempt in range(attempts):
+            try:
+                return self.call("PATCH", f"/api/v1/nodes/{self.node_name}", body=node_patch(update, node),
+                                 content_type=_MERGE_PATCH)
+            except KubeError as error:
+                if error.status != 409 or attempt == attempts - 1:
+                    raise
+                node = self.get_node()
+        raise AssertionError("unreachable")
 
     # -- pods ------------------------------------------------------------------------------
 
@@ -320,22 +332,25 @@ def progress_from_node(node: Obj) -> Progress | None:
         return None
 
 
-def node_patch(update: UpdateNode) -> Obj:
-    """The strategic-merge patch for one UpdateNode action."""
+def node_patch(update: UpdateNode, node: Obj) -> Obj:
+    """The JSON merge patch for one UpdateNode, given the node as last seen."""
     patch: Obj = {}
     spec: Obj = {}
+    metadata: Obj = {}
     if update.unschedulable is not None:
         spec["unschedulable"] = update.unschedulable
-    if update.taint_value is not None:
-        # Node taints merge by key, so this adds or replaces only spotguard's taint.
-        spec["taints"] = [{"key": TAINT_KEY, "value": update.taint_value, "effect": "NoSchedule"}]
-    elif update.remove_taint:
-        spec["taints"] = [{"key": TAINT_KEY, "$patch": "delete"}]
+    if update.taint_value is not None or update.remove_taint:
+        others = [t for t in (node.get("spec") or {}).get("taints") or [] if t.get("key") != TAINT_KEY]
+        ours = [{"key": TAINT_KEY, "value": update.taint_value, "effect": "NoSchedule"}] \
+            if update.taint_value is not None else []
+        spec["taints"] = others + ours
+        # The whole list is written: only against the version it was computed from.
+        metadata["resourceVersion"] = (node.get("metadata") or {}).get("resourceVersion")
     if spec:
         patch["spec"] = spec
     if update.progress is not None:
         progress = update.progress
-        patch["metadata"] = {"annotations": {
+        metadata["annotations"] = {
             PROGRESS_ANNOTATIONS["phase"]: progress.phase.value,
             PROGRESS_ANNOTATIONS["notice_kind"]: progress.notice_kind,
             PROGRESS_ANNOTATIONS["deadline"]: _rfc3339(progress.deadline),
@@ -343,9 +358,11 @@ def node_patch(update: UpdateNode) -> Obj:
             PROGRESS_ANNOTATIONS["phase_since"]: _rfc3339(progress.phase_since),
             PROGRESS_ANNOTATIONS["cordoned_by_us"]: "true" if progress.cordoned_by_us else "false",
             PROGRESS_ANNOTATIONS["tainted_by_us"]: "true" if progress.tainted_by_us else "false",
-        }}
+        }
     elif update.clear_progress:
-        patch["metadata"] = {"annotations": {key: None for key in PROGRESS_ANNOTATIONS.values()}}
+        metadata["annotations"] = {key: None for key in PROGRESS_ANNOTATIONS.values()}
+    if metadata:
+        patch["metadata"] = metadata
     return patch
 
 
@@ -393,4 +410,5 @@ def _rfc3339(timestamp: float) -> str:
 
 
 def _parse_rfc3339(value: Any) -> float:
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    # Milliseconds, as written: the lifecycle compares what it stored with what it reads back.
+    return round(datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp(), 3)

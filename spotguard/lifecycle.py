@@ -177,6 +177,9 @@ class Decision:
 def decide(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
     progress = state.progress
     if seen.notice is None:
+        if progress is None and seen.stored_progress is not None:
+            # An undo that did not land, or a notice withdrawn while the daemon was down.
+            return _cancel(replace(state, progress=seen.stored_progress), seen)
         if progress is None:
             return Decision(state, _keep_serving(seen.pods))
         return _cancel(state, seen)
@@ -184,7 +187,8 @@ def decide(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
         return _start(state, seen, now=now)
     # A second notice can only bring the deadline closer (maintenance, then preempted).
     if seen.notice.deadline < progress.deadline:
-        progress = replace(progress, deadline=seen.notice.deadline, notice_kind=seen.notice.kind.value)
+        progress = replace(progress, deadline=_stored_time(seen.notice.deadline),
+                           notice_kind=seen.notice.kind.value)
         state = replace(state, progress=progress)
     step = {
         Phase.DEREGISTERING: _deregistering,
@@ -220,9 +224,9 @@ def _start(state: State, seen: Seen, *, now: float) -> Decision:
     progress = Progress(
         phase=Phase.DEREGISTERING,
         notice_kind=notice.kind.value,
-        deadline=notice.deadline,
-        noticed_at=now,
-        phase_since=now,
+        deadline=_stored_time(notice.deadline),
+        noticed_at=_stored_time(now),
+        phase_since=_stored_time(now),
         cordoned_by_us=not seen.node_unschedulable,
         tainted_by_us=not seen.node_has_taint,
     )
@@ -245,9 +249,15 @@ def _not_serving(pods: tuple[PodFacts, ...]) -> tuple[SetServing, ...]:
                  if pod.serving and not pod.terminating and pod.serving_condition is not False)
 
 
+def _stored_time(timestamp: float) -> float:
+    """Times as the node annotations hold them (RFC 3339, milliseconds), so that what is read back
+    compares equal to what was written."""
+    return round(timestamp, 3)
+
+
 def _move(state: State, phase: Phase, *, now: float) -> tuple[State, UpdateNode]:
     assert state.progress is not None
-    progress = replace(state.progress, phase=phase, phase_since=now)
+    progress = replace(state.progress, phase=phase, phase_since=_stored_time(now))
     return replace(state, progress=progress), UpdateNode(progress=progress)
 
 

@@ -323,3 +323,11 @@ def test_every_active_phase_handles_cancellation(phase):
     decision = lc.decide(in_phase(phase), seen(notice=None), now=T0 + 1, timing=TIMING)
     assert decision.state.progress is None
     assert of_type(decision.actions, lc.UpdateNode)[0].clear_progress
+
+
+def test_an_undo_that_did_not_land_is_asked_for_again():
+    stored = in_phase(lc.Phase.DRAINING).progress
+    decision = lc.decide(lc.State(), seen(notice=None, unschedulable=True, tainted=True, stored=stored),
+                         now=T0 + 2, timing=TIMING)
+    update = of_type(decision.actions, lc.UpdateNode)[0]
+    assert update.unschedulable is False and update.remove_taint and update.clear_progress

@@ -1,0 +1,256 @@
+"""A simulated GPU spot node pool with spotguard on every node: what the demo, the benchmarks and
+the end-to-end tests all run.
+
+Each simulated VM is a Node (kept alive by the simulated kubelet), its own emulated GCE metadata
+server, and one `spotguard run` process configured exactly as the DaemonSet would run it (NODE_NAME,
+SPOTGUARD_METADATA_URL, SPOTGUARD_LISTEN), so what is tested is the real daemon, not a copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from spotguard.kube import Kube, Obj
+from spotguard.sim.gce_metadata import GceMetadataEmulator
+
+POOL_LABEL = "sim.spotguard.io/pool"
+SPOT_LABELS = {"cloud.google.com/gke-spot": "true", "cloud.google.com/gke-accelerator": "nvidia-l4"}
+SERVING_GATE = "spotguard.io/serving"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy; that value is returned."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as error:  # noqa: BLE001 - keep polling; report the last one
+            last_error = error
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached in {timeout:.0f}s" + (f" (last error: {last_error})" if last_error else ""))
+
+
+@dataclass
+class DaemonProcess:
+    """One `spotguard run`, started the way the DaemonSet starts it."""
+
+    node: str
+    kubeconfig: Path
+    metadata_url: str
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "NODE_NAME": self.node, "KUBECONFIG": str(self.kubeconfig),
+               "SPOTGUARD_PROVIDER": "gce", "SPOTGUARD_METADATA_URL": self.metadata_url,
+               "SPOTGUARD_LISTEN": f"127.0.0.1:{self.port}", "SPOTGUARD_DRAIN_POLL_SECONDS": "0.25",
+               **self.extra_env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "spotguard", "run"], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"spotguard on {self.node} exited ({self.process.returncode}); see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_until(ready, timeout=timeout, what=f"spotguard on {self.node} ready")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
+            return response.read().decode()
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies mid-whatever, as on an OOM kill or a node-level crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class SimVM:
+    name: str
+    metadata: GceMetadataEmulator
+    daemon: DaemonProcess | None = None
+
+
+class World:
+    """Nodes of one GPU spot pool, each with a metadata emulator and (optionally) spotguard."""
+
+    def __init__(self, *, api_client: Any, kubeconfig: Path, namespace: str, log_dir: Path,
+                 pool: str = "gpu-spot", daemon_env: dict[str, str] | None = None) -> None:
+        self.api = Kube(api_client, node_name="-")
+        self.api_client = api_client
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.log_dir = log_dir
+        self.pool = pool
+        self.daemon_env = daemon_env or {}
+        self.vms: dict[str, SimVM] = {}
+
+    # -- nodes -------------------------------------------------------------------------------
+
+    async def add_vm(self, name: str, *, spotguard: bool = True, labels: dict[str, str] | None = None) -> SimVM:
+        node = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {POOL_LABEL: self.pool, **SPOT_LABELS, **(labels or {}),
+                                                      "kubernetes.io/hostname": name}}}
+        await asyncio.to_thread(self.api.call, "POST", "/api/v1/nodes", body=node)
+        metadata = GceMetadataEmulator(instance_name=name)
+        await metadata.start()
+        vm = SimVM(name=name, metadata=metadata)
+        self.vms[name] = vm
+        await asyncio.to_thread(self.wait_node_ready, name)
+        if spotguard:
+            self.start_daemon(vm)
+            await asyncio.to_thread(vm.daemon.wait_ready)  # type: ignore[union-attr]
+        return vm
+
+    def start_daemon(self, vm: SimVM) -> DaemonProcess:
+        vm.daemon = DaemonProcess(node=vm.name, kubeconfig=self.kubeconfig, metadata_url=vm.metadata.url,
+                                  log_path=self.log_dir / f"spotguard-{vm.name}.log", extra_env=self.daemon_env)
+        vm.daemon.start()
+        return vm.daemon
+
+    def wait_node_ready(self, name: str, timeout: float = 30) -> None:
+        def ready() -> bool:
+            node = self.api.call("GET", f"/api/v1/nodes/{name}")
+            conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
+            taints = [t["key"] for t in node.get("spec", {}).get("taints") or []]
+            return conditions.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints
+
+        wait_until(ready, timeout=timeout, what=f"node {name} Ready")
+
+    # -- workloads ---------------------------------------------------------------------------
+
+    def deploy_vllm(self, name: str = "vllm", *, replicas: int = 2, shutdown_timeout: float | None = None,
+                    prestop_max_wait: float | None = None, grace_seconds: int = 30,
+                    pdb_min_available: int | None = None, token_interval: float = 0.05) -> None:
+        """A vLLM Deployment wired for spotguard (readiness gate, metrics port), its Service and PDB."""
+        labels = {"app": name}
+        args = f"--token-interval {token_interval}"
+        if shutdown_timeout is not None:
+            args += f" --shutdown-timeout {shutdown_timeout}"
+        container: Obj = {"name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
+                          "ports": [{"name": "http", "containerPort": 8000}]}
+        if prestop_max_wait is not None:
+            container["lifecycle"] = {"preStop": {"exec": {"command": [
+                sys.executable, str(Path(__file__).resolve().parents[2] / "daemonset" / "files" /
+                                    "vllm-drain-prestop.py"), "--port", "8000", "--max-wait", str(prestop_max_wait)]}}}
+        pod_spec: Obj = {
+            "readinessGates": [{"conditionType": SERVING_GATE}],
+            "terminationGracePeriodSeconds": grace_seconds,
+            "nodeSelector": {POOL_LABEL: self.pool},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            # One replica per GPU node, as a GPU request would force.
+            "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": labels}, "topologyKey": "kubernetes.io/hostname"}]}},
+            "containers": [container],
+        }
+        deployment = {
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels, "annotations": {
+                         "sim.spotguard.io/fake-vllm": "true", "sim.spotguard.io/fake-vllm-args": args,
+                         "spotguard.io/metrics-port": "8000"}}, "spec": pod_spec}},
+        }
+        service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": self.namespace},
+                   "spec": {"selector": labels, "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}
+        self.api.call("POST", f"/apis/apps/v1/namespaces/{self.namespace}/deployments", body=deployment)
+        self.api.call("POST", f"/api/v1/namespaces/{self.namespace}/services", body=service)
+        if pdb_min_available is not None:
+            pdb = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                   "metadata": {"name": f"{name}-pdb", "namespace": self.namespace},
+                   "spec": {"minAvailable": pdb_min_available, "selector": {"matchLabels": labels},
+                            "unhealthyPodEvictionPolicy": "AlwaysAllow"}}
+            self.api.call("POST", f"/apis/policy/v1/namespaces/{self.namespace}/poddisruptionbudgets", body=pdb)
+
+    def pods(self, selector: str = "") -> list[Obj]:
+        query = {"labelSelector": selector} if selector else {}
+        return self.api.call("GET", f"/api/v1/namespaces/{self.namespace}/pods", query=query)["items"]
+
+    def wait_ready_pods(self, count: int, selector: str = "app=vllm", timeout: float = 60) -> list[Obj]:
+        def ready() -> list[Obj] | None:
+            pods = [p for p in self.pods(selector) if not p["metadata"].get("deletionTimestamp")
+                    and any(c["type"] == "Ready" and c["status"] == "True"
+                            for c in p.get("status", {}).get("conditions", []))]
+            return pods if len(pods) >= count else None
+
+        return wait_until(ready, timeout=timeout, what=f"{count} ready pods ({selector})")
+
+    # -- preemption --------------------------------------------------------------------------
+
+    def preempt(self, name: str, *, vm_lifetime_seconds: float | None = 30.0) -> float:
+        """GCE preemption: the metadata flips to preempted=TRUE and, unless `vm_lifetime_seconds` is
+        None, the simulated kubelet starts GKE's graceful node shutdown for a VM gone after that long.
+        Returns the wall-clock time of the notice."""
+        from spotguard.sim.kubelet import reclaim
+
+        noticed = time.time()
+        self.vms[name].metadata.preempt()
+        if vm_lifetime_seconds is not None:
+            reclaim(self.api_client, name, at=datetime.now(timezone.utc) + timedelta(seconds=vm_lifetime_seconds))
+        return noticed
+
+    def node(self, name: str) -> Obj:
+        return self.api.call("GET", f"/api/v1/nodes/{name}")
+
+    def events(self, *, reason: str | None = None) -> list[Obj]:
+        items = self.api.call("GET", f"/api/v1/namespaces/{self.namespace}/events")["items"] + \
+            self.api.call("GET", "/api/v1/namespaces/default/events")["items"]
+        return [e for e in items if reason is None or e.get("reason") == reason]
+
+    async def close(self, *, delete_nodes: bool = True) -> None:
+        """Stop every daemon and emulator this world started; delete its nodes (cluster-scoped, so
+        deleting the namespace would leave them)."""
+        for vm in self.vms.values():
+            if vm.daemon is not None:
+                await asyncio.to_thread(vm.daemon.stop)
+            await vm.metadata.stop()
+            if delete_nodes:
+                try:
+                    await asyncio.to_thread(self.api.call, "DELETE", f"/api/v1/nodes/{vm.name}")
+                except Exception:  # noqa: BLE001 - already gone (reclaimed VMs delete themselves)
+                    pass

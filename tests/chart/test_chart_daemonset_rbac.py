@@ -1,0 +1,220 @@
+"""What the rendered DaemonSet, RBAC and admission policy promise: hardening, the daemon's settings
+and least privilege."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+
+import chartlib
+from chartlib import VAP_API, only, render_objects
+from spotguard import config
+
+
+def _pod_spec(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = only(render_objects(values), "DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def _container(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    container: dict[str, Any] = _pod_spec(values)["containers"][0]
+    return container
+
+
+def _env(values: dict[str, Any] | None = None) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in _container(values)["env"] if "value" in e}
+
+
+def test_daemonset_is_hardened() -> None:
+    spec = _pod_spec()
+    container = spec["containers"][0]
+    pod_sc, sc = spec["securityContext"], container["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] == 65532
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 65532
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["resources"] == {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
+    assert spec["priorityClassName"] == "system-node-critical"
+
+
+def test_daemonset_ports_probes_and_network() -> None:
+    spec = _pod_spec()
+    container = spec["containers"][0]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9101, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert container["args"] == ["run"]
+    off = _pod_spec({"hostNetwork": False})
+    assert off["hostNetwork"] is False and off["dnsPolicy"] == "ClusterFirst"
+
+
+def test_default_scheduling_targets_gke_gpu_spot_nodes_and_tolerates_their_taints() -> None:
+    spec = _pod_spec()
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    as_sets = [{(e["key"], e["operator"], tuple(e.get("values", []))) for e in t["matchExpressions"]} for t in terms]
+    accelerator = ("cloud.google.com/gke-accelerator", "Exists", ())
+    assert {("cloud.google.com/gke-spot", "In", ("true",)), accelerator} in as_sets
+    assert {("cloud.google.com/gke-preemptible", "In", ("true",)), accelerator} in as_sets
+    assert len(as_sets) == 2
+    keys = {t["key"] for t in spec["tolerations"]}
+    assert {"nvidia.com/gpu", "cloud.google.com/gke-spot", "spotguard.io/impending-termination"} <= keys
+    # spotguard's own taint is tolerated whatever its effect, so a restarted pod comes back.
+    own = next(t for t in spec["tolerations"] if t["key"] == "spotguard.io/impending-termination")
+    assert own["operator"] == "Exists" and "effect" not in own
+    extra = {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}
+    assert extra in _pod_spec({"extraTolerations": [extra]})["tolerations"]
+
+
+def test_node_name_comes_from_the_downward_api() -> None:
+    node = next(e for e in _container()["env"] if e["name"] == "NODE_NAME")
+    assert node == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+
+
+# Every daemon setting (spotguard/config.py SETTINGS) and the chart value that reaches it, with a
+# non-default value to prove the value is what arrives. A setting added to the daemon without a
+# chart value fails test_every_daemon_setting_has_a_chart_value.
+SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
+    "SPOTGUARD_PROVIDER": ({"provider": "gce"}, "gce"),
+    "SPOTGUARD_METADATA_URL": ({"metadataUrl": "http://127.0.0.1:8080"}, "http://127.0.0.1:8080"),
+    "SPOTGUARD_LISTEN": ({"listen": "127.0.0.1:9200", "port": 9200}, "127.0.0.1:9200"),
+    "SPOTGUARD_DRY_RUN": ({"dryRun": True}, "true"),
+    "SPOTGUARD_NOTICE_SECONDS": ({"noticeSeconds": 120}, "120"),
+    "SPOTGUARD_SAFETY_MARGIN_SECONDS": ({"safetyMarginSeconds": 7.5}, "7.5"),
+    "SPOTGUARD_ENDPOINT_WAIT_SECONDS": ({"endpointWaitSeconds": 3}, "3"),
+    "SPOTGUARD_MAX_DRAIN_SECONDS": ({"maxDrainSeconds": 900}, "900"),
+    "SPOTGUARD_DRAIN_POLL_SECONDS": ({"drainPollSeconds": 0.25}, "0.25"),
+    "SPOTGUARD_LOG_LEVEL": ({"logLevel": "debug"}, "debug"),
+}
+
+
+def test_every_daemon_setting_has_a_chart_value() -> None:
+    envs = {s.env for s in config.SETTINGS}
+    # NODE_NAME is not a value: it always comes from the downward API.
+    assert envs - {"NODE_NAME"} == set(SETTING_VALUES)
+
+
+@pytest.mark.parametrize("env_name", sorted(SETTING_VALUES))
+def test_daemon_setting_is_reachable_from_values(env_name: str) -> None:
+    values, expected = SETTING_VALUES[env_name]
+    assert _env(values)[env_name] == expected
+
+
+def test_rendered_environment_is_accepted_by_the_daemon() -> None:
+    """The env the chart renders, defaults and every setting changed, parses with config.load."""
+    defaults = config.load(argparse.Namespace(), {**_env(), "NODE_NAME": "gpu-node-1"})
+    assert defaults.provider == "auto" and defaults.listen_port == 9101 and not defaults.dry_run
+    assert (defaults.safety_margin_seconds, defaults.endpoint_wait_seconds, defaults.max_drain_seconds,
+            defaults.drain_poll_seconds) == (5, 10, 300, 0.5)
+    everything: dict[str, Any] = {}
+    for values, _ in SETTING_VALUES.values():
+        everything.update(values)
+    loaded = config.load(argparse.Namespace(), {**_env(everything), "NODE_NAME": "gpu-node-1"})
+    assert loaded == config.Config(
+        node_name="gpu-node-1", provider="gce", metadata_url="http://127.0.0.1:8080",
+        listen_host="127.0.0.1", listen_port=9200, dry_run=True, notice_seconds=120.0,
+        safety_margin_seconds=7.5, endpoint_wait_seconds=3.0, max_drain_seconds=900.0,
+        drain_poll_seconds=0.25, log_level="debug")
+
+
+def test_optional_settings_are_left_to_the_daemon_when_unset() -> None:
+    env = _env()
+    assert "SPOTGUARD_METADATA_URL" not in env and "SPOTGUARD_NOTICE_SECONDS" not in env
+
+
+def test_extra_env_is_appended() -> None:
+    extra = [{"name": "GCE_METADATA_HOST", "value": "127.0.0.1:8080"},
+             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    env = _container({"extraEnv": extra})["env"]
+    assert env[-2:] == extra
+
+
+# --- RBAC ------------------------------------------------------------------------------------
+
+EXPECTED_PERMISSIONS = {
+    ("", "nodes"): {"get", "list", "watch", "patch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/status"): {"patch"},
+    ("", "pods/eviction"): {"create"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+    ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
+    ("policy", "poddisruptionbudgets"): {"list", "get"},
+    ("authorization.k8s.io", "selfsubjectaccessreviews"): {"create"},
+}
+
+
+def test_cluster_role_grants_exactly_what_the_daemon_uses() -> None:
+    role = only(render_objects(), "ClusterRole")
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, "no resourceNames/nonResourceURLs expected"
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], f"wildcard in {field}: {rule}"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "secret" not in resource
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert granted == EXPECTED_PERMISSIONS
+
+
+def test_binding_ties_the_role_to_the_release_service_account() -> None:
+    objs = render_objects()
+    binding, account = only(objs, "ClusterRoleBinding"), only(objs, "ServiceAccount")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": only(objs, "ClusterRole")["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": chartlib.NAMESPACE}]
+    assert _pod_spec()["serviceAccountName"] == account["metadata"]["name"]
+
+
+# --- ValidatingAdmissionPolicy -----------------------------------------------------------------
+
+def _policies(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    objs = render_objects(values, api_versions=[VAP_API])
+    return ([o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"],
+            [o for o in objs if o["kind"] == "ValidatingAdmissionPolicyBinding"])
+
+
+def test_admission_policies_apply_to_spotguards_service_account_only() -> None:
+    policies, bindings = _policies({"serviceAccount": {"name": "guard"}})
+    assert len(policies) == len(bindings) == 5
+    for policy in policies:
+        assert policy["spec"]["failurePolicy"] == "Fail"
+        assert policy["spec"]["matchConditions"] == [{
+            "name": "is-spotguard",
+            "expression": f'request.userInfo.username == "system:serviceaccount:{chartlib.NAMESPACE}:guard"'}]
+        # Every policy first requires the node-name claim of a pod-bound token.
+        assert policy["spec"]["validations"][0]["expression"] == "variables.hasNodeClaim"
+        assert "authentication.kubernetes.io/node-name" in policy["spec"]["variables"][0]["expression"]
+    assert sorted(b["spec"]["policyName"] for b in bindings) == sorted(p["metadata"]["name"] for p in policies)
+    assert all(b["spec"]["validationActions"] == ["Deny"] for b in bindings)
+
+
+def test_admission_policies_cover_every_write_the_role_allows() -> None:
+    policies, _ = _policies()
+    covered = {(group, resource, op)
+               for policy in policies
+               for rule in policy["spec"]["matchConstraints"]["resourceRules"]
+               for group in rule["apiGroups"] for resource in rule["resources"] for op in rule["operations"]}
+    # patch arrives at admission as UPDATE; create as CREATE.
+    writes = {(g, r, "UPDATE" if v == "patch" else "CREATE")
+              for (g, r), verbs in EXPECTED_PERMISSIONS.items() for v in verbs
+              if v in ("patch", "create") and r != "selfsubjectaccessreviews"}
+    assert writes <= covered
+    by_resource = {rule["resources"][0]: " ".join(v["expression"] for v in policy["spec"]["validations"])
+                   for policy in policies for rule in policy["spec"]["matchConstraints"]["resourceRules"]}
+    assert "object.metadata.name == variables.node" in by_resource["nodes"]
+    assert "object.spec.nodeName == variables.node" in by_resource["pods"]
+    assert "oldObject.spec.nodeName == variables.node" in by_resource["pods"]
+    assert by_resource["pods/eviction"] == "variables.hasNodeClaim"   # all that can be checked
+
+
+def test_admission_policy_can_start_in_warn_mode() -> None:
+    _, bindings = _policies({"validatingAdmissionPolicy": {"validationActions": ["Warn", "Audit"]}})
+    assert all(b["spec"]["validationActions"] == ["Warn", "Audit"] for b in bindings)

@@ -1,0 +1,107 @@
+"""Configuration: flags win over env vars, defaults apply, bad values fail with one line naming both."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spotguard import config as cfg
+
+
+def load(argv: list[str] = (), env: dict[str, str] | None = None) -> cfg.Config:
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser)
+    return cfg.load(parser.parse_args(list(argv)), environ=env or {})
+
+
+def test_defaults():
+    config = load(env={"NODE_NAME": "gpu-spot-1"})
+    assert config.node_name == "gpu-spot-1"
+    assert config.provider == "auto"
+    assert (config.listen_host, config.listen_port) == ("0.0.0.0", 9101)
+    assert config.dry_run is False and config.notice_seconds is None and config.metadata_url is None
+
+
+def test_flag_wins_over_environment():
+    config = load(["--node-name", "from-flag", "--notice-seconds", "120"],
+                  env={"NODE_NAME": "from-env", "SPOTGUARD_NOTICE_SECONDS": "30"})
+    assert config.node_name == "from-flag" and config.notice_seconds == 120
+
+
+def test_every_setting_reads_its_environment_variable():
+    env = {"NODE_NAME": "n1", "SPOTGUARD_PROVIDER": "gce", "SPOTGUARD_METADATA_URL": "http://127.0.0.1:8089",
+           "SPOTGUARD_LISTEN": "127.0.0.1:9200", "SPOTGUARD_DRY_RUN": "true", "SPOTGUARD_NOTICE_SECONDS": "90",
+           "SPOTGUARD_SAFETY_MARGIN_SECONDS": "3", "SPOTGUARD_ENDPOINT_WAIT_SECONDS": "4",
+           "SPOTGUARD_MAX_DRAIN_SECONDS": "60", "SPOTGUARD_DRAIN_POLL_SECONDS": "0.25",
+           "SPOTGUARD_LOG_LEVEL": "debug"}
+    assert set(env) == {s.env for s in cfg.SETTINGS}
+    config = load(env=env)
+    assert (config.provider, config.metadata_url, config.listen_port, config.dry_run) == \
+           ("gce", "http://127.0.0.1:8089", 9200, True)
+    assert (config.notice_seconds, config.safety_margin_seconds, config.endpoint_wait_seconds,
+            config.max_drain_seconds, config.drain_poll_seconds, config.log_level) == (90, 3, 4, 60, 0.25, "debug")
+
+
+def test_gce_metadata_host_is_honoured_when_no_url_is_given():
+    assert load(env={"NODE_NAME": "n", "GCE_METADATA_HOST": "127.0.0.1:9999"}).metadata_url == \
+        "http://127.0.0.1:9999"
+    assert load(env={"NODE_NAME": "n", "GCE_METADATA_HOST": "127.0.0.1:9999",
+                     "SPOTGUARD_METADATA_URL": "http://127.0.0.2"}).metadata_url == "http://127.0.0.2"
+
+
+@pytest.mark.parametrize("argv, env, names", [
+    ([], {}, "--node-name / NODE_NAME"),
+    (["--node-name", "Bad_Name"], {}, "--node-name / NODE_NAME"),
+    (["--provider", "openstack"], {"NODE_NAME": "n"}, "--provider / SPOTGUARD_PROVIDER"),
+    ([], {"NODE_NAME": "n", "SPOTGUARD_METADATA_URL": "metadata.google.internal"},
+     "--metadata-url / SPOTGUARD_METADATA_URL"),
+    ([], {"NODE_NAME": "n", "SPOTGUARD_METADATA_URL": "http://h/computeMetadata/v1"},
+     "--metadata-url / SPOTGUARD_METADATA_URL"),
+    (["--listen", "9101"], {"NODE_NAME": "n"}, "--listen / SPOTGUARD_LISTEN"),
+    ([], {"NODE_NAME": "n", "SPOTGUARD_DRY_RUN": "maybe"}, "--dry-run / SPOTGUARD_DRY_RUN"),
+    (["--notice-seconds", "-5"], {"NODE_NAME": "n"}, "--notice-seconds / SPOTGUARD_NOTICE_SECONDS"),
+    (["--notice-seconds", "nan"], {"NODE_NAME": "n"}, "--notice-seconds / SPOTGUARD_NOTICE_SECONDS"),
+    (["--drain-poll-seconds", "0"], {"NODE_NAME": "n"}, "--drain-poll-seconds / SPOTGUARD_DRAIN_POLL_SECONDS"),
+    ([], {"NODE_NAME": "n", "GCE_METADATA_HOST": "a b"}, "GCE_METADATA_HOST"),
+])
+def test_bad_setting_names_the_flag_and_env_var(argv, env, names):
+    with pytest.raises(cfg.ConfigError) as raised:
+        load(argv, env)
+    message = str(raised.value)
+    assert message.startswith(names) and "\n" not in message
+
+
+def test_bad_config_exits_2_with_one_line_and_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "spotguard", "run", "--node-name", "n", "--listen", "x"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "spotguard: error: --listen / SPOTGUARD_LISTEN: must be HOST:PORT with a port between 1 and 65535, got 'x'"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(dest=st.sampled_from([s for s in cfg.SETTINGS if s.dest != "node_name"]), value=st.text(max_size=40))
+def test_any_value_for_any_setting_loads_or_fails_with_a_config_error(dest, value):
+    env = {"NODE_NAME": "n", dest.env: value}
+    try:
+        config = load(env=env)
+    except cfg.ConfigError as error:
+        assert str(error).startswith(f"{dest.flag} / {dest.env}:") or str(error).startswith("GCE_METADATA_HOST")
+    else:
+        assert isinstance(config, cfg.Config)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(name=st.text(max_size=300))
+def test_any_node_name_loads_or_fails_with_a_config_error(name):
+    try:
+        config = load(env={"NODE_NAME": name})
+    except cfg.ConfigError as error:
+        assert str(error).startswith("--node-name / NODE_NAME:")
+    else:
+        assert config.node_name == name.strip()
