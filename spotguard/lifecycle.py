@@ -267,7 +267,7 @@ def _deregistering(state: State, seen: Seen, *, now: float, timing: Timing) -> D
     actions: list[Action] = [*_not_serving(seen.pods)]
     evictions = _evict_due(state, seen, now=now, serving_too=False)
     actions += evictions
-    serving = [pod for pod in seen.pods if pod.serving and not pod.terminating]
+    serving = _live_serving(seen.pods)
     still_ready = [pod for pod in serving if pod.endpoints_ready or pod.serving_condition is not False]
     waited = now - state.progress.phase_since
     if still_ready and waited < timing.endpoint_wait_seconds and now < _drain_until(state.progress, timing):
@@ -282,6 +282,12 @@ def _deregistering(state: State, seen: Seen, *, now: float, timing: Timing) -> D
     return Decision(state, (*actions, node_update))
 
 
+def _live_serving(pods: tuple[PodFacts, ...]) -> list[PodFacts]:
+    """Serving pods that still run: a pod that finished (its vLLM stopped, e.g. by the kubelet's
+    node shutdown) has nothing left to drain, so the drain must not wait for its /metrics."""
+    return [pod for pod in pods if pod.serving and not pod.terminating and pod.not_evictable != "finished"]
+
+
 def _drain_until(progress: Progress, timing: Timing) -> float:
     return min(progress.deadline - timing.safety_margin_seconds,
                progress.noticed_at + timing.max_drain_seconds)
@@ -292,7 +298,7 @@ def _draining(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     actions: list[Action] = [*_not_serving(seen.pods)]
     evictions = _evict_due(state, seen, now=now, serving_too=False)
     actions += evictions
-    serving = [pod for pod in seen.pods if pod.serving and not pod.terminating]
+    serving = _live_serving(seen.pods)
     for pod in serving:
         if pod.metrics_unreadable:
             state, first = _report_once(state, Report(

@@ -34,6 +34,23 @@ def add_commands(sim: argparse.ArgumentParser) -> None:
                                description="A fake vLLM server speaking vLLM's real /metrics text.")
     fake_vllm.add_vllm_arguments(vllm)
 
+    from spotguard.sim import autoscaler, router
+
+    router_parser = commands.add_parser("router", help="route load like a Service-following gateway; record outcomes",
+                                        description="Send streaming completions to the ready endpoints of a "
+                                                    "Service and record every request's outcome.")
+    router.add_router_arguments(router_parser)
+    autoscaler_parser = commands.add_parser("autoscaler", help="emulate the node-pool autoscaler",
+                                            description="Add a node to a pool when pods are Pending for lack "
+                                                        "of one, after a provisioning delay.")
+    autoscaler.add_autoscaler_arguments(autoscaler_parser)
+
+    from spotguard.sim import demo
+
+    demo_parser = commands.add_parser("demo", help="the preemption demo: load, a preemption, a timeline and a table",
+                                      description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_demo_arguments(demo_parser)
+
     reclaim = commands.add_parser("reclaim", help="reclaim a simulated VM (GKE graceful node shutdown)",
                                   description="Annotate the node so the simulated kubelet shuts it down "
                                               "like GKE: pods get SIGTERM 30 s before the VM goes.")
@@ -67,6 +84,18 @@ def run(args: argparse.Namespace) -> int:
         from spotguard.sim.fake_vllm import run_vllm_from_args
 
         return run_vllm_from_args(args)
+    if args.sim_command == "router":
+        from spotguard.sim.router import run_router_from_args
+
+        return run_router_from_args(args)
+    if args.sim_command == "autoscaler":
+        from spotguard.sim.autoscaler import run_autoscaler_from_args
+
+        return run_autoscaler_from_args(args)
+    if args.sim_command == "demo":
+        from spotguard.sim.demo import run_demo_from_args
+
+        return run_demo_from_args(args)
     if args.sim_command == "reclaim":
         from datetime import datetime, timedelta, timezone
 

@@ -168,6 +168,9 @@ class ProcessRecord:
     pid: int
     # /proc start time, so a recycled pid is never mistaken for ours.
     started: str
+    # The command line it was started with, so `start_component` can start it again after
+    # `stop_component`; None in a cluster.json written before commands were recorded.
+    command: list[str] | None = None
 
 
 @dataclass
@@ -236,8 +239,15 @@ def _readyz(info: ClusterInfo, timeout: float = 2.0) -> bool:
         return False
 
 
-def up(directory: Path = DEFAULT_DIR, *, say: Progress = _say, kubelet: bool = True) -> ClusterInfo:
-    """Start the cluster in the background (or find it running) and return where it is."""
+def up(directory: Path = DEFAULT_DIR, *, say: Progress = _say, kubelet: bool = True,
+       audit: bool = False) -> ClusterInfo:
+    """Start the cluster in the background (or find it running) and return where it is.
+
+    `audit=True` starts kube-apiserver with an audit log (DIR/logs/audit.log, see AUDIT_POLICY):
+    one JSON line per request with its user agent, which `apiserver_request_total` does not carry.
+    It applies only when this call starts the cluster; `audit_log(DIR)` says whether a running
+    cluster has one.
+    """
     directory = directory.resolve()
     existing = read_info(directory)
     if existing and all(_alive(p) for p in existing.processes) and _readyz(existing):
@@ -278,7 +288,8 @@ def up(directory: Path = DEFAULT_DIR, *, say: Progress = _say, kubelet: bool = T
             "--service-account-signing-key-file", str(pki / "sa.key"),
             "--service-cluster-ip-range", SERVICE_CIDR,
             "--authorization-mode", "Node,RBAC", "--allow-privileged", "--profiling=false",
-            "--endpoint-reconciler-type", "none", "--v", "1"]),
+            "--endpoint-reconciler-type", "none", "--v", "1",
+            *(_audit_flags(directory) if audit else [])]),
         ("kube-controller-manager", [
             str(binary), "kube-controller-manager",
             "--kubeconfig", str(directory / "controller-manager.kubeconfig"),
@@ -316,6 +327,42 @@ def up(directory: Path = DEFAULT_DIR, *, say: Progress = _say, kubelet: bool = T
     return info
 
 
+# Every request of clients outside the control plane (the admin kubeconfig: the sim kubelet, the
+# daemons, tests) when its response completes, and long-running ones (watches) also when they start
+# (same auditID: count distinct IDs); the controllers' and scheduler's own traffic is left out.
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: None
+  users: ["system:kube-controller-manager", "system:kube-scheduler", "system:apiserver"]
+- level: None
+  userGroups: ["system:serviceaccounts", "system:nodes"]
+- level: Metadata
+"""
+
+
+def _audit_flags(directory: Path) -> list[str]:
+    policy = directory / "audit-policy.yaml"
+    policy.write_text(AUDIT_POLICY)
+    return ["--audit-policy-file", str(policy), "--audit-log-path", str(directory / "logs" / "audit.log"),
+            "--audit-log-maxsize", "500", "--audit-log-maxbackup", "1"]
+
+
+def audit_log(directory: Path = DEFAULT_DIR) -> Path | None:
+    """The audit log of the cluster running in `directory`, or None when its API server has none."""
+    info = read_info(directory.resolve())
+    for record in info.processes if info else []:
+        if record.name == "kube-apiserver" and _alive(record):
+            try:
+                argv = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                return None
+            if b"--audit-log-path" in argv:
+                return Path(argv[argv.index(b"--audit-log-path") + 1].decode())
+    return None
+
+
 def _spawn(name: str, command: list[str], directory: Path) -> ProcessRecord:
     log = open(directory / "logs" / f"{name}.log", "ab")
     # A session of its own: the cluster outlives the `up` command, and `down` can stop a
@@ -325,7 +372,7 @@ def _spawn(name: str, command: list[str], directory: Path) -> ProcessRecord:
     log.close()
     started = _proc_start_time(process.pid)
     assert started is not None
-    return ProcessRecord(name=name, pid=process.pid, started=started)
+    return ProcessRecord(name=name, pid=process.pid, started=started, command=list(command))
 
 
 def _port_open(port: int) -> bool:
@@ -356,6 +403,54 @@ def down(directory: Path = DEFAULT_DIR, *, say: Progress = _say) -> None:
     (directory / "cluster.json").unlink(missing_ok=True)
     shutil.rmtree(directory / "etcd", ignore_errors=True)
     say(f"cluster in {directory} stopped")
+
+
+def stop_component(directory: Path, name: str) -> ProcessRecord:
+    """Stop one component of a running cluster (with its children), leaving the others running.
+
+    For fault injection: an API server outage is `stop_component(dir, "kube-apiserver")`, then
+    `start_component(dir, "kube-apiserver")`. Returns the record of what was stopped.
+    """
+    directory = directory.resolve()
+    _, record = _component(directory, name)
+    if _alive(record):
+        _stop_group(record)
+    return record
+
+
+def start_component(directory: Path, name: str, *, say: Progress = _say, timeout: float = 90.0) -> ProcessRecord:
+    """Start again a component `stop_component` stopped, with the command line `up` recorded, and
+    wait until it serves (etcd: its client port; kube-apiserver: /readyz). A component that is
+    running is left alone. cluster.json is updated, so `down` stops the new process."""
+    directory = directory.resolve()
+    info, record = _component(directory, name)
+    if _alive(record):
+        return record
+    if not record.command:
+        raise ControlPlaneError(f"{name}: cluster.json in {directory} has no recorded command line (the "
+                                "cluster was started by an older spotguard); restart it with down + up")
+    started = _spawn(name, record.command, directory)
+    # Re-read right before writing: only this component's record changes.
+    info, _ = _component(directory, name)
+    info.processes = [started if p.name == name else p for p in info.processes]
+    (directory / "cluster.json").write_text(json.dumps(asdict(info), indent=2))
+    if name == "etcd":
+        _wait_for(lambda: _port_open(info.etcd_port), what="etcd", seconds=timeout, directory=directory)
+    if name == "kube-apiserver":
+        say("waiting for kube-apiserver /readyz")
+        _wait_for(lambda: _readyz(info), what="kube-apiserver /readyz", seconds=timeout, directory=directory)
+    return started
+
+
+def _component(directory: Path, name: str) -> tuple[ClusterInfo, ProcessRecord]:
+    info = read_info(directory)
+    if info is None:
+        raise ControlPlaneError(f"no cluster in {directory} (no readable cluster.json)")
+    for record in info.processes:
+        if record.name == name:
+            return info, record
+    known = ", ".join(p.name for p in info.processes)
+    raise ControlPlaneError(f"no component {name!r} in the cluster in {directory}; it has {known}")
 
 
 def _stop_group(record: ProcessRecord, grace: float = 10.0) -> None:

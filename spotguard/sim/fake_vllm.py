@@ -13,7 +13,8 @@ It speaks what spotguard and its users touch on a real vLLM (V1 engine):
 - vLLM's SIGTERM semantics: by default every in-flight request is aborted at once (streams are cut,
   no `[DONE]`) and the process exits; with `--shutdown-timeout N` new requests get 503 while the
   in-flight ones get up to N seconds to finish, then the rest are aborted. A second signal aborts
-  at once. SIGKILL is just death.
+  at once. SIGKILL is just death. `--ignore-sigterm` plays a server that ignores SIGTERM (keeps
+  serving until SIGKILL), for fault-injection tests of the kubelet's grace period.
 
 Use it as a class in tests (`FakeVllm`) or as a process (`python -m spotguard.sim.fake_vllm
 --listen HOST:PORT`, or `spotguard sim vllm`, which calls `add_vllm_arguments` / `run_vllm_from_args`).
@@ -546,6 +547,9 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"running requests per engine before new ones wait (default {DEFAULT_MAX_NUM_SEQS})")
     parser.add_argument("--startup-delay", type=float, default=0.0, metavar="SECONDS",
                         help="answer /health and requests with 503 for this long after start (model loading)")
+    parser.add_argument("--ignore-sigterm", action="store_true",
+                        help="ignore SIGTERM and keep serving until SIGKILL (SIGINT still stops it), like a "
+                             "server that does not handle the signal: for fault-injection tests")
 
 
 def run_vllm_from_args(args: argparse.Namespace) -> int:
@@ -559,14 +563,18 @@ def run_vllm_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"spotguard sim vllm: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(run_fake_vllm(fake=fake))
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return asyncio.run(run_fake_vllm(fake=fake, ignore_sigterm=args.ignore_sigterm))
 
 
-async def run_fake_vllm(*, fake: FakeVllm) -> int:
-    """Serve until the first SIGTERM/SIGINT, then shut down as vLLM does; a second signal aborts."""
+async def run_fake_vllm(*, fake: FakeVllm, ignore_sigterm: bool = False) -> int:
+    """Serve until the first SIGTERM/SIGINT, then shut down as vLLM does; a second signal aborts.
+    With `ignore_sigterm`, only SIGINT is handled (the caller has set SIGTERM to be ignored)."""
     loop = asyncio.get_running_loop()
     signals = asyncio.Queue[int]()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    handled = (signal.SIGINT,) if ignore_sigterm else (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
         loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
         try:
@@ -588,7 +596,7 @@ async def run_fake_vllm(*, fake: FakeVllm) -> int:
             second.cancel()
         await shutdown  # re-raises anything terminate() raised
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in handled:
             loop.remove_signal_handler(signum)
     log.info("fake_vllm_exit", code=0)
     return 0

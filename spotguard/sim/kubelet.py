@@ -1711,7 +1711,12 @@ def run_kubelet_from_args(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; then every fake vLLM process is stopped and 0 returned."""
     configure_logging(level=args.log_level)
     state_dir = args.state_dir or Path(args.kubeconfig).resolve().parent
-    kubelet = SimKubelet(_client_from_kubeconfig(args.kubeconfig), state_dir=state_dir)
+    try:
+        api_client = _client_from_kubeconfig(args.kubeconfig)
+    except (k8s_config.ConfigException, OSError) as exc:
+        print(f"sim kubelet: cannot use kubeconfig {args.kubeconfig}: {exc}", file=sys.stderr)
+        return 2
+    kubelet = SimKubelet(api_client, state_dir=state_dir)
 
     async def until_signal() -> None:
         stop = asyncio.Event()
@@ -1737,7 +1742,11 @@ def reclaim_from_args(args: argparse.Namespace) -> int:
         print("reclaim: --in must not be negative", file=sys.stderr)
         return 2
     at = _utcnow() + timedelta(seconds=args.in_seconds)
-    api_client = _client_from_kubeconfig(args.kubeconfig)
+    try:
+        api_client = _client_from_kubeconfig(args.kubeconfig)
+    except (k8s_config.ConfigException, OSError) as exc:
+        print(f"reclaim: cannot use kubeconfig {args.kubeconfig}: {exc}", file=sys.stderr)
+        return 2
     try:
         reclaim(api_client, args.node, at=at)
     except Exception as exc:  # noqa: BLE001 - a CLI: one line, not a traceback

@@ -129,6 +129,8 @@ class World:
         self.pool = pool
         self.daemon_env = daemon_env or {}
         self.vms: dict[str, SimVM] = {}
+        self.autoscaler: Any = None
+        self._background: list[asyncio.Task[Any]] = []
 
     # -- nodes -------------------------------------------------------------------------------
 
@@ -137,6 +139,10 @@ class World:
                 "metadata": {"name": name, "labels": {POOL_LABEL: self.pool, **SPOT_LABELS, **(labels or {}),
                                                       "kubernetes.io/hostname": name}}}
         await asyncio.to_thread(self.api.call, "POST", "/api/v1/nodes", body=node)
+        return await self.adopt_vm(name, spotguard=spotguard)
+
+    async def adopt_vm(self, name: str, *, spotguard: bool = True) -> SimVM:
+        """Give an existing Node (say, one the autoscaler added) its metadata server and spotguard."""
         metadata = GceMetadataEmulator(instance_name=name)
         await metadata.start()
         vm = SimVM(name=name, metadata=metadata)
@@ -146,6 +152,26 @@ class World:
             self.start_daemon(vm)
             await asyncio.to_thread(vm.daemon.wait_ready)  # type: ignore[union-attr]
         return vm
+
+    async def start_autoscaler(self, *, provisioning_delay: float, max_nodes: int = 10,
+                               on_event: Callable[[Any], None] | None = None) -> Any:
+        """The node-pool autoscaler for this world's pool; every node it adds gets spotguard too."""
+        from spotguard.sim.autoscaler import AutoscalerEmulator
+
+        loop = asyncio.get_running_loop()
+
+        def adopt(event: Any) -> None:
+            if event.kind == "node_added" and event.node not in self.vms:
+                self._background.append(loop.create_task(self.adopt_vm(event.node)))
+            if on_event is not None:
+                on_event(event)
+
+        self.autoscaler = AutoscalerEmulator(self.api_client, provisioning_delay=provisioning_delay,
+                                             max_nodes_per_pool=max_nodes, namespace=self.namespace,
+                                             on_event=adopt)
+        self.autoscaler.start()
+        await self.autoscaler.wait_synced()
+        return self.autoscaler
 
     def start_daemon(self, vm: SimVM) -> DaemonProcess:
         vm.daemon = DaemonProcess(node=vm.name, kubeconfig=self.kubeconfig, metadata_url=vm.metadata.url,
@@ -166,8 +192,12 @@ class World:
 
     def deploy_vllm(self, name: str = "vllm", *, replicas: int = 2, shutdown_timeout: float | None = None,
                     prestop_max_wait: float | None = None, grace_seconds: int = 30,
-                    pdb_min_available: int | None = None, token_interval: float = 0.05) -> None:
-        """A vLLM Deployment wired for spotguard (readiness gate, metrics port), its Service and PDB."""
+                    pdb_min_available: int | None = None, token_interval: float = 0.05,
+                    readiness_gate: bool = True) -> None:
+        """A vLLM Deployment wired for spotguard (readiness gate, metrics port), its Service and PDB.
+
+        `readiness_gate=False` deploys it as users without spotguard run it (no
+        `spotguard.io/serving` gate: Ready follows the container alone), for the baselines."""
         labels = {"app": name}
         args = f"--token-interval {token_interval}"
         if shutdown_timeout is not None:
@@ -179,7 +209,6 @@ class World:
                 sys.executable, str(Path(__file__).resolve().parents[2] / "daemonset" / "files" /
                                     "vllm-drain-prestop.py"), "--port", "8000", "--max-wait", str(prestop_max_wait)]}}}
         pod_spec: Obj = {
-            "readinessGates": [{"conditionType": SERVING_GATE}],
             "terminationGracePeriodSeconds": grace_seconds,
             "nodeSelector": {POOL_LABEL: self.pool},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -188,6 +217,8 @@ class World:
                 {"labelSelector": {"matchLabels": labels}, "topologyKey": "kubernetes.io/hostname"}]}},
             "containers": [container],
         }
+        if readiness_gate:
+            pod_spec["readinessGates"] = [{"conditionType": SERVING_GATE}]
         deployment = {
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "namespace": self.namespace},
@@ -245,6 +276,11 @@ class World:
     async def close(self, *, delete_nodes: bool = True) -> None:
         """Stop every daemon and emulator this world started; delete its nodes (cluster-scoped, so
         deleting the namespace would leave them)."""
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for vm in self.vms.values():
             if vm.daemon is not None:
                 await asyncio.to_thread(vm.daemon.stop)

@@ -1,26 +1,34 @@
-"""Render the Helm chart in daemonset/ with the real Helm engine (helm-python-sdk), offline.
+"""Helpers for the chart tests: the rendered chart, PromQL selectors, the series that exist.
 
-Used by tests/chart/ and tests/alerts/ (and usable by anything else that needs the rendered
-chart, e.g. the simulation's Prometheus loading the alert rules: `alert_rule_groups()`).
+Rendering lives in spotguard.sim.chart (the simulation's Prometheus loads the same alert rules);
+it is re-exported here so tests keep saying `chartlib.render(...)`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-import helm_python as helm
 import yaml
-from helm_python import _native
 
-REPO = Path(__file__).resolve().parents[2]
-CHART_DIR = REPO / "daemonset"
+from spotguard.sim.chart import (  # noqa: F401 - re-exported for the tests
+    CHART_DIR,
+    NAMESPACE,
+    RELEASE,
+    REPO,
+    alert_rule_groups,
+    chart,
+    deep_merge,
+    objects,
+    only,
+    render,
+    render_objects,
+    write_rule_file,
+)
+
 EXAMPLES = sorted((CHART_DIR / "examples").glob("values-*.yaml"))
-RELEASE = "spotguard"
-NAMESPACE = "spotguard-system"
 VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
 
 # Series that an alert or panel may use although neither spotguard nor vLLM exports them.
@@ -29,53 +37,6 @@ EXTERNAL_METRICS = frozenset({"kube_node_labels"})
 # Labels the scrape adds to every spotguard series (PodMonitor/ServiceMonitor relabeling and
 # Prometheus' own target labels), so alerts may match on them although /metrics lacks them.
 TARGET_LABELS = frozenset({"node", "namespace", "pod", "instance", "job", "container", "endpoint"})
-
-
-@lru_cache(maxsize=1)
-def chart() -> helm.Chart:
-    return helm.Chart.load(CHART_DIR)
-
-
-def render(values: dict[str, Any] | None = None, *, api_versions: Iterable[str] = (),
-           kube_version: str | None = None, namespace: str = NAMESPACE,
-           name: str = RELEASE) -> dict[str, str]:
-    """Template path -> rendered text, as `helm template` would give it.
-
-    Chart.render() of helm-python-sdk 0.2.2 has no parameter for the capabilities, but the C ABI
-    underneath takes `api_versions` and `kube_version` in its options (the equivalents of
-    `helm template --api-versions --kube-version`), so they are passed through it here.
-    """
-    options: dict[str, Any] = {"name": name, "namespace": namespace, "is_install": True}
-    if api_versions:
-        options["api_versions"] = list(api_versions)
-    if kube_version:
-        options["kube_version"] = kube_version
-    payload = _native.call_string("helm_render", chart()._raw(),
-                                  None if values is None else json.dumps(values), json.dumps(options))
-    rendered: dict[str, str] = json.loads(payload)
-    return rendered
-
-
-def objects(rendered: dict[str, str]) -> list[dict[str, Any]]:
-    """Every Kubernetes object in the rendered manifests (NOTES.txt left out)."""
-    found: list[dict[str, Any]] = []
-    for path, text in sorted(rendered.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        for document in yaml.safe_load_all(text):
-            if document:
-                found.append(document)
-    return found
-
-
-def render_objects(values: dict[str, Any] | None = None, **kwargs: Any) -> list[dict[str, Any]]:
-    return objects(render(values, **kwargs))
-
-
-def only(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    matching = [o for o in objs if o["kind"] == kind]
-    assert len(matching) == 1, f"expected one {kind}, found {len(matching)}"
-    return matching[0]
 
 
 def kinds(objs: list[dict[str, Any]]) -> list[str]:
@@ -87,23 +48,8 @@ def example_values(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def alert_rule_groups(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The PrometheusRule's groups, i.e. the content of a plain Prometheus rule file."""
-    merged = {"prometheusRule": {"enabled": True}}
-    if values:
-        merged = _deep_merge(merged, values)
-    rule = only(render_objects(merged), "PrometheusRule")
-    groups: list[dict[str, Any]] = rule["spec"]["groups"]
-    return groups
-
-
-def write_rule_file(path: Path, values: dict[str, Any] | None = None) -> Path:
-    path.write_text(yaml.safe_dump({"groups": alert_rule_groups(values)}, sort_keys=False, width=10_000))
-    return path
-
-
 def dashboard(values: dict[str, Any] | None = None) -> dict[str, Any]:
-    merged = _deep_merge({"dashboard": {"enabled": True}}, values or {})
+    merged = deep_merge({"dashboard": {"enabled": True}}, values or {})
     config_map = next(o for o in render_objects(merged)
                       if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard"))
     loaded: dict[str, Any] = json.loads(config_map["data"]["spotguard.json"])
@@ -245,15 +191,3 @@ def vllm_series() -> dict[str, set[str]]:
 
     return exported_series(asyncio.run(scrape()))
 
-
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-deep_merge = _deep_merge

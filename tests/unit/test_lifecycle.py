@@ -331,3 +331,10 @@ def test_an_undo_that_did_not_land_is_asked_for_again():
                          now=T0 + 2, timing=TIMING)
     update = of_type(decision.actions, lc.UpdateNode)[0]
     assert update.unschedulable is False and update.remove_taint and update.clear_progress
+
+
+def test_a_serving_pod_whose_vllm_already_stopped_is_not_waited_for():
+    stopped = pod("vllm-0", condition=False, not_evictable="finished", unreadable=True)
+    decision = lc.decide(in_phase(lc.Phase.DRAINING), seen(stopped), now=T0 + 3, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.EVICTING
+    assert of_type(decision.actions, lc.Evict) == []
