@@ -422,6 +422,12 @@ class Daemon:
         if before is not None and before.phase is lc.Phase.DRAINING and (after is None or after.phase is not
                                                                           lc.Phase.DRAINING):
             self.metrics.drain.observe(max(0.0, self.clock() - before.noticed_at))
+        # A blocked pod that is gone or finished (the kubelet stopped it) is blocked no more.
+        live = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in self.pods.values()
+                if k.not_evictable_reason(p) is None and not p["metadata"].get("deletionTimestamp")}
+        for namespace, pod, pdb in list(self.metrics.eviction_blocked._metrics):
+            if (namespace, pod) not in live:
+                self.metrics.eviction_blocked.remove(namespace, pod, pdb)
         if before is not None and after is None:  # cancelled: forget per-notice series
             self.readings.clear()
             self.endpoints.clear()

@@ -245,7 +245,7 @@ class GceProvider:
                  hanging_timeout_seconds: float = 60.0,
                  request_timeout_seconds: float = 5.0,
                  backoff_base_seconds: float = 0.5,
-                 backoff_cap_seconds: float = 30.0) -> None:
+                 backoff_cap_seconds: float = 2.0) -> None:
         self.root_url = root_url.rstrip("/")
         self._base = f"{self.root_url}/computeMetadata/v1/"
         self._notice_seconds = notice_seconds
@@ -256,6 +256,9 @@ class GceProvider:
         self._timeout_sec = max(1, math.ceil(hanging_timeout_seconds))
         self._request_timeout = request_timeout_seconds
         self._backoff_base = backoff_base_seconds
+        # Short on purpose: the retry delay after an outage is how late a notice arriving just
+        # after it is seen, and a spot notice lasts 30 s. The server is on the VM itself, so a
+        # retry every 1-2 s per key costs nothing.
         self._backoff_cap = backoff_cap_seconds
         # A lazy logger: resolved at first use, so logging may be configured after construction.
         self._log = structlog.get_logger(provider=self.name)
@@ -387,19 +390,25 @@ class GceProvider:
                       parse: Callable[[bytes], T], emit: Callable[[T], Awaitable[None]]) -> NoReturn:
         """Read `key` now, then hang on it for changes; emit each new value. Never returns.
 
-        Every error is reported, logged and retried after `backoff_delay`; the ETag is kept across
-        errors so the first successful hanging GET returns at once if the value changed meanwhile.
+        Every error is reported, logged and retried after `backoff_delay` (at most a couple of
+        seconds apart); the first request after an error reads the value without waiting, then
+        hanging GETs resume.
         """
         log = self._log.bind(key=key)
         loop = asyncio.get_running_loop()
         etag: str | None = None
-        first_read_done = False
+        # A hanging GET only once the value is known and the server answered the last request:
+        # after a failure the value is read at once, so a recovery shows now (metadata_up,
+        # /readyz) rather than when a hanging GET ends, up to timeout_sec later, and a server that
+        # hangs is caught by the short request timeout.
+        may_hang = False
         failures = 0
         unhonoured_waits = 0
         last: object = _UNSET
         while True:
-            if not first_read_done:
-                # The current value, without waiting: a notice present at start must be seen now.
+            if not may_hang:
+                # The current value, without waiting: a notice present at start (or that came
+                # during an outage) must be seen now.
                 params: dict[str, str] | None = None
                 timeout = self._request_timeout
             else:
@@ -421,8 +430,8 @@ class GceProvider:
                     log.info("metadata_recovered", failed_requests=failures)
                 failures = 0
                 etag = new_etag
-                waited = first_read_done
-                first_read_done = True
+                waited = may_hang
+                may_hang = True
                 if value != last:
                     log.info("gce_metadata_value", value=value, changed_from=None if last is _UNSET else last)
                     last = value
@@ -439,6 +448,7 @@ class GceProvider:
                     unhonoured_waits = 0
                 continue
             self._on_error(reason)
+            may_hang = False
             delay = backoff_delay(failures, base=self._backoff_base, cap=self._backoff_cap)
             failures += 1
             log.warning("metadata_error", reason=reason, error=message,

@@ -51,6 +51,13 @@ def add_commands(sim: argparse.ArgumentParser) -> None:
                                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_demo_arguments(demo_parser)
 
+    from spotguard.sim import bench
+
+    bench_parser = commands.add_parser("bench", help="benchmark spotguard against no handler and an NTH-like "
+                                                     "handler; footprint, reaction, storm",
+                                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_bench_arguments(bench_parser)
+
     reclaim = commands.add_parser("reclaim", help="reclaim a simulated VM (GKE graceful node shutdown)",
                                   description="Annotate the node so the simulated kubelet shuts it down "
                                               "like GKE: pods get SIGTERM 30 s before the VM goes.")
@@ -96,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         from spotguard.sim.demo import run_demo_from_args
 
         return run_demo_from_args(args)
+    if args.sim_command == "bench":
+        from spotguard.sim.bench import run_bench_from_args
+
+        return run_bench_from_args(args)
     if args.sim_command == "reclaim":
         from datetime import datetime, timedelta, timezone
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 
 from spotguard.backoff import backoff_delay
 from spotguard.notice import NoticeKind
 from spotguard.providers.gce import (
+    MAINTENANCE_KEY,
     MAX_BODY_BYTES,
+    PREEMPTED_KEY,
+    GceProvider,
     GceState,
     MetadataBodyError,
     notice_for,
@@ -20,6 +25,7 @@ from spotguard.providers.gce import (
     parse_preempted,
     parse_upcoming_maintenance,
 )
+from spotguard.providers.gce import _RequestFailed as RequestFailed
 
 T0 = 1_700_000_000.0
 
@@ -187,3 +193,78 @@ def test_backoff_rejects_nonsense_parameters() -> None:
         backoff_delay(0, base=0, cap=1)
     with pytest.raises(ValueError):
         backoff_delay(0, base=2, cap=1)
+
+
+# -- retrying the metadata server (the provider's loop, with scripted answers and no network) ---
+
+
+class ScriptedMetadata(GceProvider):
+    """A GceProvider whose requests are answered from a script per key; with nothing left to say
+    for a key, its request hangs like a hanging GET on a value that does not change."""
+
+    def __init__(self, script: dict[str, list[Any]], **kwargs: Any) -> None:
+        super().__init__(root_url="http://metadata.test", **kwargs)
+        self.script = {key: list(steps) for key, steps in script.items()}
+        self.requests: list[tuple[str, dict[str, str] | None, float]] = []
+
+    async def _get(self, session: Any, key: str, *, params: dict[str, str] | None,
+                   timeout: float) -> tuple[bytes, str | None]:
+        self.requests.append((key, params, timeout))
+        steps = self.script.get(key) or []
+        if not steps:
+            await asyncio.Event().wait()
+        step = steps.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        return step, f"etag-{len(self.requests)}"
+
+    def of(self, key: str) -> list[tuple[dict[str, str] | None, float]]:
+        return [(params, timeout) for k, params, timeout in self.requests if k == key]
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every asyncio.sleep delay asked for, without waiting for it."""
+    asked: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def instant(delay: float, result: Any = None) -> Any:
+        asked.append(delay)
+        return await real_sleep(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", instant)
+    return asked
+
+
+async def test_retries_after_a_long_outage_stay_a_couple_of_seconds_apart(sleeps: list[float]) -> None:
+    # A spot notice lasts 30 s: a retry delay growing to 30 s would let one arrive unseen.
+    outage = [RequestFailed("http_5xx", "HTTP 503", status=503)] * 40
+    provider = ScriptedMetadata({PREEMPTED_KEY: [b"FALSE", *outage, b"TRUE"], MAINTENANCE_KEY: [b"NONE"]})
+    notices = provider.watch()
+    assert await asyncio.wait_for(anext(notices), 5) is None
+    notice = await asyncio.wait_for(anext(notices), 5)
+    await notices.aclose()
+    assert notice is not None and notice.kind is NoticeKind.PREEMPTION
+    assert len(sleeps) >= 40 and max(sleeps) <= 2.0
+
+
+async def test_after_a_failure_the_value_is_read_at_once_then_hanging_gets_resume(sleeps: list[float]) -> None:
+    calls: list[str] = []
+    provider = ScriptedMetadata(
+        {PREEMPTED_KEY: [b"FALSE", b"FALSE", RequestFailed("connection", "refused"), b"FALSE"],
+         MAINTENANCE_KEY: [b"NONE"]},
+        on_error=lambda reason: calls.append(reason), on_ok=lambda: calls.append("ok"),
+        request_timeout_seconds=5.0, hanging_timeout_seconds=60.0)
+    notices = provider.watch()
+    assert await asyncio.wait_for(anext(notices), 5) is None
+    for _ in range(100):
+        if len(provider.of(PREEMPTED_KEY)) >= 5:
+            break
+        await asyncio.sleep(0)
+    await notices.aclose()
+    kinds = [("hang" if params and params.get("wait_for_change") == "true" else "read", timeout)
+             for params, timeout in provider.of(PREEMPTED_KEY)[:5]]
+    # read, hang, hang (fails), read at once with the short timeout (so the recovery counts as
+    # soon as the server answers), then hanging again.
+    assert kinds == [("read", 5.0), ("hang", 65.0), ("hang", 65.0), ("read", 5.0), ("hang", 65.0)]
+    assert calls[-2:] == ["connection", "ok"]
