@@ -82,7 +82,11 @@ class Kube:
         raw = response.read()
         try:
             decoded = json.loads(raw) if raw else {}
-        except ValueError:
+        except (ValueError, RecursionError):
+            decoded = None
+        if not isinstance(decoded, dict):
+            # Not a Kubernetes object or Status (a proxy's page, a bare JSON value): callers read
+            # dicts, so the body becomes the message of one.
             decoded = {"message": raw[:200].decode(errors="replace")}
         if response.status >= 400:
             raise KubeError(response.status, decoded.get("message", response.reason or ""), decoded)
@@ -295,7 +299,9 @@ def metrics_url(pod: Obj) -> str | None:
         return None
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     port = str(annotations.get(METRICS_PORT_ANNOTATION, "8000")).strip()
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii: str.isdigit() is also true for digits int() refuses ("²"), which would raise here
+    # on every drain step and stall the drain of the whole node.
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         return None
     path = str(annotations.get(METRICS_PATH_ANNOTATION, "/metrics")).strip() or "/metrics"
     if not path.startswith("/"):
@@ -316,7 +322,9 @@ def progress_from_node(node: Obj) -> Progress | None:
     """Read a notice's progress back from the node annotations; None if absent or unreadable."""
     annotations = (node.get("metadata") or {}).get("annotations") or {}
     values = {field: annotations.get(key) for field, key in PROGRESS_ANNOTATIONS.items()}
-    if values["phase"] is None:
+    # "guarding" is no notice, not a drain to resume (spotguard never writes it; the lifecycle has
+    # no step for it).
+    if values["phase"] is None or values["phase"] == Phase.GUARDING.value:
         return None
     try:
         return Progress(
@@ -371,7 +379,7 @@ _PDB_NAME = re.compile(r"disruption budget ([a-z0-9]([-a-z0-9.]*[a-z0-9])?)", re
 
 def blocking_pdb(status: Obj) -> str | None:
     """The PDB named in a 429 Eviction answer (details.causes[].message), if any."""
-    for cause in ((status.get("details") or {}).get("causes") or []):
+    for cause in _causes(status):
         match = _PDB_NAME.search(str(cause.get("message", "")))
         if match:
             return match.group(1)
@@ -379,9 +387,16 @@ def blocking_pdb(status: Obj) -> str | None:
 
 
 def _is_pdb_refusal(status: Obj) -> bool:
-    causes = (status.get("details") or {}).get("causes") or []
-    return any(c.get("reason") == "DisruptionBudget" for c in causes) or \
+    return any(c.get("reason") == "DisruptionBudget" for c in _causes(status)) or \
         "disruption budget" in str(status.get("message", "")).lower()
+
+
+def _causes(status: Obj) -> list[Obj]:
+    """details.causes of a Status, keeping only what has the documented shape (a body that is not
+    a Status must not turn an Eviction answer into an exception)."""
+    details = status.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    return [cause for cause in causes if isinstance(cause, dict)] if isinstance(causes, list) else []
 
 
 def selector_matches(selector: Obj | None, labels: Mapping[str, str]) -> bool:

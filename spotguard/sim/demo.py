@@ -42,6 +42,7 @@ class Timeline:
 
     notice: float = 0.0
     marks: dict[str, float] = field(default_factory=dict)
+    alerts: list[str] = field(default_factory=list)
 
     def mark(self, name: str, at: float | None = None) -> bool:
         if name in self.marks:
@@ -87,7 +88,7 @@ async def _demo(args: argparse.Namespace) -> int:
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    tracker = load = None
+    tracker = load = prometheus = None
     try:
         await asyncio.to_thread(_clean_previous_run, world)
         world.api.call("POST", "/api/v1/namespaces", body={"metadata": {"name": NAMESPACE}})
@@ -103,6 +104,7 @@ async def _demo(args: argparse.Namespace) -> int:
         pods = await asyncio.to_thread(world.wait_ready_pods, 2, timeout=90)
         _say("   ready: " + ", ".join(f"{p['metadata']['name']} on {p['spec']['nodeName']} ({p['status']['podIP']})"
                                       for p in pods))
+        prometheus = await asyncio.to_thread(_start_prometheus, world, out_dir)
         await world.start_autoscaler(provisioning_delay=args.provisioning_delay,
                                      on_event=lambda e: _say(f"   [autoscaler] {e.kind}: {e.message}"))
         tracker = EndpointTracker(api_client, namespace=NAMESPACE, service="vllm", port_name="http")
@@ -120,7 +122,7 @@ async def _demo(args: argparse.Namespace) -> int:
         in_flight = load.in_flight_at(timeline.notice)
         _say(f"\n== t=0.000s GCE preempts {victim} (notice {args.notice_seconds:g} s; GKE graceful node shutdown "
              f"starts at t={max(0.0, args.notice_seconds - 30):g}s); {in_flight} requests in flight on the pool")
-        watcher = asyncio.create_task(_watch(world, tracker, timeline, victim, victim_pods))
+        watcher = asyncio.create_task(_watch(world, tracker, timeline, victim, victim_pods, prometheus))
         await asyncio.wait([asyncio.create_task(load.wait()), asyncio.create_task(stopping.wait())],
                            return_when=asyncio.FIRST_COMPLETED)
         if not stopping.is_set():
@@ -130,6 +132,8 @@ async def _demo(args: argparse.Namespace) -> int:
         _report(load, timeline, victim, world, out_dir, args)
         return 0
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         if load is not None:
             await load.stop(drain=False)
         if tracker is not None:
@@ -174,8 +178,27 @@ def _clean_previous_run(world: Any) -> None:
     wait_until(gone, timeout=60, what="the previous demo namespace deleted")
 
 
-async def _watch(world: Any, tracker: Any, timeline: Timeline, victim: str, victim_pods: set[str]) -> None:
+def _start_prometheus(world: Any, out_dir: Path) -> Any:
+    """A real Prometheus scraping every daemon and vLLM pod and evaluating the chart's alert rules;
+    None (with the reason) when Prometheus is not installed."""
+    from spotguard.sim.prometheus import FAST_ALERTS, PrometheusError, SimPrometheus, render_rule_file, targets_for
+
+    try:
+        rules = render_rule_file(out_dir / "alerts.yaml", values=FAST_ALERTS)
+        prometheus = SimPrometheus(rule_file=rules, work_dir=out_dir / "prometheus").start()
+    except (PrometheusError, OSError, ImportError) as error:
+        _say(f"   (no Prometheus for this run: {error})")
+        return None
+    prometheus.set_targets(targets_for(world))
+    _say(f"== Prometheus {prometheus.url} scrapes every spotguard and vLLM pod and evaluates the chart's alerts "
+         "(their `for:` durations shortened for the demo); open /alerts while it runs")
+    return prometheus
+
+
+async def _watch(world: Any, tracker: Any, timeline: Timeline, victim: str, victim_pods: set[str],
+                 prometheus: Any) -> None:
     """Print each milestone once, as the API server and the router see it."""
+    last_targets = 0.0
 
     def show(name: str, detail: str = "", at: float | None = None) -> None:
         if timeline.mark(name, at):
@@ -209,7 +232,25 @@ async def _watch(world: Any, tracker: Any, timeline: Timeline, victim: str, vict
             if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") and "evicted" not in timeline.marks:
                 show("pod stopped", f"{pod['metadata']['name']} stopped by GKE's graceful node shutdown "
                                     "(vLLM finished its in-flight requests first)")
+        if prometheus is not None and time.monotonic() - last_targets > 2:
+            last_targets = time.monotonic()
+            await asyncio.to_thread(_follow_alerts, world, prometheus, timeline)
         await asyncio.sleep(0.1)
+
+
+def _follow_alerts(world: Any, prometheus: Any, timeline: Timeline) -> None:
+    from spotguard.sim.prometheus import PrometheusError, targets_for
+
+    try:
+        prometheus.set_targets(targets_for(world))
+        for alert in prometheus.alerts():
+            name = alert["labels"].get("alertname", "?")
+            if alert.get("state") == "firing" and name not in timeline.alerts:
+                timeline.alerts.append(name)
+                _say(f"   t={time.time() - timeline.notice:7.3f}s  alert firing: {name} "
+                     f"{ {k: v for k, v in alert['labels'].items() if k in ('node', 'pod', 'pdb')} }")
+    except (PrometheusError, OSError, ValueError):
+        pass  # the demo goes on without the alert view
 
 
 def _report(load: Any, timeline: Timeline, victim: str, world: Any, out_dir: Path, args: argparse.Namespace) -> None:
@@ -229,6 +270,7 @@ def _report(load: Any, timeline: Timeline, victim: str, world: Any, out_dir: Pat
             rows.append((f"time to {name}", f"{value:.3f} s"))
     if reaction is not None:
         rows.append(("reaction (daemon's own histogram)", f"{reaction:.1f} ms"))
+    rows.append(("alerts that fired", ", ".join(timeline.alerts) or "none"))
     width = max(len(name) for name, _ in rows)
     _say("\n== result")
     for name, value in rows:
@@ -237,7 +279,7 @@ def _report(load: Any, timeline: Timeline, victim: str, world: Any, out_dir: Pat
     if aborted:
         _say(f"   ({len(aborted)} aborted requests needed {min(r.intended_s for r in aborted):.1f}-"
              f"{max(r.intended_s for r in aborted):.1f} s: longer than the grace vLLM had after SIGTERM)")
-    report = {"summary": summary, "timeline_s": timeline.marks, "reaction_ms": reaction,
+    report = {"summary": summary, "timeline_s": timeline.marks, "reaction_ms": reaction, "alerts": timeline.alerts,
               "notice_seconds": args.notice_seconds, "requests": [r.as_dict() for r in load.records]}
     (out_dir / "demo.json").write_text(json.dumps(report, indent=2, default=str))
     png = out_dir / "demo-timeline.png"
