@@ -1,0 +1,55 @@
+"""`spotguard check` against the real local control plane: a protected node, and the reasons when not."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from spotguard.sim.world import World
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+async def world(cluster, api_client, namespace, tmp_path):
+    sim = World(api_client=api_client, kubeconfig=cluster.kubeconfig, namespace=namespace,
+                log_dir=tmp_path / "logs", pool=f"pool-{uuid.uuid4().hex[:6]}")
+    try:
+        yield sim
+    finally:
+        await sim.close()
+
+
+def check(*, node: str, kubeconfig, metadata_url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NODE_NAME": node, "KUBECONFIG": str(kubeconfig), "SPOTGUARD_PROVIDER": "gce",
+           "SPOTGUARD_METADATA_URL": metadata_url}
+    return subprocess.run([sys.executable, "-m", "spotguard", "check"], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+async def test_check_says_a_guarded_node_with_a_wired_vllm_pod_is_protected(world, cluster):
+    node = f"gpu-{uuid.uuid4().hex[:8]}"
+    vm = await world.add_vm(node)
+    world.deploy_vllm(replicas=1)
+    pod = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
+    result = await asyncio.to_thread(check, node=node, kubeconfig=cluster.kubeconfig, metadata_url=vm.metadata.url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1].startswith("PROTECTED: 0 failed")
+    assert any(line.startswith("OK") and "RBAC create pods/eviction" in line for line in lines)
+    assert any(line.startswith("OK") and pod["metadata"]["name"] in line and "vLLM metrics" in line for line in lines)
+
+
+async def test_check_fails_with_reasons_for_a_missing_node_and_unreachable_metadata(world, cluster):
+    result = await asyncio.to_thread(check, node="no-such-node", kubeconfig=cluster.kubeconfig,
+                                     metadata_url="http://127.0.0.1:9")
+    assert result.returncode == 1
+    failures = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert any("metadata" in line for line in failures)
+    assert any("node no-such-node" in line and "404" in line for line in failures)
+    assert result.stdout.splitlines()[-1].startswith("NOT PROTECTED")
