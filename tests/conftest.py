@@ -48,3 +48,17 @@ def namespace(api_client) -> Iterator[str]:
         yield name
     finally:
         core.delete_namespace(name, grace_period_seconds=0)
+
+
+@pytest.fixture
+async def world(cluster, api_client, namespace, tmp_path):
+    """A simulated GPU spot pool in this test's namespace (spotguard.sim.world.World); its daemons,
+    emulators and nodes are stopped and deleted afterwards."""
+    from spotguard.sim.world import World
+
+    sim = World(api_client=api_client, kubeconfig=cluster.kubeconfig, namespace=namespace,
+                log_dir=tmp_path / "logs", pool=f"pool-{uuid.uuid4().hex[:6]}")
+    try:
+        yield sim
+    finally:
+        await sim.close()

@@ -65,7 +65,7 @@ def _say(text: str) -> None:
 
 async def _demo(args: argparse.Namespace) -> int:
     from spotguard.sim import controlplane
-    from spotguard.sim.router import EndpointTracker, LoadGenerator, Outcome
+    from spotguard.sim.router import EndpointTracker, LoadGenerator
     from spotguard.sim.world import World, wait_until
 
     import logging

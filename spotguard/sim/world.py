@@ -50,6 +50,14 @@ def wait_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.
     raise TimeoutError(f"{what} not reached in {timeout:.0f}s" + (f" (last error: {last_error})" if last_error else ""))
 
 
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`, in Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
 @dataclass
 class DaemonProcess:
     """One `spotguard run`, started the way the DaemonSet starts it."""
@@ -91,6 +99,9 @@ class DaemonProcess:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
             return response.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(self.metrics(), name, **labels)
 
     def kill(self) -> None:
         """SIGKILL: the daemon dies mid-whatever, as on an OOM kill or a node-level crash."""

@@ -39,16 +39,6 @@ PDB = "vllm-pdb"
 
 
 @pytest.fixture
-async def world(cluster, api_client, namespace, tmp_path):
-    sim = World(api_client=api_client, kubeconfig=cluster.kubeconfig, namespace=namespace,
-                log_dir=tmp_path / "logs", pool=f"pool-{uuid.uuid4().hex[:6]}")
-    try:
-        yield sim
-    finally:
-        await sim.close()
-
-
-@pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[SimPrometheus]:
     rules = render_rule_file(tmp_path / "rules.yaml", values=FAST_ALERTS)
     server = SimPrometheus(rule_file=rules, work_dir=tmp_path / "prometheus")

@@ -10,23 +10,12 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from spotguard.sim.router import EndpointTracker, LoadGenerator, Outcome
 from spotguard.sim.world import World, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 FAR_PAST = SimpleNamespace(at=0.0)
-
-
-@pytest.fixture
-async def world(cluster, api_client, namespace, tmp_path):
-    sim = World(api_client=api_client, kubeconfig=cluster.kubeconfig, namespace=namespace,
-                log_dir=tmp_path / "logs", pool=f"pool-{uuid.uuid4().hex[:6]}")
-    try:
-        yield sim
-    finally:
-        await sim.close()
 
 
 @pytest.fixture
@@ -42,14 +31,6 @@ async def tracker(world, api_client):
 def names(prefix: str, count: int) -> list[str]:
     suffix = uuid.uuid4().hex[:6]
     return [f"{prefix}-{suffix}-{i}" for i in range(1, count + 1)]
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for found in family.samples:
-            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
-                return found.value
-    return None
 
 
 def events_for(world: World, reason: str, name: str) -> list[dict]:
@@ -112,9 +93,8 @@ async def test_pdb_that_never_allows_is_reported_retried_and_never_forced(world)
     missed = await asyncio.to_thread(wait_until, lambda: events_for(world, "DeadlineMissed", victim), timeout=30,
                                      what="DeadlineMissed")
     assert name in missed[0]["message"]
-    metrics = vm.daemon.metrics()
-    assert sample(metrics, "spotguard_drain_missed_deadline_total") == 1
-    assert sample(metrics, "spotguard_eviction_blocked", namespace=world.namespace, pod=name, pdb="only-one") == 1
+    assert vm.daemon.metric("spotguard_drain_missed_deadline_total") == 1
+    assert vm.daemon.metric("spotguard_eviction_blocked", namespace=world.namespace, pod=name, pdb="only-one") == 1
     held = world.api.call("GET", f"/api/v1/namespaces/{world.namespace}/pods/{name}")
     assert held["metadata"].get("deletionTimestamp") is None  # never force-deleted
     assert not events_for(world, "Evicted", name)

@@ -10,19 +10,8 @@ import uuid
 
 import pytest
 
-from spotguard.sim.world import World
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-async def world(cluster, api_client, namespace, tmp_path):
-    sim = World(api_client=api_client, kubeconfig=cluster.kubeconfig, namespace=namespace,
-                log_dir=tmp_path / "logs", pool=f"pool-{uuid.uuid4().hex[:6]}")
-    try:
-        yield sim
-    finally:
-        await sim.close()
 
 
 def check(*, node: str, kubeconfig, metadata_url: str) -> subprocess.CompletedProcess[str]:

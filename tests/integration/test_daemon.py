@@ -13,21 +13,11 @@ import uuid
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from spotguard.sim.world import World, wait_until
+from spotguard.sim.world import metric_value as metric
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-async def world(cluster, api_client, namespace, tmp_path):
-    sim = World(api_client=api_client, kubeconfig=cluster.kubeconfig, namespace=namespace,
-                log_dir=tmp_path / "logs", pool=f"pool-{uuid.uuid4().hex[:6]}")
-    try:
-        yield sim
-    finally:
-        await sim.close()
 
 
 def node_name() -> str:
@@ -36,15 +26,6 @@ def node_name() -> str:
 
 def condition(pod, kind):
     return next((c["status"] for c in pod.get("status", {}).get("conditions", []) if c["type"] == kind), None)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def endpoint_ready(world: World, pod_uid: str) -> bool | None:
