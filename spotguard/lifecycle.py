@@ -240,8 +240,11 @@ def _start(state: State, seen: Seen, *, now: float) -> Decision:
                     f"{notice.kind.value} notice from {notice.source} ({notice.detail}); the VM goes in "
                     f"{max(0.0, notice.deadline - now):.0f}s: cordoned, tainted, {len(not_serving)} "
                     f"serving pod(s) set not-ready", warning=True)
+    per_pod = tuple(Report("NotServing", "termination notice: spotguard.io/serving=False, so the pod leaves its "
+                                         "Services' endpoints before it is drained and evicted", pod=action.pod)
+                    for action in not_serving)
     return Decision(replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset()),
-                    (node_update, *not_serving, report))
+                    (node_update, *not_serving, report, *per_pod))
 
 
 def _not_serving(pods: tuple[PodFacts, ...]) -> tuple[SetServing, ...]:
@@ -384,7 +387,9 @@ def _cancel(state: State, seen: Seen) -> Decision:
     gone = f"; {len(state.evicted)} pod(s) already evicted cannot be brought back" if state.evicted else ""
     report = Report("NoticeCancelled", f"the {progress.notice_kind} notice was withdrawn: undid "
                                        f"spotguard's cordon and taint{kept}{gone}")
-    return Decision(State(), (undo, *restored, report))
+    per_pod = tuple(Report("ServingRestored", "the termination notice was withdrawn: spotguard.io/serving=True",
+                           pod=action.pod) for action in restored)
+    return Decision(State(), (undo, *restored, report, *per_pod))
 
 
 # ---------------------------------------------------------------------------------------------

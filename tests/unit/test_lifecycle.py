@@ -77,7 +77,9 @@ def test_notice_cordons_taints_and_sets_serving_pods_not_ready_in_one_decision()
     assert update.progress.deadline == T0 + 30
     assert update.progress.cordoned_by_us and update.progress.tainted_by_us
     assert of_type(decision.actions, lc.SetServing) == [lc.SetServing(vllm, False)]
-    assert [r.reason for r in of_type(decision.actions, lc.Report)] == ["TerminationNotice"]
+    reports = of_type(decision.actions, lc.Report)
+    assert [r.reason for r in reports] == ["TerminationNotice", "NotServing"]
+    assert reports[1].pod == vllm
     # The reaction comes before anything slow: node and readiness first.
     assert isinstance(decision.actions[0], lc.UpdateNode)
 
@@ -300,7 +302,9 @@ def test_withdrawn_notice_undoes_only_what_spotguard_did():
     assert update.remove_taint is True and update.clear_progress is True
     assert lc.SetServing(vllm, True) in decision.actions
     assert decision.state == lc.State()
-    assert "stays" in of_type(decision.actions, lc.Report)[0].message
+    reports = of_type(decision.actions, lc.Report)
+    assert "stays" in reports[0].message
+    assert [(r.reason, r.pod) for r in reports[1:]] == [("ServingRestored", vllm)]
 
 
 def test_withdrawn_notice_uncordons_when_spotguard_cordoned():
