@@ -62,6 +62,8 @@ class Daemon:
         self.api_healthy = False
         self.notice_received_at: float | None = None  # monotonic, for the reaction histogram
         self.dry_run_done: set[str] = set()
+        self.failed_actions = 0
+        self.failing_steps = 0
         self._wake = asyncio.Event()
         self._stopping = threading.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -247,8 +249,15 @@ class Daemon:
             if not (self.provider_ready and self.pods_synced) or self.node is None:
                 continue
             try:
+                failures_before = self.failed_actions
                 acted = await self._step()
-                if acted:
+                if self.failed_actions > failures_before:
+                    # The API server is failing (down, overloaded): ask again, but back off, so a
+                    # pool of daemons draining at once does not hammer it while it recovers.
+                    self.failing_steps += 1
+                    await asyncio.sleep(backoff_delay(self.failing_steps, base=0.25, cap=5))
+                elif acted:
+                    self.failing_steps = 0
                     # Let the watches report what the actions changed before deciding again.
                     await asyncio.sleep(0.02)
             except asyncio.CancelledError:
@@ -358,6 +367,7 @@ class Daemon:
         try:
             result = await asyncio.to_thread(self._call, action)
         except Exception as error:  # noqa: BLE001 - report, count, and let the next decision ask again
+            self.failed_actions += 1
             self._count(names, "error")
             if isinstance(error, k.KubeError) and error.status == 404 and isinstance(action, lc.UpdateNode):
                 log.warning("node is gone; nothing to change", actions=names)

@@ -576,7 +576,8 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
                                   seed=cfg.seed + rep, token_interval=cfg.token_interval)
         began = loop.time()
         generator.start()
-        await asyncio.sleep(max(0.0, began + cfg.warmup_s - loop.time()))
+        # Half a send interval off the sending grid, so no request leaves in the same instant.
+        await asyncio.sleep(max(0.0, began + cfg.warmup_s + 0.5 / cfg.rate - loop.time()))
         notice = await _preempt(world, victim_node, vm_lifetime_seconds=profile.notice_s)
         ctx.say(f"    notice at +{cfg.warmup_s:.0f}s; {generator.in_flight_at(notice)} requests in flight")
         vm_gone_at = notice + profile.notice_s
@@ -633,12 +634,16 @@ async def _preempt(world: World, node: str, *, vm_lifetime_seconds: float) -> fl
     this loop, and a synchronous API call here would delay the daemons' notice, not the kubelet's.
     GCE flips instance/preempted and sends the guest its ACPI shutdown at the same moment, so the
     metadata flip and the kubelet's node shutdown start together here too."""
-    from spotguard.sim.kubelet import reclaim
+    from spotguard.sim.kubelet import RECLAIM_ANNOTATION
 
     noticed = time.time()
     world.vms[node].metadata.preempt()
+    # The same annotation `kubelet.reclaim()` writes, as a raw JSON PATCH (no client models to build).
     at = datetime.fromtimestamp(noticed + vm_lifetime_seconds, tz=timezone.utc)
-    await asyncio.to_thread(reclaim, world.api_client, node, at=at)
+    stamp = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    await asyncio.to_thread(world.api.call, "PATCH", f"/api/v1/nodes/{node}",
+                            body={"metadata": {"annotations": {RECLAIM_ANNOTATION: stamp}}},
+                            content_type="application/merge-patch+json")
     return noticed
 
 

@@ -107,6 +107,7 @@ async def test_metadata_server_misbehaving_for_a_minute_then_a_real_notice(world
         # Readiness follows the metadata server back on its own, before any notice.
         await wait_for(lambda: any(s.readyz == 200 for s in probe.between(ended, time.monotonic())),
                        timeout=10, what="/readyz 200 once the metadata server answers again")
+        recovered = time.monotonic()
         held = await in_thread(world.node, node)
         assert not held["spec"].get("unschedulable") and not spotguard_taints(held), "acted without a notice"
 
@@ -126,6 +127,9 @@ async def test_metadata_server_misbehaving_for_a_minute_then_a_real_notice(world
     text = await in_thread(daemon.metrics)
     counted = {reason: metric(text, "spotguard_metadata_errors_total", reason=reason)
                for reason in sorted(set(METADATA_REASONS.values()))}
+    print(f"metadata errors counted: {counted}; reaction "
+          f"{metric(text, 'spotguard_reaction_duration_seconds_sum') * 1000:.1f} ms; "
+          f"{len(probe.samples)} probes, /readyz 200 again {recovered - ended:.2f} s after the outage")
     assert all(counted[reason] >= 1 for reason in METADATA_REASONS.values()), counted
     assert metric(text, "spotguard_metadata_up") == 1
     logged_reasons = {line["reason"] for line in logged(daemon, "metadata_error")}
@@ -177,6 +181,8 @@ async def test_api_server_stopped_mid_drain_and_started_again(world, apiserver_g
             # Time for a duplicate eviction to show up, if one were coming.
             await asyncio.sleep(2)
 
+    print(f"API server fully down {up_at - down_at:.1f} s (start-up included); request ended "
+          f"{record.end - down_wall:+.1f} s after it went down; router: {traffic.outcomes()}")
     assert record.outcome is Outcome.COMPLETED, record
     assert traffic.outcomes() == {"completed": 1}
     assert all(control_plane_alive(cluster).values()), control_plane_alive(cluster)
@@ -243,6 +249,8 @@ async def test_daemon_killed_mid_drain_resumes_and_users_lose_nothing(world):
         await wait_for(lambda: events(world, "Evicted", name), timeout=20, what="eviction by the restarted daemon")
         await traffic.generator.wait()
 
+    print(f"router: {traffic.outcomes()} over {len(traffic.records)} requests; "
+          f"{sum(r.pod == name for r in traffic.records)} on the drained pod")
     assert record.outcome is Outcome.COMPLETED, record
     assert traffic.lost(NOTICE_BUDGET_SECONDS) == [], traffic.outcomes()
     assert set(traffic.outcomes()) == {"completed"}, traffic.outcomes()
@@ -304,6 +312,9 @@ async def test_unreadable_vllm_metrics_fall_back_to_the_time_budget(world, fault
     text = await in_thread(vm.daemon.metrics)
     assert metric(text, "spotguard_vllm_scrape_errors_total", reason=reason) >= 1
     assert metric(text, "spotguard_drain_duration_seconds_count") == 1
+    errors = metric(text, "spotguard_vllm_scrape_errors_total", reason=reason)
+    drained_after = metric(text, "spotguard_drain_duration_seconds_sum")
+    print(f"{fault}: {errors:.0f} scrape errors ({reason}), drain {drained_after:.2f} s, router {traffic.outcomes()}")
     assert metric(text, "spotguard_drain_duration_seconds_sum") >= DRAIN_BUDGET_SECONDS - 0.5
     assert metric(text, "spotguard_evictions_total", result="evicted") == 1
     # It says so: a log line, a Warning Event on the pod, and the budget Event on the node.
@@ -444,6 +455,7 @@ async def test_pod_ignoring_sigterm_is_killed_after_its_grace_and_the_eviction_c
     assert record.outcome is Outcome.COMPLETED, record
     assert traffic.outcomes() == {"completed": 1}
     # It outlived SIGTERM: only the kubelet's SIGKILL after the grace period ended it.
+    print(f"pod gone {gone_at - evicted_at:.1f} s after its eviction (grace {grace} s); router {traffic.outcomes()}")
     assert gone_at - evicted_at >= grace - 1
     kubelet_log = Path(cluster.dir) / "logs" / "sim-kubelet.log"
     kills = [json.loads(line) for line in kubelet_log.read_text(errors="replace").splitlines()

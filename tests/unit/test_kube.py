@@ -59,6 +59,13 @@ def test_metrics_url_refuses_bad_port_and_missing_ip():
     assert k.metrics_url(pod_obj(ip=None)) is None
 
 
+def test_metrics_port_of_digits_int_refuses_means_no_url_not_an_error():
+    # str.isdigit() accepts "²", int() does not: the ValueError escaped into every drain step and
+    # stalled the node's drain (nothing was evicted, ever).
+    assert k.metrics_url(pod_obj(annotations={"spotguard.io/metrics-port": "²"})) is None
+    assert k.metrics_url(pod_obj(annotations={"spotguard.io/metrics-port": "８０００"})) is None
+
+
 def test_progress_round_trips_through_node_annotations():
     progress = lc.Progress(phase=lc.Phase.DRAINING, notice_kind="preemption", deadline=1_800_000_030.25,
                            noticed_at=1_800_000_000.5, phase_since=1_800_000_001.0, cordoned_by_us=True,
@@ -84,6 +91,21 @@ def test_unreadable_progress_annotations_mean_no_progress():
     node = {"metadata": {"annotations": {"spotguard.io/phase": "draining", "spotguard.io/deadline": "soon"}}}
     assert k.progress_from_node(node) is None
     assert k.progress_from_node({"metadata": {"annotations": {"spotguard.io/phase": "partying"}}}) is None
+
+
+def test_a_stored_guarding_phase_is_no_drain_to_resume():
+    # It parsed as a Progress the lifecycle has no step for: with a notice up, every decision
+    # raised KeyError and the node was never drained.
+    annotations = {key: "2026-11-28T00:00:00Z" for key in k.PROGRESS_ANNOTATIONS.values()}
+    annotations["spotguard.io/phase"] = "guarding"
+    node = {"metadata": {"annotations": annotations}}
+    assert k.progress_from_node(node) is None
+    notice = Notice(NoticeKind.PREEMPTION, deadline=1_800_000_030.0, source="t", detail="TRUE")
+    seen = lc.Seen(notice=notice, node_unschedulable=False, node_has_taint=False, pods=(),
+                   stored_progress=k.progress_from_node(node))
+    decision = lc.decide(lc.State(progress=k.progress_from_node(node)), seen, now=1_800_000_000.0,
+                         timing=lc.Timing())
+    assert decision.state.progress is not None and decision.state.progress.phase is lc.Phase.DEREGISTERING
 
 
 def test_node_patch_adds_our_taint_and_keeps_everyone_elses():
@@ -118,6 +140,16 @@ def test_blocking_pdb_is_read_from_the_429_causes():
                                       "message": "The disruption budget vllm-pdb needs 2 healthy pods and has 2 currently"}]}}
     assert k.blocking_pdb(status) == "vllm-pdb"
     assert k.blocking_pdb({"message": "Too many requests"}) is None
+
+
+def test_eviction_answers_of_any_shape_name_no_pdb_rather_than_raise():
+    # A 429 whose body is not a Status (a proxy's, a rate limiter's) raised AttributeError here,
+    # so the answer was counted as a failed call instead of a refused eviction.
+    for status in ({"details": "x"}, {"details": {"causes": {"a": 1}}}, {"details": {"causes": ["s", 3]}},
+                   {"details": {"causes": None}}, {"details": ["causes"]}):
+        assert k.blocking_pdb(status) is None
+        assert k._is_pdb_refusal(status) is False
+    assert k._is_pdb_refusal({"details": {"causes": ["s", {"reason": "DisruptionBudget"}]}}) is True
 
 
 def test_label_selectors_follow_kubernetes_semantics():

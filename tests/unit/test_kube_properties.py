@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import yarl
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from spotguard import kube as k
@@ -116,6 +116,7 @@ def test_any_eviction_refusal_body_names_a_pdb_or_none(body: dict[str, Any]) -> 
        annotations=st.fixed_dictionaries({}, optional={
            k.METRICS_PORT_ANNOTATION: _strings | st.integers(-10, 70_000).map(str),
            k.METRICS_PATH_ANNOTATION: _strings | st.just("/metrics")}))
+@example(ip="127.1.0.7", annotations={k.METRICS_PORT_ANNOTATION: "²"})  # a digit to isdigit(), not to int()
 def test_any_metrics_annotations_give_a_url_on_the_pod_ip_or_none(ip: str, annotations: dict[str, str]) -> None:
     pod = {"metadata": {"annotations": annotations}, "status": {"podIP": ip}}
     url = k.metrics_url(pod)
@@ -186,6 +187,20 @@ def test_any_api_answer_is_a_json_object_or_a_kube_error(status: int, body: byte
         assert status >= 400 and error.status == status and isinstance(error.body, dict)
     else:
         assert status < 400 and isinstance(decoded, dict)
+
+
+def test_api_answers_that_are_not_json_objects_become_a_message() -> None:
+    # A JSON list or null from a proxy raised AttributeError (on error) or reached callers that
+    # index dicts (on success).
+    for status in (200, 429):
+        for body in (b"[]", b"null", b'"busy"', b"<html>busy</html>"):
+            kube = k.Kube(_Api(_Response(status, body)), node_name="n")
+            try:
+                decoded = kube.call("GET", "/api/v1/nodes/n")
+            except k.KubeError as error:
+                assert error.status == 429 and error.body == {"message": body.decode()}
+            else:
+                assert decoded == {"message": body.decode()}
 
 
 def test_rfc3339_bounds_are_read_not_raised() -> None:
