@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -43,16 +42,6 @@ from spotguard.sim.world import World
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 MERGE_PATCH = "application/merge-patch+json"
-
-
-@pytest.fixture
-async def world(cluster, api_client, namespace, tmp_path):
-    sim = World(api_client=api_client, kubeconfig=cluster.kubeconfig, namespace=namespace,
-                log_dir=tmp_path / "logs", pool=f"pool-{uuid.uuid4().hex[:6]}")
-    try:
-        yield sim
-    finally:
-        await sim.close()
 
 
 @pytest.fixture
