@@ -59,10 +59,13 @@ def current_phase(prometheus: SimPrometheus, node: str) -> str | None:
     return result[0]["metric"]["phase"] if len(result) == 1 else None
 
 
-async def scrape_world(prometheus: SimPrometheus, world: World) -> None:
+async def scrape_world(prometheus: SimPrometheus, world: World, *, leaving_pod: str | None = None) -> None:
+    """Scrape what the world runs now and wait until it is up; `leaving_pod` (being evicted right
+    now, its vLLM about to exit) is scraped too but not waited for."""
     targets = await asyncio.to_thread(targets_for, world)
     prometheus.set_targets(targets)
-    await asyncio.to_thread(prometheus.wait_for_targets, targets, 30)
+    staying = [t for t in targets if leaving_pod is None or t.labels.get("pod") != leaving_pod]
+    await asyncio.to_thread(prometheus.wait_for_targets, staying, 30)
 
 
 def is_ready(pod: dict[str, Any]) -> bool:
@@ -121,7 +124,7 @@ async def test_pdb_blocked_preemption_fires_alerts_naming_node_pod_and_pdb_and_t
     await asyncio.to_thread(wait_until, lambda: [p for p in world.pods("app=vllm") if is_ready(p)
                                                  and p["spec"].get("nodeName") == second],
                             timeout=60, what=f"a ready replica on {second}")
-    await scrape_world(prometheus, world)
+    await scrape_world(prometheus, world, leaving_pod=name)
 
     await asyncio.to_thread(prometheus.wait_for_no_alert, "SpotguardEvictionBlockedByPDB", {"node": first}, 60)
     assert any(e["involvedObject"]["name"] == name for e in world.events(reason="Evicted"))
