@@ -69,12 +69,14 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._main: asyncio.Task[Any] | None = None
         self._session: aiohttp.ClientSession | None = None
 
     # -- running -----------------------------------------------------------------------------
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
         # Room for a node PATCH plus one pods/status PATCH per serving pod at the same moment.
         self._loop.set_default_executor(ThreadPoolExecutor(max_workers=16, thread_name_prefix="kube"))
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,15 +101,19 @@ class Daemon:
             pass
         finally:
             self._stopping.set()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._session.close()
             await runner.cleanup()
             log.info("stopped")
 
     def stop(self) -> None:
+        """SIGTERM/SIGINT: end `run` wherever it is (even still waiting for the node)."""
         log.info("stopping")
         self._stopping.set()
-        for task in self._tasks:
-            task.cancel()
+        if self._main is not None:
+            self._main.cancel()
 
     def _alive(self) -> bool:
         return all(not task.done() for task in self._tasks) and all(t.is_alive() for t in self._threads)
@@ -119,10 +125,6 @@ class Daemon:
         if not self.provider_ready or not self.metrics.metadata_reachable:
             return False, "metadata server not reachable"
         return True, "ok"
-
-    def _wake_soon(self) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._wake.set)
 
     # -- feeding the loop --------------------------------------------------------------------
 
@@ -351,7 +353,7 @@ class Daemon:
             self._count_eviction(evict.pod, outcome, detail)
         for report in reports:
             self._count_report(report)
-            await self._do(report)
+        await asyncio.gather(*(self._do(report) for report in reports))
 
     async def _do(self, action: lc.Action) -> Any:
         names = _action_names(action)

@@ -110,7 +110,9 @@ async def test_drain_waits_for_in_flight_requests_then_evicts(world):
     text = await asyncio.to_thread(vm.daemon.metrics)
     assert metric(text, "spotguard_evictions_total", result="evicted") == 1
     assert metric(text, "spotguard_drain_duration_seconds_count") == 1
-    assert [e for e in world.events(reason="Drained") if e["involvedObject"]["name"] == node]
+    await asyncio.to_thread(wait_until, lambda: [e for e in world.events(reason="Drained")
+                                                 if e["involvedObject"]["name"] == node],
+                            timeout=10, what="Drained event")
 
 
 async def test_pdb_block_is_reported_with_pod_and_pdb_and_retried_until_capacity_returns(world):
@@ -209,7 +211,9 @@ async def test_cancelled_maintenance_undoes_only_what_spotguard_did(world, cordo
     await asyncio.to_thread(wait_until, undone, timeout=15, what="spotguard's changes undone")
     assert bool(world.node(node)["spec"].get("unschedulable")) is cordoned_before
     await asyncio.to_thread(world.wait_ready_pods, 1)
-    assert [e for e in world.events(reason="NoticeCancelled") if e["involvedObject"]["name"] == node]
+    await asyncio.to_thread(wait_until, lambda: [e for e in world.events(reason="NoticeCancelled")
+                                                 if e["involvedObject"]["name"] == node],
+                            timeout=10, what="NoticeCancelled event")
     assert not [e for e in world.events(reason="Evicted") if e["involvedObject"]["name"] == name]
     assert await request is True
 
