@@ -272,6 +272,13 @@ class Daemon:
         progress = self.state.progress
         if progress is not None and self.notice is not None:
             await self._observe(progress.phase)
+        if progress is None and self.notice is not None:
+            # Ownership (was the node already cordoned by someone else?) is decided on this step:
+            # read the node itself rather than a watch cache that may be milliseconds behind.
+            try:
+                self.node = await asyncio.to_thread(self.kube.get_node)
+            except Exception as error:  # noqa: BLE001 - decide on the cached node then
+                log.warning("node not readable at the notice; using the cached copy", error=str(error)[:200])
         seen = self._seen()
         before = self.state.progress
         decision = lc.decide(self.state, seen, now=self.clock(), timing=self.timing)
