@@ -2,7 +2,8 @@
 
 One loop decides; everything else feeds it:
 - the provider task sets the current notice;
-- two watch threads (the kubernetes client is synchronous) keep this node and its pods cached;
+- two list-watches (`kube.ListWatch`, each in a thread: the kubernetes client is synchronous) keep
+  this node and its pods cached;
 - while a notice is being handled, a timer refreshes EndpointSlice readiness and vLLM in-flight
   counts every --drain-poll-seconds. With no notice nothing polls: the watches are the only API
   traffic, one request per watch every five minutes.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,15 +59,13 @@ class Daemon:
         self.pods_synced = False
         self.readings: dict[str, _Reading] = {}
         self.endpoints: dict[str, bool] = {}
-        self.api_healthy = False
         self.notice_received_at: float | None = None  # monotonic, for the reaction histogram
         self.dry_run_done: set[str] = set()
         self.failed_actions = 0
         self.failing_steps = 0
         self._wake = asyncio.Event()
-        self._stopping = threading.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._threads: list[threading.Thread] = []
+        self._list_watches: list[k.ListWatch] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task[Any] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -90,20 +88,20 @@ class Daemon:
                  provider=self.provider.name, dry_run=self.config.dry_run)
         try:
             await self._load_node()
-            for target in (self._watch_node, self._watch_pods):
-                thread = threading.Thread(target=target, name=target.__name__, daemon=True)
-                thread.start()
-                self._threads.append(thread)
+            self._list_watches = self._watches()
+            for watch in self._list_watches:
+                watch.start()
             self._tasks = [asyncio.create_task(self._follow_provider(), name="provider"),
                            asyncio.create_task(self._decide_loop(), name="decide")]
             await asyncio.gather(*self._tasks)
         except asyncio.CancelledError:
             pass
         finally:
-            self._stopping.set()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            for watch in self._list_watches:
+                await watch.stop()
             await self._session.close()
             await runner.cleanup()
             log.info("stopped")
@@ -111,16 +109,15 @@ class Daemon:
     def stop(self) -> None:
         """SIGTERM/SIGINT: end `run` wherever it is (even still waiting for the node)."""
         log.info("stopping")
-        self._stopping.set()
         if self._main is not None:
             self._main.cancel()
 
     def _alive(self) -> bool:
-        return all(not task.done() for task in self._tasks) and all(t.is_alive() for t in self._threads)
+        return all(not task.done() for task in self._tasks) and all(w.running for w in self._list_watches)
 
     async def _ready(self) -> tuple[bool, str]:
         # From cached state only: a kubelet probing /readyz every 10 s must not become API traffic.
-        if not self.api_healthy:
+        if not self._list_watches or not all(watch.healthy for watch in self._list_watches):
             return False, "kubernetes API not reachable (watch down)"
         if not self.provider_ready or not self.metrics.metadata_reachable:
             return False, "metadata server not reachable"
@@ -140,7 +137,6 @@ class Daemon:
                 self.metrics.kube_errors.labels(operation="get_node").inc()
                 log.warning("node not readable yet", error=str(error), attempt=attempt)
                 await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=10))
-        self.api_healthy = True
         progress = k.progress_from_node(self.node)
         if progress is not None:
             log.info("resuming", phase=progress.phase.value, notice_kind=progress.notice_kind,
@@ -161,60 +157,28 @@ class Daemon:
             self.provider_ready = True
             self._wake.set()
 
-    def _watch_node(self) -> None:
-        self._watch_forever(
-            "node", list_=lambda: self._list_node(),
-            path="/api/v1/nodes", query={"fieldSelector": f"metadata.name={self.config.node_name}"},
-            apply=self._apply_node_event)
+    def _watches(self) -> list[k.ListWatch]:
+        """This node and the pods bound to it, kept current by two watches (the only idle traffic)."""
 
-    def _list_node(self) -> str:
-        listed = self.kube.call("GET", "/api/v1/nodes",
-                                query={"fieldSelector": f"metadata.name={self.config.node_name}"})
-        items = listed.get("items", [])
-        self._call_in_loop(self._set_node, items[0] if items else None)
-        return listed["metadata"]["resourceVersion"]
+        def count_error(operation: str) -> Callable[[Exception], None]:
+            return lambda _: self.metrics.kube_errors.labels(operation=operation).inc()
 
-    def _watch_pods(self) -> None:
-        path, query = self.kube.pods_path()
+        def then_wake(apply: Callable[..., None]) -> Callable[..., None]:
+            def wrapped(*args: Any) -> None:
+                apply(*args)
+                self._wake.set()
+            return wrapped
 
-        def list_pods() -> str:
-            items, version = self.kube.list_pods()
-            self._call_in_loop(self._set_pods, items)
-            return version
-
-        self._watch_forever("pods", list_=list_pods, path=path, query=query, apply=self._apply_pod_event)
-
-    def _watch_forever(self, what: str, *, list_: Callable[[], str], path: str, query: dict[str, str],
-                       apply: Callable[[str, k.Obj], None]) -> None:
-        """List, then watch from that version; on any failure back off and list again. Never returns."""
-        attempt = 0
-        version: str | None = None
-        while not self._stopping.is_set():
-            try:
-                if version is None:
-                    version = list_()
-                self.api_healthy = True
-                attempt = 0
-                for kind, obj in self.kube.watch(path, query=query, resource_version=version,
-                                                 timeout_seconds=WATCH_TIMEOUT_SECONDS):
-                    version = obj.get("metadata", {}).get("resourceVersion", version)
-                    if kind != "BOOKMARK":
-                        self._call_in_loop(apply, kind, obj)
-            except Exception as error:  # noqa: BLE001 - a watch must survive anything
-                if isinstance(error, k.KubeError) and error.status == 410:
-                    version = None  # too old: list again
-                    continue
-                attempt += 1
-                version = None
-                self.api_healthy = False
-                self.metrics.kube_errors.labels(operation=f"watch_{what}").inc()
-                log.warning("watch failed", what=what, error=str(error)[:300], attempt=attempt)
-                self._stopping.wait(backoff_delay(attempt, base=0.2, cap=5))
-
-    def _call_in_loop(self, function: Callable[..., None], *args: Any) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(function, *args)
-        self._loop.call_soon_threadsafe(self._wake.set)
+        node_name = self.config.node_name
+        return [
+            k.ListWatch(self.kube.api, "/api/v1/nodes", query={"fieldSelector": f"metadata.name={node_name}"},
+                        on_sync=then_wake(lambda items: self._set_node(items[0] if items else None)),
+                        on_event=then_wake(self._apply_node_event), name="node",
+                        timeout_seconds=WATCH_TIMEOUT_SECONDS, on_error=count_error("watch_node")),
+            k.ListWatch(self.kube.api, "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={node_name}"},
+                        on_sync=then_wake(self._set_pods), on_event=then_wake(self._apply_pod_event), name="pods",
+                        timeout_seconds=WATCH_TIMEOUT_SECONDS, on_error=count_error("watch_pods")),
+        ]
 
     def _set_node(self, node: k.Obj | None) -> None:
         if node is None and self.node is not None:
@@ -396,7 +360,8 @@ class Daemon:
         """The blocking API call for one action (runs in a worker thread)."""
         if isinstance(action, lc.UpdateNode):
             node = self.kube.patch_node(action, current=self.node)
-            self._call_in_loop(self._set_node, node)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._set_node, node)
             return None
         if isinstance(action, lc.SetServing):
             reason = "Guarding" if action.value else "TerminationNotice"
