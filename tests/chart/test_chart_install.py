@@ -297,3 +297,58 @@ def test_eviction_on_another_node_is_not_stopped_by_the_policy(
     _wait_policy_active(me, nodes["gpu_preemptible"])
     _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/eviction",
           {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": victims["other"], "namespace": namespace}})
+
+
+MONITORING_CRDS = {"PodMonitor": "podmonitors", "ServiceMonitor": "servicemonitors",
+                   "PrometheusRule": "prometheusrules"}
+
+
+def _minimal_crd(kind: str, plural: str) -> dict[str, Any]:
+    """The Prometheus Operator's kinds with an open schema: enough for the API server to store
+    (and so accept) what the chart renders; the Operator's own validation is not reproduced."""
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+            "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                     "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List"},
+                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                         "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
+
+
+def test_monitoring_objects_install_against_the_operators_kinds(cluster: Any, api_client: Any) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    namespace, name = f"sg-mon-{suffix}", f"sgm-{suffix}"
+    created: list[str] = []
+    for kind, plural in MONITORING_CRDS.items():
+        try:
+            _call(api_client, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                  _minimal_crd(kind, plural))
+            created.append(f"{plural}.monitoring.coreos.com")
+        except ApiError as error:
+            if error.status != 409:  # already there from an earlier run: fine
+                raise
+    for kind, plural in MONITORING_CRDS.items():
+        _wait(lambda: _call(api_client, "GET", f"/apis/monitoring.coreos.com/v1/namespaces/default/{plural}"),
+              timeout=30, what=f"{kind} served")
+    _call(api_client, "POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    helm_config = helm.Config(kubeconfig_path=cluster.kubeconfig, namespace=namespace)
+    values = {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True},
+              "prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}
+    try:
+        helm_config.install(chartlib.CHART_DIR, name, values, namespace=namespace, timeout=120)
+        for kind, plural in MONITORING_CRDS.items():
+            items = _call(api_client, "GET", f"/apis/monitoring.coreos.com/v1/namespaces/{namespace}/{plural}")["items"]
+            assert len(items) == 1, (kind, items)
+        rule = _call(api_client, "GET", f"/apis/monitoring.coreos.com/v1/namespaces/{namespace}/prometheusrules")
+        alerts = {r["alert"] for g in rule["items"][0]["spec"]["groups"] for r in g["rules"] if "alert" in r}
+        assert {"SpotguardEvictionBlockedByPDB", "SpotguardDrainMissedDeadline"} <= alerts
+        dashboards = _call(api_client, "GET", f"/api/v1/namespaces/{namespace}/configmaps"
+                                              "?labelSelector=grafana_dashboard%3D1")["items"]
+        assert len(dashboards) == 1
+    finally:
+        try:
+            helm_config.uninstall(name, ignore_not_found=True, timeout=60)
+        finally:
+            helm_config.close()
+            _call(api_client, "DELETE", f"/api/v1/namespaces/{namespace}")
+            for crd in created:
+                _call(api_client, "DELETE", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
