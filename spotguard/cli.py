@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from spotguard import __version__
@@ -100,7 +99,8 @@ def _run(config: cfg.Config) -> int:
         timing = lifecycle.Timing(safety_margin_seconds=config.safety_margin_seconds,
                                   endpoint_wait_seconds=config.endpoint_wait_seconds,
                                   max_drain_seconds=config.max_drain_seconds)
-        daemon = Daemon(config=config, provider=provider, kube=kube.Kube(api_client, node_name=config.node_name),
+        daemon = Daemon(config=config, provider=provider,
+                        kube=kube.Kube(api_client, node_name=config.node_name, dry_run=config.dry_run),
                         metrics=metrics, timing=timing)
         await daemon.run()
 
@@ -112,9 +112,9 @@ def kube_client():
     """An ApiClient from KUBECONFIG when set, else the in-cluster service account."""
     from kubernetes import client, config
 
-    path = os.environ.get("KUBECONFIG")
-    if path:
-        return config.new_client_from_config(config_file=str(Path(path).expanduser()))
+    if os.environ.get("KUBECONFIG"):
+        # The client reads KUBECONFIG itself, including a colon-separated list of files.
+        return config.new_client_from_config()
     config.load_incluster_config()
     return client.ApiClient()
 

@@ -71,7 +71,9 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("listen", "--listen", "SPOTGUARD_LISTEN",
              "HOST:PORT serving /metrics, /healthz and /readyz", default="0.0.0.0:9101"),
     _Setting("dry_run", "--dry-run", "SPOTGUARD_DRY_RUN",
-             "log and count every action but change nothing in the cluster", is_switch=True),
+             "log and count every action; writes go to the API server as dry runs (dryRun=All: "
+             "checked, PDBs answered, nothing stored), except serving=True on a healthy node's pods",
+             is_switch=True),
     _Setting("notice_seconds", "--notice-seconds", "SPOTGUARD_NOTICE_SECONDS",
              "notice length to assume when the provider gives no deadline "
              "(GCE preemption: 30, or up to 120 with preemptionNoticeDuration)", metavar="SECONDS"),

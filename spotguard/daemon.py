@@ -13,6 +13,7 @@ Each wake-up builds a `Seen` from the caches, asks `lifecycle.decide` what to do
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from spotguard import lifecycle as lc
 from spotguard import vllm
 from spotguard.backoff import backoff_delay
 from spotguard.config import Config
-from spotguard.notice import Notice
+from spotguard.notice import Notice, NoticeKind
 from spotguard.observability import Metrics, health_app
 from spotguard.providers import Provider
 
@@ -183,6 +184,8 @@ class Daemon:
     def _set_node(self, node: k.Obj | None) -> None:
         if node is None and self.node is not None:
             log.warning("node object is gone")
+        if node is not None and self.node is not None and _older(node, than=self.node):
+            return  # a watch event from before the PATCH response we already hold
         self.node = node
 
     def _apply_node_event(self, kind: str, node: k.Obj) -> None:
@@ -190,6 +193,7 @@ class Daemon:
 
     def _set_pods(self, items: list[k.Obj]) -> None:
         self.pods = {pod["metadata"]["uid"]: pod for pod in items}
+        self.readings = {uid: reading for uid, reading in self.readings.items() if uid in self.pods}
         self.pods_synced = True
 
     def _apply_pod_event(self, kind: str, pod: k.Obj) -> None:
@@ -197,22 +201,24 @@ class Daemon:
         if kind == "DELETED":
             self.pods.pop(uid, None)
             self.readings.pop(uid, None)
-        else:
+        elif uid not in self.pods or not _older(pod, than=self.pods[uid]):
             self.pods[uid] = pod
 
     # -- deciding ----------------------------------------------------------------------------
 
     async def _decide_loop(self) -> None:
         while True:
-            active = self.state.progress is not None
+            # A timer only while a notice is handled or a failed action waits to be asked again.
+            ticking = self.state.progress is not None or self.failing_steps > 0
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.config.drain_poll_seconds if active else None)
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.drain_poll_seconds if ticking else None)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
             # Nothing is decided on a partial picture: a drain resumed before the pods are listed
-            # would see "no serving pods" and evict at once.
-            if not (self.provider_ready and self.pods_synced) or self.node is None:
+            # would see "no serving pods" and evict at once. The metadata server's first answer is
+            # not waited for (see `_current_notice`).
+            if not self.pods_synced or self.node is None:
                 continue
             try:
                 failures_before = self.failed_actions
@@ -234,15 +240,21 @@ class Daemon:
 
     async def _step(self) -> bool:
         progress = self.state.progress
-        if progress is not None and self.notice is not None:
+        if progress is not None and self._current_notice() is not None:
             await self._observe(progress.phase)
         if progress is None and self.notice is not None:
-            # Ownership (was the node already cordoned by someone else?) is decided on this step:
-            # read the node itself rather than a watch cache that may be milliseconds behind.
-            try:
-                self.node = await asyncio.to_thread(self.kube.get_node)
-            except Exception as error:  # noqa: BLE001 - decide on the cached node then
-                log.warning("node not readable at the notice; using the cached copy", error=str(error)[:200])
+            # Ownership (was the node already cordoned by someone else?) and the pods to take out
+            # of rotation are decided on this step: read them, rather than trust watch caches that
+            # may be behind (by milliseconds, or by minutes if a connection died silently).
+            node, pods = await asyncio.gather(asyncio.to_thread(self.kube.get_node),
+                                              asyncio.to_thread(self.kube.list_pods), return_exceptions=True)
+            if isinstance(node, dict):
+                self._set_node(node)
+            if isinstance(pods, tuple):
+                self._set_pods(pods[0])
+            if not (isinstance(node, dict) and isinstance(pods, tuple)):
+                log.warning("node or pods not readable at the notice; using the cached copies",
+                            error=str(node if not isinstance(node, dict) else pods)[:200])
         seen = self._seen()
         before = self.state.progress
         decision = lc.decide(self.state, seen, now=self.clock(), timing=self.timing)
@@ -270,7 +282,7 @@ class Daemon:
         url = k.metrics_url(pod)
         reading = self.readings.setdefault(uid, _Reading())
         if url is None:
-            reading.unreadable = True
+            reading.in_flight, reading.unreadable = None, True
             return
         assert self._session is not None
         try:
@@ -280,13 +292,26 @@ class Daemon:
             if not reading.unreadable:
                 log.warning("vllm metrics unreadable", pod=key, reason=error.reason, error=str(error)[:200])
             self.metrics.scrape_errors.labels(reason=error.reason).inc()
-            reading.unreadable = True
+            reading.in_flight, reading.unreadable = None, True  # a stale 0 must not pass as drained
             return
         count = int(result.total)
         if reading.in_flight != count:
             log.info("in flight", pod=key, in_flight=count)
         reading.in_flight, reading.unreadable = count, False
         self.metrics.in_flight.labels(namespace=pod["metadata"]["namespace"], pod=pod["metadata"]["name"]).set(count)
+
+    def _current_notice(self) -> Notice | None:
+        """The provider's notice; before its first answer, the one a saved drain was following.
+
+        So a metadata server that does not answer (blocked, restarting) neither holds new pods
+        unready (no notice known: keep serving) nor stalls a drain resumed after a restart, and a
+        drain is never undone just because the provider has not spoken yet."""
+        if self.provider_ready or self.state.progress is None:
+            return self.notice
+        progress = self.state.progress
+        kind = NoticeKind(progress.notice_kind) if progress.notice_kind in set(NoticeKind) else NoticeKind.PREEMPTION
+        return Notice(kind=kind, deadline=progress.deadline,
+                      source="spotguard.io/ node annotations", detail="resumed before the metadata server answered")
 
     def _seen(self) -> lc.Seen:
         assert self.node is not None
@@ -295,7 +320,7 @@ class Daemon:
             reading = self.readings.get(uid, _Reading())
             facts.append(k.pod_facts(pod, endpoints_ready=self.endpoints.get(uid), in_flight=reading.in_flight,
                                      metrics_unreadable=reading.unreadable))
-        return lc.Seen(notice=self.notice, node_unschedulable=k.node_unschedulable(self.node),
+        return lc.Seen(notice=self._current_notice(), node_unschedulable=k.node_unschedulable(self.node),
                        node_has_taint=k.node_has_taint(self.node), pods=tuple(facts),
                        stored_progress=k.progress_from_node(self.node))
 
@@ -319,7 +344,7 @@ class Daemon:
                 continue
             outcome, detail = result
             self.state, follow = lc.record_eviction(self.state, evict.pod, outcome, now=self.clock(),
-                                                    timing=self.timing, blocked_by=detail)
+                                                    timing=self.timing, blocked_by=detail, rand=random.random())
             reports.extend(follow)
             self._count_eviction(evict.pod, outcome, detail)
         for report in reports:
@@ -329,27 +354,28 @@ class Daemon:
     async def _do(self, action: lc.Action) -> Any:
         names = _action_names(action)
         fields = _action_log_fields(action, self.state.progress, self.clock())
-        if self.config.dry_run:
-            # The cluster does not change, so the level-triggered loop asks again: say it once.
-            key = repr(action)
-            if key not in self.dry_run_done:
-                self.dry_run_done.add(key)
-                log.info("dry-run", actions=names, **fields)
-                self._count(names, "dry_run")
-            return (lc.EvictionOutcome.EVICTED, None) if isinstance(action, lc.Evict) else None
+        dry_run = self.config.dry_run and not (isinstance(action, lc.SetServing) and action.value)
+        if dry_run:
+            # Every write goes to the API server with dryRun=All (checked, PDBs answered, nothing
+            # stored). The cluster does not change, so the level-triggered loop asks again: once.
+            key = _action_key(action)
+            if key in self.dry_run_done:
+                return (lc.EvictionOutcome.EVICTED, None) if isinstance(action, lc.Evict) else None
+            self.dry_run_done.add(key)
         try:
             result = await asyncio.to_thread(self._call, action)
         except Exception as error:  # noqa: BLE001 - report, count, and let the next decision ask again
-            self.failed_actions += 1
+            if not isinstance(action, lc.Report):  # Events are best effort, never asked for again
+                self.failed_actions += 1
             self._count(names, "error")
             if isinstance(error, k.KubeError) and error.status == 404 and isinstance(action, lc.UpdateNode):
                 log.warning("node is gone; nothing to change", actions=names)
             else:
                 log.warning("action failed", actions=names, error=str(error)[:300], **fields)
             return None
-        self._count(names, "ok")
+        self._count(names, "dry_run" if dry_run else "ok")
         if not isinstance(action, lc.Report):
-            log.info("done", actions=names, **fields)
+            log.info("dry-run" if dry_run else "done", actions=names, **fields)
         return result
 
     def _count(self, names: list[str], result: str) -> None:
@@ -384,16 +410,15 @@ class Daemon:
         if outcome in (lc.EvictionOutcome.BLOCKED_BY_PDB, lc.EvictionOutcome.MULTIPLE_PDBS):
             blocked.labels(namespace=pod.namespace, pod=pod.name, pdb=detail or "unknown").set(1)
             log.warning("eviction blocked", pod=pod.key, pdb=detail, outcome=outcome.value)
-        elif outcome in (lc.EvictionOutcome.EVICTED, lc.EvictionOutcome.GONE):
-            _clear_series(blocked, namespace=pod.namespace, pod=pod.name)
-        else:
+        elif outcome not in (lc.EvictionOutcome.EVICTED, lc.EvictionOutcome.GONE):
             log.warning("eviction failed", pod=pod.key, error=detail)
 
     def _count_report(self, report: lc.Report) -> None:
         if report.reason == "DeadlineMissed":
             self.metrics.drain_missed_deadline.inc()
         if report.reason == "DrainBudgetSpent":
-            self.metrics.abandoned_requests.inc(sum(r.in_flight or 0 for r in self.readings.values()))
+            self.metrics.abandoned_requests.inc(sum(r.in_flight or 0 for uid, r in self.readings.items()
+                                                    if uid in self.pods))
         log_fields = {"reason": report.reason, "message": report.message}
         if report.pod is not None:
             log_fields["pod"] = report.pod.key
@@ -403,8 +428,8 @@ class Daemon:
         phase = after.phase.value if after else "guarding"
         self.metrics.set_phase(phase)
         self.metrics.seconds_to_deadline.set(max(0.0, after.deadline - self.clock()) if after else 0)
-        if before is not None and before.phase is lc.Phase.DRAINING and (after is None or after.phase is not
-                                                                          lc.Phase.DRAINING):
+        if before is not None and before.phase is lc.Phase.DRAINING and after is not None \
+                and after.phase is not lc.Phase.DRAINING:
             self.metrics.drain.observe(max(0.0, self.clock() - before.noticed_at))
         # A blocked pod that is gone or finished (the kubelet stopped it) is blocked no more.
         live = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in self.pods.values()
@@ -423,10 +448,23 @@ class Daemon:
                 structlog.contextvars.bind_contextvars(notice_kind=after.notice_kind)
 
 
-def _clear_series(gauge: Any, **labels: str) -> None:
-    for sample_labels in [dict(zip(gauge._labelnames, values)) for values in list(gauge._metrics)]:
-        if all(sample_labels.get(key) == value for key, value in labels.items()):
-            gauge.remove(*[sample_labels[name] for name in gauge._labelnames])
+def _older(obj: k.Obj, *, than: k.Obj) -> bool:
+    """Is `obj` an older version of `than`? Resource versions are opaque strings; compare them only
+    when both are integers (as etcd's are) and otherwise take the newer arrival."""
+    mine, theirs = obj["metadata"].get("resourceVersion", ""), than["metadata"].get("resourceVersion", "")
+    return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
+
+
+def _action_key(action: lc.Action) -> tuple[Any, ...]:
+    """What an action changes, without the pod facts that vary from one step to the next."""
+    if isinstance(action, lc.UpdateNode):
+        return ("node", action.unschedulable, action.taint_value, action.remove_taint,
+                action.progress.phase if action.progress else None, action.clear_progress)
+    if isinstance(action, lc.SetServing):
+        return ("serving", action.pod.uid, action.value)
+    if isinstance(action, lc.Evict):
+        return ("evict", action.pod.uid)
+    return ("event", action.reason, action.pod.uid if action.pod else None)
 
 
 def _action_names(action: lc.Action) -> list[str]:

@@ -68,11 +68,15 @@ class KubeError(Exception):
 class Kube:
     """The API calls spotguard makes, for one node."""
 
-    def __init__(self, api_client: Any, *, node_name: str, request_timeout: float = 10.0) -> None:
+    def __init__(self, api_client: Any, *, node_name: str, request_timeout: float = 10.0,
+                 dry_run: bool = False) -> None:
         self.api = api_client
         self.api.user_agent = USER_AGENT
         self.node_name = node_name
         self.request_timeout = request_timeout
+        # Server-side dry run: the API server authorizes, admits, validates and (for evictions)
+        # checks PodDisruptionBudgets exactly as for real, then persists nothing.
+        self.write_query = {"dryRun": "All"} if dry_run else {}
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -141,7 +145,7 @@ class Kube:
         for attempt in range(attempts):
             try:
                 return self.call("PATCH", f"/api/v1/nodes/{self.node_name}", body=node_patch(update, node),
-                                 content_type=_MERGE_PATCH)
+                                 content_type=_MERGE_PATCH, query=self.write_query)
             except KubeError as error:
                 if error.status != 409 or attempt == attempts - 1:
                     raise
@@ -163,8 +167,10 @@ class Kube:
                      "message": message, "lastTransitionTime": _rfc3339(time.time())}
         # metadata.uid in the patch is a precondition: never touch a same-named replacement pod.
         body = {"metadata": {"uid": pod.uid}, "status": {"conditions": [condition]}}
+        # serving=True is written even in dry-run: it is the gate's normal state, and without it a
+        # pod that declares the gate would never become Ready while spotguard is being tried out.
         self.call("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status", body=body,
-                  content_type=_SMP)
+                  content_type=_SMP, query={} if value else self.write_query)
 
     def endpoints_ready(self, namespaces: set[str]) -> dict[str, bool]:
         """Pod UID -> does any EndpointSlice in these namespaces list it as ready?"""
@@ -189,7 +195,8 @@ class Kube:
                 "metadata": {"name": pod.name, "namespace": pod.namespace},
                 "deleteOptions": {"gracePeriodSeconds": grace_seconds, "preconditions": {"uid": pod.uid}}}
         try:
-            self.call("POST", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/eviction", body=body)
+            self.call("POST", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/eviction", body=body,
+                      query=self.write_query)
         except KubeError as error:
             if error.status == 404:
                 return EvictionOutcome.GONE, None
@@ -235,7 +242,7 @@ class Kube:
             "reportingComponent": "spotguard.io/spotguard", "reportingInstance": self.node_name,
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
-        self.call("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
+        self.call("POST", f"/api/v1/namespaces/{namespace}/events", body=event, query=self.write_query)
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ The path of one notice:
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Union
 
@@ -110,7 +111,6 @@ class Progress:
 class EvictionAttempt:
     attempts: int
     retry_at: float
-    blocked_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,10 @@ def _start(state: State, seen: Seen, *, now: float) -> Decision:
         cordoned_by_us=not seen.node_unschedulable,
         tainted_by_us=not seen.node_has_taint,
     )
+    if seen.stored_progress is not None:
+        # An undo that has not landed yet: the cordon and taint on the node are still ours.
+        progress = replace(progress, cordoned_by_us=seen.stored_progress.cordoned_by_us,
+                           tainted_by_us=seen.stored_progress.tainted_by_us)
     node_update = UpdateNode(
         unschedulable=True if progress.cordoned_by_us else None,
         taint_value=notice.kind.value if progress.tainted_by_us else None,
@@ -357,7 +361,9 @@ def _evictable(pods: tuple[PodFacts, ...]) -> list[PodFacts]:
 
 def _evict_due(state: State, seen: Seen, *, now: float, serving_too: bool) -> list[Action]:
     assert state.progress is not None
-    grace = max(0, int(state.progress.deadline - now))
+    # Never 0: gracePeriodSeconds=0 deletes the object at once while its containers still run
+    # (a force delete). At the last second, or past the deadline, the pod still gets 1 s.
+    grace = max(1, math.ceil(state.progress.deadline - now))
     actions: list[Action] = []
     for pod in _evictable(seen.pods):
         if pod.uid in state.evicted or (pod.serving and not serving_too):
@@ -365,7 +371,7 @@ def _evict_due(state: State, seen: Seen, *, now: float, serving_too: bool) -> li
         attempt = state.attempts.get(pod.uid)
         if attempt is not None and attempt.retry_at > now:
             continue
-        actions.append(Evict(pod, min(pod.termination_grace_seconds, grace)))
+        actions.append(Evict(pod, max(1, min(pod.termination_grace_seconds, grace))))
     return actions
 
 
@@ -416,7 +422,7 @@ def record_eviction(state: State, pod: PodFacts, outcome: EvictionOutcome, *, no
     count = previous.attempts + 1 if previous else 1
     delay = backoff_delay(count, base=timing.eviction_retry_base_seconds,
                           cap=timing.eviction_retry_cap_seconds, rand=lambda: rand)
-    attempts = {**state.attempts, pod.uid: EvictionAttempt(count, now + delay, blocked_by)}
+    attempts = {**state.attempts, pod.uid: EvictionAttempt(count, now + delay)}
     state = replace(state, attempts=attempts)
     if outcome is EvictionOutcome.BLOCKED_BY_PDB:
         report = Report("EvictionBlocked",

@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from spotguard import __version__
+from spotguard.lifecycle import Phase
 from spotguard.notice import NoticeKind
 
-PHASES = ("guarding", "cordoning", "deregistering", "draining", "evicting", "drained")
+PHASES = tuple(phase.value for phase in Phase)
 ACTIONS = ("cordon", "taint", "save_progress", "set_not_serving", "set_serving", "evict", "uncordon", "untaint",
            "event")
 ACTION_RESULTS = ("ok", "error", "dry_run")

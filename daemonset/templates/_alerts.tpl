@@ -19,7 +19,7 @@ alert templating, passed through untouched.
 - name: spotguard.rules
   rules:
     - alert: SpotguardPreemptionInProgress
-      # phase is 1 for exactly one of guarding/cordoning/deregistering/draining/evicting/drained.
+      # phase is 1 for exactly one of guarding/deregistering/draining/evicting/drained.
       expr: spotguard_phase{phase!="guarding"} == 1
       labels:
         {{- toYaml (merge (dict "severity" "info") $extra) | nindent 8 }}

@@ -57,7 +57,7 @@ from spotguard.sim.router import (
     Outcome,
     RequestRecord,
 )
-from spotguard.sim.world import POOL_LABEL, SERVING_GATE, World, wait_until
+from spotguard.sim.world import POOL_LABEL, SERVING_GATE, World
 
 DEFAULT_DIR = Path(".spotguard-sim/bench")
 BENCH_LABEL = "sim.spotguard.io/bench"
@@ -846,7 +846,7 @@ async def bench_reaction(ctx: Context, reps: int) -> dict[str, Any]:
                 ctx.say(f"  reaction {rep + 1}/{reps}: last {external[-1] * 1000:.0f} ms")
         buckets = await _daemon_metrics(vm.daemon) or ""
         return {
-            "repetitions": reps,
+            "repetitions": reps, "loadavg_1m": round(os.getloadavg()[0], 2),
             "external_ms": _quantiles_ms(external),
             "own_writes_ms": _quantiles_ms(own_writes),
             "daemon_histogram_ms": _quantiles_ms(daemon_side),
@@ -912,7 +912,7 @@ async def bench_footprint(ctx: Context, seconds: float) -> dict[str, Any]:
         daemon = processes["spotguard"]
         minutes = (t1 - t0) / 60
         return {
-            "window_s": round(t1 - t0, 1),
+            "window_s": round(t1 - t0, 1), "loadavg_1m": round(os.getloadavg()[0], 2),
             "rss_mb": daemon["rss_mib"], "rss_mb_max": daemon["rss_mib_max"],
             "cpu_millicores_idle": daemon["cpu_millicores"],
             "api_requests_per_min_idle": None if requests is None else round(len(requests) / minutes, 2),
@@ -1108,6 +1108,8 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
         "profiles": {},
     }
     runs_detail: list[dict[str, Any]] = []
+    # The machine is shared (other test runs, builds): say how busy it was around each part.
+    report["loadavg_1m"] = {"start": round(os.getloadavg()[0], 2)}
     if "footprint" in parts:
         ctx.say(f"footprint: one idle daemon for {cfg.footprint_s:g} s")
         report["footprint"] = await bench_footprint(ctx, cfg.footprint_s)
@@ -1134,6 +1136,7 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
                     ctx.say(f"    {run['requests']} requests: {run['completed']} completed, {run['aborted']} aborted, "
                             f"{run['refused']} refused; lost {run['lost']}; reaction "
                             f"{_ms(run['reaction_s'])} ms; replacement {_r(run['replacement_ready_s'])} s")
+                    run["loadavg_1m"] = round(os.getloadavg()[0], 2)
                     runs.append(run)
                     runs_detail.append(run)
                 summaries[scenario.name] = summarize_runs(runs, scenario, profile)
@@ -1148,6 +1151,7 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
         report["storm"] = await bench_storm(ctx, cfg.storm_nodes)
         s = report["storm"]
         ctx.say(f"  {s['nodes']} nodes, all cordoned in {s['all_cordoned_s']} s, {s['api_errors']} API errors")
+    report["loadavg_1m"]["end"] = round(os.getloadavg()[0], 2)
     report["targets"] = evaluate_targets(report)
     return report, runs_detail
 
@@ -1161,8 +1165,7 @@ OUTCOME_COLOURS = {"completed": "#2e7d32", "aborted": "#c62828", "refused": "#ef
 MARKERS = (  # (key, label, colour, line style)
     ("cordoned", "cordoned", "#1565c0", "--"),
     ("endpoint_not_ready", "endpoint not ready (router)", "#8e24aa", ":"),
-    ("nth_evicted", "evicted", "#6d4c41", "-."),
-    ("phase_evicting", "spotguard evicts", "#6d4c41", "-."),
+    ("pod_terminating", "evicted (pod terminating)", "#6d4c41", "-."),
     ("node_shutdown", "node shutdown (SIGTERM)", "#424242", "--"),
     ("vm_gone", "VM gone", "#000000", "-"),
     ("replacement_ready", "replacement ready", "#2e7d32", "--"),
@@ -1184,8 +1187,10 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
         for ax, run in zip(axes[:, 0], chosen):
             timeline = sorted(run["timeline"], key=lambda row: row[0])
             for index, (start, end, outcome, on_victim, _) in enumerate(timeline):
-                ax.hlines(index, start, max(end, start + 0.05), colors=OUTCOME_COLOURS.get(outcome, "#757575"),
-                          linewidth=1.6 if on_victim else 0.9, alpha=1.0 if on_victim else 0.3)
+                lost = outcome != "completed"
+                ax.hlines(index, start, max(end, start + 0.15), colors=OUTCOME_COLOURS.get(outcome, "#757575"),
+                          linewidth=2.6 if lost else 1.6 if on_victim else 0.9,
+                          alpha=1.0 if on_victim or lost else 0.3, zorder=3 if lost else 2)
             ax.axvline(0, color="#000000", linewidth=1.4)
             for key, _, colour, style in MARKERS:
                 value = run["markers"].get(key)
@@ -1227,6 +1232,8 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
             left.set_ylabel("fraction of notices")
             left.set_title(f"spotguard reaction, {reaction['repetitions']} notices", fontsize=10)
             left.legend(fontsize=7, loc="lower right")
+        else:
+            left.set_visible(False)
         labels, series = [], []
         for profile_name, profile in report.get("profiles", {}).items():
             for name in profile["scenarios"]:

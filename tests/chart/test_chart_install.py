@@ -215,7 +215,7 @@ def test_spotguard_may_do_its_job_on_its_own_node(release: dict[str, Any], as_sp
     merge, strategic = "application/merge-patch+json", "application/strategic-merge-patch+json"
     # Cordon, taint and annotate its node.
     _call(me, "PATCH", f"/api/v1/nodes/{nodes['gpu_spot']}", {
-        "metadata": {"annotations": {"spotguard.io/phase": "cordoning"}},
+        "metadata": {"annotations": {"spotguard.io/phase": "deregistering"}},
         "spec": {"unschedulable": True,
                  "taints": [{"key": "spotguard.io/impending-termination", "value": "preemption",
                              "effect": "NoSchedule"}]}}, merge)

@@ -251,21 +251,29 @@ async def test_opted_out_and_daemonset_pods_are_not_evicted_and_a_node_without_s
     assert metric(text, "spotguard_evictions_total", result="evicted") == 1
 
 
-async def test_dry_run_counts_actions_and_changes_nothing(world):
+async def test_dry_run_asks_the_api_server_and_changes_nothing(world):
     world.daemon_env = {"SPOTGUARD_DRY_RUN": "true"}
     node = node_name()
     vm = await world.add_vm(node)
     world.deploy_vllm(replicas=1)
-    # In dry-run spotguard never sets the gate either, so the pod stays unready: that is the point.
-    await asyncio.sleep(3)
+    # serving=True is still written: without it a gated pod could never become Ready.
+    pod = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
+    name = pod["metadata"]["name"]
     world.preempt(node, vm_lifetime_seconds=None)
-    await asyncio.to_thread(wait_until, lambda: metric(vm.daemon.metrics(), "spotguard_actions_total",
-                                                       action="cordon", result="dry_run") == 1,
-                            timeout=15, what="dry-run cordon counted")
-    await asyncio.sleep(1)
+    # Every write went to the API server with dryRun=All; the eviction was answered for real.
+    await asyncio.to_thread(wait_until, lambda: vm.daemon.metric("spotguard_evictions_total", result="evicted") == 1,
+                            timeout=20, what="dry-run eviction answered")
+    text = vm.daemon.metrics()
+    assert metric(text, "spotguard_actions_total", action="cordon", result="dry_run") == 1
+    assert metric(text, "spotguard_actions_total", action="set_not_serving", result="dry_run") == 1
+    assert metric(text, "spotguard_actions_total", action="evict", result="dry_run") == 1
+    assert metric(text, "spotguard_actions_total", result="ok") == \
+        metric(text, "spotguard_actions_total", action="set_serving", result="ok") == 1
     held = world.node(node)
     assert not held["spec"].get("unschedulable")
     assert not [t for t in held["spec"].get("taints") or [] if t["key"].startswith("spotguard.io/")]
     assert not [k for k in (held["metadata"].get("annotations") or {}) if k.startswith("spotguard.io/")]
-    text = vm.daemon.metrics()
-    assert metric(text, "spotguard_actions_total", result="ok") == 0
+    current = world.api.call("GET", f"/api/v1/namespaces/{world.namespace}/pods/{name}")
+    assert current["metadata"].get("deletionTimestamp") is None
+    assert condition(current, "spotguard.io/serving") == "True"
+    assert not [e for e in world.events(reason="TerminationNotice") if e["involvedObject"]["name"] == node]

@@ -241,7 +241,8 @@ def test_pdb_block_keeps_retrying_after_the_deadline_and_reports_the_miss_once()
     state, _ = lc.record_eviction(state, vllm, lc.EvictionOutcome.BLOCKED_BY_PDB, now=T0 + 28, timing=TIMING)
     decision = lc.decide(state, seen(vllm), now=T0 + 40, timing=TIMING)
     assert [r.reason for r in of_type(decision.actions, lc.Report)] == ["DeadlineMissed"]
-    assert of_type(decision.actions, lc.Evict) == [lc.Evict(vllm, 0)]
+    # Past the deadline the grace is 1 s, never 0: gracePeriodSeconds=0 would be a force delete.
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(vllm, 1)]
     again = lc.decide(decision.state, seen(vllm), now=T0 + 41, timing=TIMING)
     assert of_type(again.actions, lc.Report) == []
 
@@ -342,3 +343,17 @@ def test_a_serving_pod_whose_vllm_already_stopped_is_not_waited_for():
     decision = lc.decide(in_phase(lc.Phase.DRAINING), seen(stopped), now=T0 + 3, timing=TIMING)
     assert decision.state.progress.phase is lc.Phase.EVICTING
     assert of_type(decision.actions, lc.Evict) == []
+
+
+def test_grace_is_never_zero_even_for_pods_that_ask_for_none():
+    impatient = pod("web", serving=False, grace=0)
+    decision = lc.decide(in_phase(lc.Phase.EVICTING), seen(impatient), now=T0 + 29.5, timing=TIMING)
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(impatient, 1)]
+
+
+def test_a_new_notice_before_an_undo_landed_keeps_spotguards_ownership():
+    # Cancelled, but the undo PATCH failed: the node still carries spotguard's cordon and taint.
+    stored = in_phase(lc.Phase.DRAINING).progress
+    decision = lc.decide(lc.State(), seen(pod("vllm-0"), unschedulable=True, tainted=True, stored=stored),
+                         now=T0 + 5, timing=TIMING)
+    assert decision.state.progress.cordoned_by_us and decision.state.progress.tainted_by_us
