@@ -533,9 +533,8 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
     generator: LoadGenerator | None = None
     handlers: dict[str, EvictImmediately] = {}
     try:
-        victim_node, survivor_node = f"{world.pool}-a", f"{world.pool}-b"
-        vms = await asyncio.gather(*(_add_vm(world, n, spotguard=scenario.spotguard)
-                                     for n in (victim_node, survivor_node)))
+        vms = await asyncio.gather(*(_add_vm(world, f"{world.pool}-{n}", spotguard=scenario.spotguard)
+                                     for n in ("a", "b")))
         if scenario.handler == "evict_immediately":
             for vm in vms:
                 handlers[vm.name] = EvictImmediately(world, node=vm.name, metadata_url=vm.metadata.url,
@@ -545,7 +544,10 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
                           else None, grace_seconds=cfg.grace_seconds, token_interval=cfg.token_interval,
                           readiness_gate=scenario.spotguard)
         pods = await asyncio.to_thread(world.wait_ready_pods, 2, timeout=90)
-        victim = next(p["metadata"]["name"] for p in pods if p["spec"]["nodeName"] == victim_node)
+        # The preempted pod is the one the router's round-robin (pods in name order) serves first, so
+        # in every scenario it gets the same requests of the same seeded sequence.
+        first = min(pods, key=lambda p: p["metadata"]["name"])
+        victim, victim_node = first["metadata"]["name"], first["spec"]["nodeName"]
         initial_pods = {p["metadata"]["name"] for p in pods}
 
         observer = Observer(ctx.api_client, pool=world.pool, namespace=world.namespace)
@@ -837,8 +839,15 @@ async def bench_reaction(ctx: Context, reps: int) -> dict[str, Any]:
             assert cordon and ready_false and serving_false
             external.append(max(cordon, ready_false) - notice)
             own_writes.append(max(cordon, serving_false) - notice)
-            after = await _daemon_metrics(vm.daemon) or ""
+            # The daemon records its reaction when both PATCHes are answered, which can be after the
+            # watch showed their effect: wait (briefly) for its count to move.
             name = "spotguard_reaction_duration_seconds"
+            after = ""
+            for _ in range(40):
+                after = await _daemon_metrics(vm.daemon) or ""
+                if _metric_sum(after, f"{name}_count") > _metric_sum(before, f"{name}_count"):
+                    break
+                await asyncio.sleep(0.05)
             if _metric_sum(after, f"{name}_count") - _metric_sum(before, f"{name}_count") == 1:
                 daemon_side.append(_metric_sum(after, f"{name}_sum") - _metric_sum(before, f"{name}_sum"))
             vm.metadata.set_preempted(False)
@@ -1217,8 +1226,18 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
         written.append(path)
 
     reaction = report.get("reaction")
-    if reaction or report.get("profiles"):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = []  # (label, values in ms, colour) per scenario, profile and measure
+    for profile_name, profile in report.get("profiles", {}).items():
+        for name in profile["scenarios"]:
+            for key, what, colour in (("reaction_s", "cordoned + not-ready", "#1565c0"),
+                                      ("notready_s", "endpoint out (router)", "#8e24aa")):
+                values = [r[key] * 1000 for r in runs if r["profile"] == profile_name and r["scenario"] == name
+                          and r[key] is not None]
+                if values:
+                    rows.append((f"{profile_name} {name}: {what}", values, colour))
+    if reaction or rows:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(4.2, 0.26 * len(rows) + 1.2)),
+                                          gridspec_kw={"width_ratios": (1, 1.15)})
         if reaction:
             for key, label, colour in (("external", "external: cordoned + pod Ready=False", "#1565c0"),
                                        ("own_writes", "external: cordoned + serving=False", "#8e24aa"),
@@ -1230,26 +1249,22 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
             left.axvline(100, color="#c62828", linestyle="--", label="target p99 100 ms")
             left.set_xlabel("ms from notice")
             left.set_ylabel("fraction of notices")
-            left.set_title(f"spotguard reaction, {reaction['repetitions']} notices", fontsize=10)
+            left.set_title(f"spotguard reaction, {reaction['repetitions']} notices, idle node", fontsize=10)
             left.legend(fontsize=7, loc="lower right")
         else:
             left.set_visible(False)
-        labels, series = [], []
-        for profile_name, profile in report.get("profiles", {}).items():
-            for name in profile["scenarios"]:
-                for key, what in (("reaction_s", "reaction"), ("notready_s", "endpoint out")):
-                    values = [r[key] * 1000 for r in runs if r["profile"] == profile_name and r["scenario"] == name
-                              and r[key] is not None]
-                    if values:
-                        labels.append(f"{profile_name} {name}\n{what}")
-                        series.append(values)
-        if series:
-            for index, values in enumerate(series):
-                right.scatter(values, [index] * len(values), s=14, color="#1565c0")
-            right.set_yticks(range(len(labels)), labels, fontsize=6)
+        if rows:
+            for index, (_, values, colour) in enumerate(rows):
+                right.scatter(values, [index] * len(values), s=16, color=colour)
+            right.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=7)
+            right.set_ylim(-0.7, len(rows) - 0.3)
+            right.invert_yaxis()
             right.set_xscale("log")
-            right.set_xlabel("ms from notice (log)")
-            right.set_title("per scenario run", fontsize=10)
+            right.axvline(100, color="#c62828", linestyle="--", linewidth=0.8)
+            right.set_xlabel("ms from notice (log scale), one dot per run")
+            right.set_title("under load, per scenario run", fontsize=10)
+        else:
+            right.set_visible(False)
         fig.tight_layout()
         path = directory / "reaction.png"
         fig.savefig(path, dpi=110)
@@ -1287,8 +1302,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the results here (JSON; plots and FILE-runs.json next to it; "
                              "default DIR/bench.json)")
     parser.add_argument("--quick", action="store_true",
-                        help="one notice profile (30 s), one run per scenario, fewer reaction repetitions, "
-                             "a 30-node storm (about 15 min instead of about an hour)")
+                        help="one notice profile (30 s), one run per scenario, 30 reaction notices, a 30-node "
+                             "storm (roughly 10 min instead of about 45 min on 2 cores)")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
                         help=f"cluster directory of the bench's own cluster (default {DEFAULT_DIR}); a cluster "
                              "running there is reused, one started here is stopped at the end")
