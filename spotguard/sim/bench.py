@@ -57,7 +57,7 @@ from spotguard.sim.router import (
     Outcome,
     RequestRecord,
 )
-from spotguard.sim.world import POOL_LABEL, SERVING_GATE, World
+from spotguard.sim.world import POOL_LABEL, SERVING_GATE, World, metric_value
 
 DEFAULT_DIR = Path(".spotguard-sim/bench")
 BENCH_LABEL = "sim.spotguard.io/bench"
@@ -219,15 +219,6 @@ def _condition(obj: Obj, kind: str) -> str | None:
     return None
 
 
-def _metric_sum(text: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def _proc_cpu_seconds(pid: int) -> float:
@@ -713,9 +704,9 @@ def _measure_run(*, profile: Profile, scenario: Scenario, rep: int, notice: floa
 
     daemon_reaction = None
     if daemon_metrics:
-        count = _metric_sum(daemon_metrics, "spotguard_reaction_duration_seconds_count")
+        count = metric_value(daemon_metrics, "spotguard_reaction_duration_seconds_count")
         if count == 1:
-            daemon_reaction = _metric_sum(daemon_metrics, "spotguard_reaction_duration_seconds_sum")
+            daemon_reaction = metric_value(daemon_metrics, "spotguard_reaction_duration_seconds_sum")
 
     def rel(t: float | None) -> float | None:
         return None if t is None else round(t - notice, 3)
@@ -845,11 +836,11 @@ async def bench_reaction(ctx: Context, reps: int) -> dict[str, Any]:
             after = ""
             for _ in range(40):
                 after = await _daemon_metrics(vm.daemon) or ""
-                if _metric_sum(after, f"{name}_count") > _metric_sum(before, f"{name}_count"):
+                if metric_value(after, f"{name}_count") > metric_value(before, f"{name}_count"):
                     break
                 await asyncio.sleep(0.05)
-            if _metric_sum(after, f"{name}_count") - _metric_sum(before, f"{name}_count") == 1:
-                daemon_side.append(_metric_sum(after, f"{name}_sum") - _metric_sum(before, f"{name}_sum"))
+            if metric_value(after, f"{name}_count") - metric_value(before, f"{name}_count") == 1:
+                daemon_side.append(metric_value(after, f"{name}_sum") - metric_value(before, f"{name}_sum"))
             vm.metadata.set_preempted(False)
             if (rep + 1) % max(1, reps // 5) == 0:
                 ctx.say(f"  reaction {rep + 1}/{reps}: last {external[-1] * 1000:.0f} ms")
@@ -1025,12 +1016,12 @@ async def bench_storm(ctx: Context, target: int) -> dict[str, Any]:
         await asyncio.sleep(10)  # let the daemons finish (no serving pods: they drain at once)
         window_end = time.time()
         metrics = await asyncio.gather(*(_daemon_metrics(vm.daemon) for vm in vms))
-        daemon_errors = sum(_metric_sum(text, "spotguard_kube_api_errors_total") +
-                            _metric_sum(text, "spotguard_actions_total", result="error")
+        daemon_errors = sum(metric_value(text, "spotguard_kube_api_errors_total") +
+                            metric_value(text, "spotguard_actions_total", result="error")
                             for text in metrics if text)
-        reactions = [_metric_sum(t, "spotguard_reaction_duration_seconds_sum") for t in metrics
-                     if t and _metric_sum(t, "spotguard_reaction_duration_seconds_count") == 1]
-        drained = sum(1 for t in metrics if t and _metric_sum(t, "spotguard_phase", phase="drained") == 1)
+        reactions = [metric_value(t, "spotguard_reaction_duration_seconds_sum") for t in metrics
+                     if t and metric_value(t, "spotguard_reaction_duration_seconds_count") == 1]
+        drained = sum(1 for t in metrics if t and metric_value(t, "spotguard_phase", phase="drained") == 1)
         audit_errors = _audit_requests(ctx.audit_log, start=notice, end=window_end, errors_only=True)
         audit_all = _audit_requests(ctx.audit_log, start=notice, end=window_end)
         if stopped_by is None:

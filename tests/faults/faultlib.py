@@ -21,7 +21,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from spotguard.kube import Obj
 from spotguard.sim.router import (
@@ -33,7 +32,7 @@ from spotguard.sim.router import (
     RequestRecord,
     StaticEndpoints,
 )
-from spotguard.sim.world import DaemonProcess, World, wait_until
+from spotguard.sim.world import DaemonProcess, World, metric_value, wait_until
 
 SERVING = "spotguard.io/serving"
 TAINT = "spotguard.io/impending-termination"
@@ -123,14 +122,7 @@ def apiserver_metric(world: World, name: str, **labels: str) -> float:
 # What the daemon says
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of every sample of `name` whose labels include `labels`."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+metric = metric_value  # the one reader of Prometheus text (spotguard.sim.world)
 
 
 def log_lines(daemon: DaemonProcess) -> list[dict[str, Any]]:
