@@ -197,7 +197,7 @@ def test_admission_policies_apply_to_spotguards_service_account_only() -> None:
 
 
 def test_admission_policies_cover_every_write_the_role_allows() -> None:
-    policies, _ = _policies()
+    policies, bindings = _policies()
     covered = {(group, resource, op)
                for policy in policies
                for rule in policy["spec"]["matchConstraints"]["resourceRules"]
@@ -212,7 +212,13 @@ def test_admission_policies_cover_every_write_the_role_allows() -> None:
     assert "object.metadata.name == variables.node" in by_resource["nodes"]
     assert "object.spec.nodeName == variables.node" in by_resource["pods"]
     assert "oldObject.spec.nodeName == variables.node" in by_resource["pods"]
-    assert by_resource["pods/eviction"] == "variables.hasNodeClaim"   # all that can be checked
+    assert "params.spec.nodeName == variables.node" in by_resource["pods/eviction"]
+    # The eviction policy reads the evicted pod as a param: every Pod of the request's namespace.
+    evictions = next(p for p in policies if p["metadata"]["name"].endswith("-own-evictions"))
+    assert evictions["spec"]["paramKind"] == {"apiVersion": "v1", "kind": "Pod"}
+    binding = next(b for b in bindings if b["spec"]["policyName"] == evictions["metadata"]["name"])
+    assert binding["spec"]["paramRef"] == {"selector": {}, "parameterNotFoundAction": "Allow"}
+    assert all("paramRef" not in b["spec"] for b in bindings if b is not binding)
 
 
 def test_admission_policy_can_start_in_warn_mode() -> None:

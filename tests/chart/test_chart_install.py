@@ -207,8 +207,26 @@ def _wait_policy_active(client: Any, other_node: str) -> None:
     _wait(refused, timeout=30, what="the admission policy to refuse another node")
 
 
+def _eviction(namespace: str, pod: str) -> dict[str, Any]:
+    return {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+
+
+def _wait_eviction_policy_active(client: Any, namespace: str, other_pod: str) -> None:
+    """The eviction policy also needs the API server's Pod informer behind its params. Probed with a
+    dry-run eviction, so nothing is evicted while it is not active yet."""
+    def refused() -> bool:
+        try:
+            _call(client, "POST", f"/api/v1/namespaces/{namespace}/pods/{other_pod}/eviction?dryRun=All",
+                  _eviction(namespace, other_pod))
+        except ApiError as error:
+            return error.status == 403 and "may only evict pods on its own node" in error.message
+        return False
+
+    _wait(refused, timeout=30, what="the admission policy to refuse evicting a pod on another node")
+
+
 def test_spotguard_may_do_its_job_on_its_own_node(release: dict[str, Any], as_spotguard: Callable[..., Any],
-                                                  victims: dict[str, str]) -> None:
+                                                  victims: dict[str, str], api_client: Any) -> None:
     nodes, namespace = release["nodes"], release["namespace"]
     me = as_spotguard(nodes["gpu_spot"])
     _wait_policy_active(me, nodes["gpu_preemptible"])
@@ -230,10 +248,14 @@ def test_spotguard_may_do_its_job_on_its_own_node(release: dict[str, Any], as_sp
     _wait(lambda: _call(me, "PATCH", f"/api/v1/namespaces/{namespace}/pods/{victims['own']}/status",
                         {"status": {"conditions": [{"type": "spotguard.io/serving", "status": "False"}]}},
                         strategic), timeout=30, what="the pod's status patch")
-    # Evict a pod of its node.
+    # Evict a pod of its node, once the eviction policy is judging evictions at all.
+    _wait_eviction_policy_active(me, namespace, victims["other"])
     _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/{victims['own_evict']}/eviction",
-          {"apiVersion": "policy/v1", "kind": "Eviction",
-           "metadata": {"name": victims["own_evict"], "namespace": namespace}})
+          _eviction(namespace, victims["own_evict"]))
+    _wait(lambda: victims["own_evict"] not in
+          [p["metadata"]["name"] for p in _call(api_client, "GET", f"/api/v1/namespaces/{namespace}/pods")["items"]
+           if not p["metadata"].get("deletionTimestamp")],
+          timeout=30, what="the evicted pod to be deleted")
     # Events about its node, in both APIs (Events about cluster-scoped objects live in "default").
     _call(me, "POST", "/api/v1/namespaces/default/events", {
         "metadata": {"generateName": "spotguard-"}, "reason": "PreemptionNotice", "message": "test",
@@ -289,14 +311,25 @@ def test_a_token_without_node_claim_may_not_write(release: dict[str, Any], as_sp
     _call(anonymous_node, "GET", f"/api/v1/nodes/{nodes['gpu_spot']}")
 
 
-def test_eviction_on_another_node_is_not_stopped_by_the_policy(
-        release: dict[str, Any], as_spotguard: Callable[..., Any], victims: dict[str, str]) -> None:
-    """Documented limitation: the Eviction object does not say where the pod runs."""
+def test_eviction_on_another_node_is_refused(
+        release: dict[str, Any], as_spotguard: Callable[..., Any], victims: dict[str, str], api_client: Any) -> None:
     nodes, namespace = release["nodes"], release["namespace"]
     me = as_spotguard(nodes["gpu_spot"])
-    _wait_policy_active(me, nodes["gpu_preemptible"])
-    _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/eviction",
-          {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": victims["other"], "namespace": namespace}})
+    _wait_eviction_policy_active(me, namespace, victims["other"])
+    message = _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/eviction",
+                                    _eviction(namespace, victims["other"])),
+                      contains="may only evict pods on its own node")
+    assert f"{namespace}/{victims['other']}" in message
+    # Still there, not even marked for deletion.
+    assert not _call(api_client, "GET", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}")["metadata"].get(
+        "deletionTimestamp")
+    # The same eviction by spotguard on the pod's own node is allowed (dry run: nothing is deleted).
+    _call(as_spotguard(nodes["gpu_preemptible"]), "POST",
+          f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/eviction?dryRun=All",
+          _eviction(namespace, victims["other"]))
+    # Evicting a pod that does not exist is a 404 from the API, not a refusal by the policy.
+    _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/no-such-pod/eviction",
+                          _eviction(namespace, "no-such-pod")), status=404)
 
 
 MONITORING_CRDS = {"PodMonitor": "podmonitors", "ServiceMonitor": "servicemonitors",
