@@ -184,8 +184,9 @@ class World:
         await self.autoscaler.wait_synced()
         return self.autoscaler
 
-    def start_daemon(self, vm: SimVM) -> DaemonProcess:
-        vm.daemon = DaemonProcess(node=vm.name, kubeconfig=self.kubeconfig, metadata_url=vm.metadata.url,
+    def start_daemon(self, vm: SimVM, *, kubeconfig: Path | None = None) -> DaemonProcess:
+        """`kubeconfig` replaces the world's admin credentials, say with a pod-bound token."""
+        vm.daemon = DaemonProcess(node=vm.name, kubeconfig=kubeconfig or self.kubeconfig, metadata_url=vm.metadata.url,
                                   log_path=self.log_dir / f"spotguard-{vm.name}.log", extra_env=self.daemon_env)
         vm.daemon.start()
         return vm.daemon

@@ -1,0 +1,127 @@
+"""The real daemon, with nothing but the chart's RBAC and admission policies, through a preemption.
+
+test_chart_install.py checks the permissions request by request, by impersonation. This test runs
+`spotguard run` itself with a real pod-bound ServiceAccount token (TokenRequest bound to the
+spotguard pod the DaemonSet controller created, so the API server adds the node-name claim), so
+any call the daemon makes that the chart forgot would show up as a failed preemption here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import helm_python as helm
+import pytest
+import yaml
+from kubernetes import config as kube_config
+
+import chartlib
+from spotguard.kube import Kube, KubeError
+from spotguard.sim.world import World, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture
+async def release(world: World, cluster: Any, api_client: Any) -> AsyncIterator[dict[str, str]]:
+    """The chart installed with its defaults (policies on) in a namespace of its own."""
+    suffix = uuid.uuid4().hex[:6]
+    namespace, name = f"sg-secured-{suffix}", f"sg-{suffix}"
+    world.api.call("POST", "/api/v1/namespaces", body={"metadata": {"name": namespace}})
+    helm_config = helm.Config(kubeconfig_path=cluster.kubeconfig, namespace=namespace)
+    try:
+        await asyncio.to_thread(helm_config.install, chartlib.CHART_DIR, name, {}, namespace=namespace, timeout=120)
+        yield {"namespace": namespace, "name": name, "service_account": f"{name}-spotguard"}
+    finally:
+        try:
+            await asyncio.to_thread(helm_config.uninstall, name, ignore_not_found=True, timeout=60)
+        finally:
+            helm_config.close()
+            world.api.call("DELETE", f"/api/v1/namespaces/{namespace}")
+
+
+def spotguard_pod(world: World, release: dict[str, str], node: str) -> dict[str, Any]:
+    """The pod the DaemonSet controller created for `node`."""
+    def find() -> dict[str, Any] | None:
+        pods = world.api.call("GET", f"/api/v1/namespaces/{release['namespace']}/pods",
+                              query={"fieldSelector": f"spec.nodeName={node}"})["items"]
+        return pods[0] if pods else None
+
+    return wait_until(find, timeout=30, what=f"the DaemonSet's spotguard pod on {node}")
+
+
+def pod_bound_kubeconfig(world: World, cluster: Any, release: dict[str, str], pod: dict[str, Any],
+                         path: Path) -> Path:
+    """A kubeconfig with a token bound to `pod`, as the kubelet mounts into the spotguard container."""
+    token = world.api.call(
+        "POST", f"/api/v1/namespaces/{release['namespace']}/serviceaccounts/{release['service_account']}/token",
+        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+              "spec": {"expirationSeconds": 3600,
+                       "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"],
+                                          "uid": pod["metadata"]["uid"]}}})["status"]["token"]
+    # The claim the admission policies rely on is in the token itself.
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert claims["kubernetes.io"]["node"]["name"] == pod["spec"]["nodeName"], claims
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "spotguard",
+        "clusters": [{"name": "sim", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": "spotguard", "user": {"token": token}}],
+        "contexts": [{"name": "spotguard", "context": {"cluster": "sim", "user": "spotguard"}}]}))
+    return path
+
+
+async def test_daemon_with_a_pod_bound_token_handles_a_preemption_under_the_charts_policies(
+        world: World, release: dict[str, str], cluster: Any, tmp_path: Path) -> None:
+    world.daemon_env = {"SPOTGUARD_NOTICE_SECONDS": "30"}
+    suffix = uuid.uuid4().hex[:6]
+    victim, neighbour = f"gpu-{suffix}-1", f"gpu-{suffix}-2"
+    kubeconfigs = {}
+    for name in (victim, neighbour):   # the neighbour's spotguard lets its vLLM pod become Ready
+        vm = await world.add_vm(name, spotguard=False)
+        kubeconfigs[name] = pod_bound_kubeconfig(world, cluster, release, spotguard_pod(world, release, name),
+                                                 tmp_path / f"spotguard-{name}.kubeconfig")
+        await asyncio.to_thread(world.start_daemon(vm, kubeconfig=kubeconfigs[name]).wait_ready)
+    daemon, kubeconfig = world.vms[victim].daemon, kubeconfigs[victim]
+    assert daemon is not None
+
+    world.deploy_vllm(replicas=2)
+    pods = await asyncio.to_thread(world.wait_ready_pods, 2)
+    on = {p["spec"]["nodeName"]: p["metadata"]["name"] for p in pods}
+    world.preempt(victim, vm_lifetime_seconds=None)   # no kubelet shutdown: spotguard alone evicts
+
+    def evicted() -> bool:
+        return on[victim] not in {p["metadata"]["name"] for p in world.pods("app=vllm")}
+
+    await asyncio.to_thread(wait_until, evicted, timeout=60, what=f"spotguard to evict {on[victim]}")
+    node = world.node(victim)
+    assert node["spec"].get("unschedulable") is True
+    assert "spotguard.io/impending-termination" in [t["key"] for t in node["spec"].get("taints") or []]
+    assert node["metadata"]["annotations"]["spotguard.io/phase"] in ("evicting", "drained")
+    assert [e for e in world.events(reason="Evicted") if e["involvedObject"]["name"] == on[victim]]
+    # Every call the daemon made was allowed: no API error at all, every action succeeded.
+    assert daemon.metric("spotguard_kube_api_errors_total") == 0, daemon.log_path.read_text()[-3000:]
+    assert daemon.metric("spotguard_evictions_total", result="evicted") == 1
+    assert daemon.metric("spotguard_actions_total", result="error") == 0
+
+    # The same token may not touch the neighbour's node or evict the pod serving there.
+    client = kube_config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        as_spotguard = Kube(client, node_name=victim)
+        with pytest.raises(KubeError) as refused:
+            as_spotguard.call("POST", f"/api/v1/namespaces/{world.namespace}/pods/{on[neighbour]}/eviction",
+                              body={"apiVersion": "policy/v1", "kind": "Eviction",
+                                    "metadata": {"name": on[neighbour], "namespace": world.namespace}})
+        assert refused.value.status == 403 and "may only evict pods on its own node" in str(refused.value)
+        with pytest.raises(KubeError) as refused:
+            as_spotguard.call("PATCH", f"/api/v1/nodes/{neighbour}", body={"spec": {"unschedulable": True}},
+                              content_type="application/merge-patch+json")
+        assert refused.value.status == 403 and "may only modify its own Node" in str(refused.value)
+    finally:
+        client.close()
+    assert not world.node(neighbour)["spec"].get("unschedulable")
