@@ -41,6 +41,8 @@ METRICS_PORT_ANNOTATION = "spotguard.io/metrics-port"
 METRICS_PATH_ANNOTATION = "spotguard.io/metrics-path"
 EVICT_ANNOTATION = "spotguard.io/evict"
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+# On every Eviction spotguard sends: the chart's admission policies use it to find its evictions.
+EVICTION_LABEL = "spotguard.io/evicted-by"
 # Node annotations that hold one notice's progress (see Progress).
 PROGRESS_ANNOTATIONS = {
     "phase": "spotguard.io/phase",
@@ -191,8 +193,10 @@ class Kube:
 
         Returns the outcome and, when refused, the PodDisruptionBudget(s) responsible.
         """
+        # The label routes the eviction to the chart's admission policy that checks the pod's node
+        # (daemonset/templates/validatingadmissionpolicy.yaml); without it the chart refuses it.
         body = {"apiVersion": "policy/v1", "kind": "Eviction",
-                "metadata": {"name": pod.name, "namespace": pod.namespace},
+                "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": {EVICTION_LABEL: "spotguard"}},
                 "deleteOptions": {"gracePeriodSeconds": grace_seconds, "preconditions": {"uid": pod.uid}}}
         try:
             self.call("POST", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/eviction", body=body,

@@ -21,6 +21,8 @@ What is measured (docs/BENCHMARKS.md has the method and the results):
 - **Footprint.** One idle daemon: RSS and CPU from /proc, API requests from the API server's audit
   log (user agent `spotguard/...`), next to idle Python processes for scale.
 - **Storm.** As many nodes (one daemon process each) preempted at once as this machine holds.
+- **Admission.** What the chart's eviction policy costs the API server per eviction, by namespace
+  size (spotguard.sim.bench_admission).
 
 The timing of the run is reported on stderr; the results go to a JSON file (plus `-runs.json`
 with every request of every run) and PNG plots next to it.
@@ -60,6 +62,7 @@ from spotguard.sim.router import (
 from spotguard.sim.world import POOL_LABEL, SERVING_GATE, World, metric_value
 
 DEFAULT_DIR = Path(".spotguard-sim/bench")
+PARTS = ("footprint", "reaction", "scenarios", "storm", "admission")
 BENCH_LABEL = "sim.spotguard.io/bench"
 # The bench's own API requests carry this user agent, so that the audit log tells them apart from
 # the daemons' (`spotguard/<version>`). Kube() sets the shared client's agent; `_own_agent` resets it.
@@ -156,6 +159,8 @@ class BenchConfig:
     storm_batch: int = 10
     storm_min_free_mib: int = 2048
     storm_setup_limit_s: float = 900.0
+    admission_pod_counts: tuple[int, ...] = (10, 1000, 5000)
+    admission_evictions: int = 200  # per user and namespace size
     seed: int = 7
 
     @classmethod
@@ -173,7 +178,8 @@ class BenchConfig:
         return cls(profiles=("spot30",), runs=1, rate=4.0, warmup_s=5.0, after_vm_gone_s=1.0,
                    durations=DurationDistribution(median_s=1.5, sigma=0.6, min_s=0.3, max_s=6.0),
                    vllm_shutdown_timeout_s=6.0, provisioning_delay_s=2.0, replacement_timeout_s=30.0,
-                   reaction_reps=5, footprint_s=5.0, storm_nodes=3, storm_batch=3)
+                   reaction_reps=5, footprint_s=5.0, storm_nodes=3, storm_batch=3,
+                   admission_pod_counts=(4, 40), admission_evictions=10)
 
     def describe(self) -> dict[str, Any]:
         data = asdict(self)
@@ -1151,6 +1157,13 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
         report["storm"] = await bench_storm(ctx, cfg.storm_nodes)
         s = report["storm"]
         ctx.say(f"  {s['nodes']} nodes, all cordoned in {s['all_cordoned_s']} s, {s['api_errors']} API errors")
+    if "admission" in parts:
+        from spotguard.sim.bench_admission import bench_admission
+
+        ctx.say(f"admission: the chart's eviction policy in namespaces of {cfg.admission_pod_counts} pods")
+        report["admission"] = await asyncio.to_thread(
+            bench_admission, ctx.api_client, ctx.kubeconfig, pod_counts=cfg.admission_pod_counts,
+            evictions=cfg.admission_evictions, say=ctx.say)
     report["loadavg_1m"]["end"] = round(os.getloadavg()[0], 2)
     report["targets"] = evaluate_targets(report)
     return report, runs_detail
@@ -1281,6 +1294,14 @@ def markdown_table(report: dict[str, Any]) -> str:
                          f"{s['aborted']} | {s['refused']} | **{s['lost']}** | {pair(s['reaction_ms'])} | "
                          f"{pair(s['notready_ms'])} | {'n/a' if lag is None else f'{lag:g}'} | "
                          f"{'n/a' if s['replacement_ready_s'] is None else s['replacement_ready_s']} |")
+    if report.get("admission"):
+        lines.append("\nadmission: dry-run eviction latency, the chart's eviction policy against a user it skips\n")
+        lines.append("| pods in namespace | with policy ms p50/p99 | control ms p50/p99 | p50 ratio |")
+        lines.append("|---|---|---|---|")
+        for size in report["admission"]["sizes"]:
+            p, c = size["policy_ms"], size["control_ms"]
+            lines.append(f"| {size['pods_in_namespace']} | {p['p50']:g} / {p['p99']:g} | {c['p50']:g} / {c['p99']:g} | "
+                         f"{size['ratio_p50']:g} |")
     return "\n".join(lines)
 
 
@@ -1301,8 +1322,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=None, help="repetitions per scenario and profile")
     parser.add_argument("--profiles", default=None, help=f"comma-separated, of {', '.join(PROFILES)}")
     parser.add_argument("--scenarios", default=None, help=f"comma-separated, of {', '.join(SCENARIOS)}")
-    parser.add_argument("--parts", default="footprint,reaction,scenarios,storm",
-                        help="comma-separated parts to run (default: all of footprint,reaction,scenarios,storm)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
     parser.add_argument("--storm-nodes", type=int, default=None, help="nodes in the storm (default 100; quick 30)")
     parser.add_argument("--reaction-reps", type=int, default=None, help="notices in the reaction part")
     parser.add_argument("--footprint-seconds", type=float, default=None, help="idle window (default 60)")
@@ -1340,7 +1361,7 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
         print(f"spotguard sim bench: {error}", file=sys.stderr)
         return 2
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    if not set(parts) <= {"footprint", "reaction", "scenarios", "storm"}:
+    if not set(parts) <= set(PARTS):
         print(f"spotguard sim bench: unknown part in {args.parts!r}", file=sys.stderr)
         return 2
     out = args.out or (args.dir / "bench.json")
@@ -1360,8 +1381,8 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench(cfg: BenchConfig, *, directory: Path = DEFAULT_DIR, out: Path, parts: tuple[str, ...] = (
-          "footprint", "reaction", "scenarios", "storm"), say: Say | None = None) -> dict[str, Any]:
+def bench(cfg: BenchConfig, *, directory: Path = DEFAULT_DIR, out: Path, parts: tuple[str, ...] = PARTS,
+          say: Say | None = None) -> dict[str, Any]:
     """Start (or reuse) the cluster in `directory`, run the bench, write `out` and the plots; stop the
     cluster again if this call started it. Returns the report."""
     from kubernetes import config as k8s_config

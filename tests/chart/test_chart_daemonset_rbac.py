@@ -11,6 +11,7 @@ import pytest
 import chartlib
 from chartlib import VAP_API, only, render_objects
 from spotguard import config
+from spotguard.kube import EVICTION_LABEL
 
 
 def _pod_spec(values: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -183,15 +184,22 @@ def _policies(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]
 
 def test_admission_policies_apply_to_spotguards_service_account_only() -> None:
     policies, bindings = _policies({"serviceAccount": {"name": "guard"}})
-    assert len(policies) == len(bindings) == 5
+    assert len(policies) == len(bindings) == 6
+    user = f'request.userInfo.username == "system:serviceaccount:{chartlib.NAMESPACE}:guard"'
     for policy in policies:
-        assert policy["spec"]["failurePolicy"] == "Fail"
-        assert policy["spec"]["matchConditions"] == [{
-            "name": "is-spotguard",
-            "expression": f'request.userInfo.username == "system:serviceaccount:{chartlib.NAMESPACE}:guard"'}]
-        # Every policy first requires the node-name claim of a pod-bound token.
-        assert policy["spec"]["validations"][0]["expression"] == "variables.hasNodeClaim"
-        assert "authentication.kubernetes.io/node-name" in policy["spec"]["variables"][0]["expression"]
+        spec = policy["spec"]
+        assert spec["failurePolicy"] == "Fail"
+        variables = {v["name"]: v["expression"] for v in spec["variables"]}
+        assert variables["isSpotguard"] == user
+        assert "authentication.kubernetes.io/node-name" in variables["hasNodeClaim"]
+        if policy["metadata"]["name"].endswith("-own-evicted-pods"):
+            # matchConditions would be evaluated once per param: the expression checks the user.
+            assert "matchConditions" not in spec
+            assert "!variables.isSpotguard" in spec["validations"][0]["expression"]
+            continue
+        assert spec["matchConditions"] == [{"name": "is-spotguard", "expression": user}]
+        # Every other policy first requires the node-name claim of a pod-bound token.
+        assert spec["validations"][0]["expression"] == "variables.hasNodeClaim"
     assert sorted(b["spec"]["policyName"] for b in bindings) == sorted(p["metadata"]["name"] for p in policies)
     assert all(b["spec"]["validationActions"] == ["Deny"] for b in bindings)
 
@@ -207,20 +215,33 @@ def test_admission_policies_cover_every_write_the_role_allows() -> None:
               for (g, r), verbs in EXPECTED_PERMISSIONS.items() for v in verbs
               if v in ("patch", "create") and r != "selfsubjectaccessreviews"}
     assert writes <= covered
-    by_resource = {rule["resources"][0]: " ".join(v["expression"] for v in policy["spec"]["validations"])
-                   for policy in policies for rule in policy["spec"]["matchConstraints"]["resourceRules"]}
-    assert "object.metadata.name == variables.node" in by_resource["nodes"]
-    assert "object.spec.nodeName == variables.node" in by_resource["pods"]
-    assert "oldObject.spec.nodeName == variables.node" in by_resource["pods"]
-    assert "params.spec.nodeName == variables.node" in by_resource["pods/eviction"]
-    # The eviction policy reads the evicted pod as a param: every Pod of the request's namespace.
-    evictions = next(p for p in policies if p["metadata"]["name"].endswith("-own-evictions"))
-    assert evictions["spec"]["paramKind"] == {"apiVersion": "v1", "kind": "Pod"}
-    binding = next(b for b in bindings if b["spec"]["policyName"] == evictions["metadata"]["name"])
+    by_name = {policy["metadata"]["name"].rsplit("-own-", 1)[1]:
+               " ".join(v["expression"] for v in policy["spec"]["validations"]) for policy in policies}
+    assert "object.metadata.name == variables.node" in by_name["nodes"]
+    assert "object.spec.nodeName == variables.node" in by_name["pods"]
+    assert "oldObject.spec.nodeName == variables.node" in by_name["pods"]
+    # Evictions: spotguard's must carry the label that routes them to the policy reading the pod.
+    assert "object.metadata.labels['spotguard.io/evicted-by'] == 'spotguard'" in by_name["evictions"]
+    assert "params.spec.nodeName == variables.node" in by_name["evicted-pods"]
+    evicted_pods = next(p for p in policies if p["metadata"]["name"].endswith("-own-evicted-pods"))
+    assert evicted_pods["spec"]["paramKind"] == {"apiVersion": "v1", "kind": "Pod"}
+    # Only labelled evictions: other clients' evictions never pay one evaluation per pod.
+    assert evicted_pods["spec"]["matchConstraints"]["objectSelector"] == {
+        "matchLabels": {EVICTION_LABEL: "spotguard"}}
+    binding = next(b for b in bindings if b["spec"]["policyName"] == evicted_pods["metadata"]["name"])
     assert binding["spec"]["paramRef"] == {"selector": {}, "parameterNotFoundAction": "Allow"}
     assert all("paramRef" not in b["spec"] for b in bindings if b is not binding)
+    assert all("paramKind" not in p["spec"] and "objectSelector" not in p["spec"]["matchConstraints"]
+               for p in policies if p is not evicted_pods)
 
 
 def test_admission_policy_can_start_in_warn_mode() -> None:
     _, bindings = _policies({"validatingAdmissionPolicy": {"validationActions": ["Warn", "Audit"]}})
     assert all(b["spec"]["validationActions"] == ["Warn", "Audit"] for b in bindings)
+
+
+def test_the_eviction_node_check_can_be_turned_off_for_very_large_namespaces() -> None:
+    policies, bindings = _policies({"validatingAdmissionPolicy": {"evictionNodeCheck": False}})
+    names = sorted(p["metadata"]["name"].rsplit("-own-", 1)[1] for p in policies)
+    assert names == ["core-events", "events", "evictions", "nodes", "pods"]
+    assert len(bindings) == 5 and all("paramRef" not in b["spec"] for b in bindings)

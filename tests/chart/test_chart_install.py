@@ -19,6 +19,7 @@ import pytest
 from kubernetes import config as kube_config
 
 import chartlib
+from spotguard.kube import EVICTION_LABEL
 
 pytestmark = pytest.mark.cluster
 
@@ -115,7 +116,7 @@ def test_install_creates_every_object(release: dict[str, Any], api_client: Any) 
     base = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies"
     names = [p["metadata"]["name"] for p in _call(api_client, "GET", base)["items"]
              if p["metadata"]["name"].startswith(release["name"] + "-spotguard-own-")]
-    assert len(names) == 5, names
+    assert len(names) == 6, names
 
     def type_checked(name: str) -> dict[str, Any] | None:
         policy = _call(api_client, "GET", f"{base}/{name}")
@@ -207,8 +208,12 @@ def _wait_policy_active(client: Any, other_node: str) -> None:
     _wait(refused, timeout=30, what="the admission policy to refuse another node")
 
 
-def _eviction(namespace: str, pod: str) -> dict[str, Any]:
-    return {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": namespace}}
+def _eviction(namespace: str, pod: str, *, labelled: bool = True) -> dict[str, Any]:
+    """An Eviction as spotguard sends it: labelled, so that the policy reading the pod applies."""
+    metadata: dict[str, Any] = {"name": pod, "namespace": namespace}
+    if labelled:
+        metadata["labels"] = {EVICTION_LABEL: "spotguard"}
+    return {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": metadata}
 
 
 def _wait_eviction_policy_active(client: Any, namespace: str, other_pod: str) -> None:
@@ -327,6 +332,10 @@ def test_eviction_on_another_node_is_refused(
     _call(as_spotguard(nodes["gpu_preemptible"]), "POST",
           f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/eviction?dryRun=All",
           _eviction(namespace, victims["other"]))
+    # Without the label that routes it to the policy reading the pod, spotguard's eviction is refused.
+    _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/eviction",
+                          _eviction(namespace, victims["other"], labelled=False)),
+            contains="must be labelled spotguard.io/evicted-by=spotguard")
     # Evicting a pod that does not exist is a 404 from the API, not a refusal by the policy.
     _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/no-such-pod/eviction",
                           _eviction(namespace, "no-such-pod")), status=404)

@@ -20,7 +20,7 @@ MONITORING_ON = {
 }
 CORE_KINDS = ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
 # One policy (and binding) per kind of object: nodes, pods, evictions, core and events.k8s.io Events.
-VAP_KINDS = ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 5
+VAP_KINDS = ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 6
 MONITORING_KINDS = ["ConfigMap", "PodMonitor", "PrometheusRule", "Service", "ServiceMonitor"]
 
 

@@ -21,7 +21,7 @@ import yaml
 from kubernetes import config as kube_config
 
 import chartlib
-from spotguard.kube import Kube, KubeError
+from spotguard.kube import EVICTION_LABEL, Kube, KubeError
 from spotguard.sim.world import World, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -115,8 +115,9 @@ async def test_daemon_with_a_pod_bound_token_handles_a_preemption_under_the_char
         as_spotguard = Kube(client, node_name=victim)
         with pytest.raises(KubeError) as refused:
             as_spotguard.call("POST", f"/api/v1/namespaces/{world.namespace}/pods/{on[neighbour]}/eviction",
-                              body={"apiVersion": "policy/v1", "kind": "Eviction",
-                                    "metadata": {"name": on[neighbour], "namespace": world.namespace}})
+                              body={"apiVersion": "policy/v1", "kind": "Eviction",   # labelled as spotguard's
+                                    "metadata": {"name": on[neighbour], "namespace": world.namespace,
+                                                 "labels": {EVICTION_LABEL: "spotguard"}}})
         assert refused.value.status == 403 and "may only evict pods on its own node" in str(refused.value)
         with pytest.raises(KubeError) as refused:
             as_spotguard.call("PATCH", f"/api/v1/nodes/{neighbour}", body={"spec": {"unschedulable": True}},
