@@ -52,6 +52,19 @@ def test_report_has_every_key_and_the_json_matches(report_and_files):
 
 
 @pytest.mark.timeout(1200)
+def test_admission_part_measures_both_users_at_every_namespace_size(report_and_files):
+    report, _, _, _ = report_and_files
+    cfg = BenchConfig.smoke()
+    sizes = report["admission"]["sizes"]
+    assert [s["pods_in_namespace"] for s in sizes] == sorted(cfg.admission_pod_counts)
+    for size in sizes:
+        for who in ("policy_ms", "control_ms"):
+            assert size[who]["n"] == cfg.admission_evictions
+            assert 0 < size[who]["p50"] <= size[who]["p99"]
+        assert size["ratio_p50"] == round(size["policy_ms"]["p50"] / size["control_ms"]["p50"], 2)
+
+
+@pytest.mark.timeout(1200)
 def test_request_counts_add_up_in_every_scenario_and_run(report_and_files):
     report, out, _, _ = report_and_files
     for name, s in report["scenarios"].items():
