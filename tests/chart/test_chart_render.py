@@ -193,3 +193,12 @@ def test_prestop_helper_configmap_ships_the_script_in_each_namespace() -> None:
         assert config_map["data"]["vllm-drain-prestop.py"] == script.read_text().rstrip("\n")
     default = [o for o in render_objects({"vllmPreStopHelper": {"enabled": True}}) if o["kind"] == "ConfigMap"]
     assert [c["metadata"]["namespace"] for c in default] == [chartlib.NAMESPACE]
+
+
+def test_notes_name_the_policies_that_were_installed() -> None:
+    notes = render({}, api_versions=[VAP_API])["spotguard/templates/NOTES.txt"]
+    assert "-own-{nodes,pods,evictions,evicted-pods,core-events,events}" in notes
+    notes = render({"validatingAdmissionPolicy": {"evictionNodeCheck": False}},
+                   api_versions=[VAP_API])["spotguard/templates/NOTES.txt"]
+    assert "-own-{nodes,pods,evictions,core-events,events}" in notes
+    assert "except evictions (evictionNodeCheck: false)" in notes
