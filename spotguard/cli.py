@@ -87,15 +87,10 @@ def _run(config: cfg.Config) -> int:
         return 2
 
     async def main_async() -> None:
-        provider_name = config.provider
-        if provider_name == "auto":
-            try:
-                provider_name = (await providers.detect(config)).name
-            except providers.ProviderUnreachable as error:
-                raise SystemExit(f"spotguard: error: {error}") from None
-        metrics = Metrics(provider=provider_name)
-        provider = providers.make_provider(config, name=provider_name, on_error=metrics.metadata_failed,
-                                           on_ok=metrics.metadata_ok)
+        metrics = Metrics(provider=config.provider)
+        provider = providers.make_provider(config, on_error=metrics.metadata_failed, on_ok=metrics.metadata_ok)
+        if isinstance(provider, providers.AutoProvider):
+            provider.on_detected = metrics.use_provider
         timing = lifecycle.Timing(safety_margin_seconds=config.safety_margin_seconds,
                                   endpoint_wait_seconds=config.endpoint_wait_seconds,
                                   max_drain_seconds=config.max_drain_seconds)

@@ -89,20 +89,28 @@ class Metrics:
         self.kube_errors = Counter("spotguard_kube_api_errors_total",
                                    "Failed Kubernetes API calls (retried).", ["operation"], registry=r)
 
-        self.build_info.labels(version=__version__, provider=provider).set(1)
-        for kind in NoticeKind:
-            self.notices.labels(provider=provider, kind=kind.value)
-        self.notices_cancelled.labels(provider=provider)
+        self.use_provider(provider)
         for action in ACTIONS:
             for result in ACTION_RESULTS:
                 self.actions.labels(action=action, result=result)
         for result in EVICTION_RESULTS:
             self.evictions.labels(result=result)
-        for reason in METADATA_ERRORS:
-            self.metadata_errors.labels(provider=provider, reason=reason)
         for reason in SCRAPE_ERRORS:
             self.scrape_errors.labels(reason=reason)
         self.set_phase("guarding")
+
+    def use_provider(self, provider: str) -> None:
+        """The `provider` label from now on: `auto` until AutoProvider has found the cloud. Counts
+        already made under the old name stay (failed probes while detecting are real errors)."""
+        if self.provider != provider:
+            self.build_info.remove(__version__, self.provider)
+        self.provider = provider
+        self.build_info.labels(version=__version__, provider=provider).set(1)
+        for kind in NoticeKind:
+            self.notices.labels(provider=provider, kind=kind.value)
+        self.notices_cancelled.labels(provider=provider)
+        for reason in METADATA_ERRORS:
+            self.metadata_errors.labels(provider=provider, reason=reason)
 
     # The provider reports each metadata request here; /readyz reads `metadata_reachable`.
     metadata_reachable = False

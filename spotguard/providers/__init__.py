@@ -7,9 +7,14 @@ lifecycle never know which cloud spoke. Adding AWS or Azure means one module her
 
 from __future__ import annotations
 
+import asyncio
 import time
+from contextlib import aclosing
 from typing import AsyncIterator, Callable, Protocol
 
+import structlog
+
+from spotguard.backoff import backoff_delay
 from spotguard.config import GCE_DEFAULT_METADATA_URL, Config
 from spotguard.notice import Notice
 
@@ -18,7 +23,12 @@ AUTO_ORDER: tuple[str, ...] = ("gce",)
 
 
 class ProviderUnreachable(Exception):
-    """The metadata server did not answer as expected; the message says where and why."""
+    """The metadata server did not answer as expected; the message says where and why, `reason` is
+    the category counted in spotguard_metadata_errors_total (connection, timeout, bad_body, ...)."""
+
+    def __init__(self, message: str, *, reason: str = "connection") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Provider(Protocol):
@@ -57,7 +67,7 @@ def make_provider(config: Config, *, name: str | None = None,
 
     `on_error(reason)` and `on_ok()` are called for every failed / successful request to the
     metadata server (the daemon wires them to spotguard_metadata_errors_total and
-    spotguard_metadata_up). For `auto`, use `detect`, which has to ask the network.
+    spotguard_metadata_up). For `auto` it is an `AutoProvider`, which finds the cloud when watched.
     """
     chosen = name or config.provider
     if chosen == "gce":
@@ -68,7 +78,7 @@ def make_provider(config: Config, *, name: str | None = None,
                            notice_seconds=config.notice_seconds,
                            on_error=on_error, on_ok=on_ok, clock=clock)
     if chosen == "auto":
-        raise ValueError("provider 'auto' needs the network to decide: use `await detect(config)`")
+        return AutoProvider(config, on_error=on_error, on_ok=on_ok, clock=clock)
     raise ValueError(f"no provider named {chosen!r} is built; known: {', '.join(AUTO_ORDER)}")
 
 
@@ -83,15 +93,70 @@ async def detect(config: Config, *,
     """
     if config.provider != "auto":
         return make_provider(config, on_error=on_error, on_ok=on_ok, clock=clock)
-    failures: list[str] = []
+    failures: list[ProviderUnreachable] = []
     for name in AUTO_ORDER:
         provider = make_provider(config, name=name, on_error=on_error, on_ok=on_ok, clock=clock)
         try:
             await provider.probe()
         except ProviderUnreachable as error:
-            failures.append(f"{name}: {error}")
+            failures.append(error)
             continue
         return provider
     raise ProviderUnreachable(
-        "--provider auto: no cloud metadata server answered (" + "; ".join(failures) + "); "
-        "set --provider / SPOTGUARD_PROVIDER, or --metadata-url if the server lives elsewhere")
+        "--provider auto: no cloud metadata server answered ("
+        + "; ".join(f"{name}: {error}" for name, error in zip(AUTO_ORDER, failures)) + "); "
+        "set --provider / SPOTGUARD_PROVIDER, or --metadata-url if the server lives elsewhere",
+        reason=failures[0].reason)
+
+
+class AutoProvider:
+    """`--provider auto`: find the cloud, then be its provider.
+
+    Watching it probes every provider of AUTO_ORDER until one answers, retrying in-process with
+    the providers' own backoff (capped at 2 s, so a notice that comes right after the metadata
+    server does is not missed). Meanwhile the daemon runs: /healthz answers, /readyz says the
+    metadata server is not reachable, spotguard_metadata_up is 0 (the SpotguardMetadataUnreachable
+    alert), and a drain saved on the node resumes. Exiting instead would put the pod in
+    CrashLoopBackOff, whose restart delay grows to 5 minutes: the node unguarded that long because,
+    say, GKE's gke-metadata-server started a little after spotguard on a new node.
+    """
+
+    def __init__(self, config: Config, *, on_error: Callable[[str], None] = _ignore_error,
+                 on_ok: Callable[[], None] = _ignore_ok, clock: Callable[[], float] = time.time,
+                 on_detected: Callable[[str], None] = _ignore_error,
+                 backoff_base: float = 0.5, backoff_cap: float = 2.0) -> None:
+        self.name = "auto"   # the detected provider's name once found
+        self._config = config
+        self._on_error, self._on_ok, self._clock = on_error, on_ok, clock
+        self.on_detected = on_detected
+        self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
+        self._found: Provider | None = None
+        self._log = structlog.get_logger(provider="auto")
+
+    async def probe(self) -> None:
+        await self._detect_once()
+
+    async def _detect_once(self) -> Provider:
+        if self._found is None:
+            self._found = await detect(self._config, on_error=self._on_error, on_ok=self._on_ok, clock=self._clock)
+            self.name = self._found.name
+            self._log.info("provider detected", detected=self.name)
+            self.on_detected(self.name)
+        return self._found
+
+    async def watch(self) -> AsyncIterator[Notice | None]:
+        failures = 0
+        while True:
+            try:
+                found = await self._detect_once()
+                break
+            except ProviderUnreachable as error:
+                self._on_error(error.reason)
+                delay = backoff_delay(failures, base=self._backoff_base, cap=self._backoff_cap)
+                failures += 1
+                self._log.warning("no metadata server answered yet", error=str(error), failed_probes=failures,
+                                  retry_in_seconds=round(delay, 3))
+                await asyncio.sleep(delay)
+        async with aclosing(found.watch()) as notices:
+            async for notice in notices:
+                yield notice

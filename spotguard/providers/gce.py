@@ -277,10 +277,11 @@ class GceProvider:
                 parse_preempted(body)
             except _RequestFailed as failure:
                 raise ProviderUnreachable(
-                    f"GCE metadata server at {self.root_url}: {failure.reason}: {failure}") from None
+                    f"GCE metadata server at {self.root_url}: {failure.reason}: {failure}",
+                    reason=failure.reason) from None
             except MetadataBodyError as error:
                 raise ProviderUnreachable(
-                    f"GCE metadata server at {self.root_url}: bad_body: {error}") from None
+                    f"GCE metadata server at {self.root_url}: bad_body: {error}", reason="bad_body") from None
 
     async def watch(self) -> AsyncIterator[Notice | None]:
         """The state at start-up (once both keys were read, or at once if either is a notice),

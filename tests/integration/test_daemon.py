@@ -277,3 +277,53 @@ async def test_dry_run_asks_the_api_server_and_changes_nothing(world):
     assert current["metadata"].get("deletionTimestamp") is None
     assert condition(current, "spotguard.io/serving") == "True"
     assert not [e for e in world.events(reason="TerminationNotice") if e["involvedObject"]["name"] == node]
+
+
+async def test_auto_provider_waits_for_a_metadata_server_that_starts_late(world):
+    """`--provider auto` with no metadata server yet: the daemon stays up (alive, not ready,
+    spotguard_metadata_up 0) instead of exiting into CrashLoopBackOff, then finds the server when
+    it comes and handles a preemption."""
+    world.daemon_env = {"SPOTGUARD_PROVIDER": "auto"}
+    node = node_name()
+    vm = await world.add_vm(node, spotguard=False)
+    await vm.metadata.stop()
+    daemon = world.start_daemon(vm)
+
+    async def get(path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(daemon.url + path) as response:
+                return response.status, await response.text()
+
+    async def listening() -> bool:
+        try:
+            await get("/healthz")
+            return True
+        except aiohttp.ClientError:
+            return False
+
+    for _ in range(150):
+        if await listening():
+            break
+        await asyncio.sleep(0.1)
+    text = await asyncio.to_thread(wait_until, lambda: (
+        (t := daemon.metrics()) and metric(t, "spotguard_metadata_errors_total", provider="auto") >= 2 and t),
+        timeout=20, what="failed probes counted")
+    assert daemon.process is not None and daemon.process.poll() is None, "the daemon exited"
+    assert (await get("/healthz"))[0] == 200
+    status, body = await get("/readyz")
+    assert status == 503 and "metadata server not reachable" in body
+    assert metric(text, "spotguard_metadata_up") == 0
+    assert metric(text, "spotguard_build_info", provider="auto") == 1
+
+    await vm.metadata.start()          # same port: the metadata server comes up
+    await asyncio.to_thread(daemon.wait_ready)
+    text = await asyncio.to_thread(daemon.metrics)
+    assert metric(text, "spotguard_build_info", provider="gce") == 1
+    assert metric(text, "spotguard_build_info", provider="auto") == 0   # the series is gone
+    assert metric(text, "spotguard_metadata_up") == 1
+
+    world.preempt(node, vm_lifetime_seconds=None)
+    await asyncio.to_thread(wait_until, lambda: world.node(node)["spec"].get("unschedulable"), timeout=15,
+                            what="node cordoned")
+    text = await asyncio.to_thread(daemon.metrics)
+    assert metric(text, "spotguard_notices_total", provider="gce", kind="preemption") == 1

@@ -20,7 +20,7 @@ import pytest
 
 from spotguard.config import Config, add_arguments, load
 from spotguard.notice import Notice, NoticeKind
-from spotguard.providers import ProviderUnreachable, detect, make_provider
+from spotguard.providers import AutoProvider, ProviderUnreachable, detect, make_provider
 from spotguard.providers.gce import GceProvider
 from spotguard.sim.gce_metadata import MAINTENANCE_EVENT, PREEMPTED, GceMetadataEmulator
 
@@ -316,6 +316,34 @@ async def test_auto_fails_clearly_when_no_metadata_server_answers() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ProviderUnreachable, match="--provider auto: no cloud metadata server answered"):
         await detect(config("--provider", "auto", "--metadata-url", url))
+
+
+async def test_auto_keeps_probing_until_a_metadata_server_answers_then_follows_it(calls: Calls) -> None:
+    """A metadata server that comes up after spotguard (a new node's gke-metadata-server) is found
+    in-process: failed probes are counted, nothing is yielded until it answers, then it is followed."""
+    late = GceMetadataEmulator(port=free_port())
+    detected: list[str] = []
+    provider = AutoProvider(config("--provider", "auto", "--metadata-url", late.url),
+                            on_error=calls.on_error, on_ok=calls.on_ok, on_detected=detected.append,
+                            backoff_base=0.02, backoff_cap=0.05)
+    assert make_provider(config("--provider", "auto")).name == "auto"   # built without the network
+    watcher = Watcher(provider)   # type: ignore[arg-type]
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(calls.errors) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert calls.errors[:3] == ["connection"] * 3
+        assert watcher.items.empty() and provider.name == "auto" and detected == []
+        await late.start()
+        assert await watcher.next() is None          # the state at start-up: no notice
+        assert provider.name == "gce" and detected == ["gce"]
+        late.preempt()
+        notice = await watcher.next()
+        assert notice is not None and notice.kind is NoticeKind.PREEMPTION
+    finally:
+        await watcher.stop()
+        await late.stop()
 
 
 def test_explicit_gce_is_built_without_asking_the_network() -> None:
