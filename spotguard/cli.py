@@ -88,9 +88,8 @@ def _run(config: cfg.Config) -> int:
 
     async def main_async() -> None:
         metrics = Metrics(provider=config.provider)
-        provider = providers.make_provider(config, on_error=metrics.metadata_failed, on_ok=metrics.metadata_ok)
-        if isinstance(provider, providers.AutoProvider):
-            provider.on_detected = metrics.use_provider
+        provider = providers.make_provider(config, on_error=metrics.metadata_failed, on_ok=metrics.metadata_ok,
+                                           on_detected=metrics.use_provider)
         timing = lifecycle.Timing(safety_margin_seconds=config.safety_margin_seconds,
                                   endpoint_wait_seconds=config.endpoint_wait_seconds,
                                   max_drain_seconds=config.max_drain_seconds)

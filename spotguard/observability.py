@@ -103,7 +103,11 @@ class Metrics:
         """The `provider` label from now on: `auto` until AutoProvider has found the cloud. Counts
         already made under the old name stay (failed probes while detecting are real errors)."""
         if self.provider != provider:
+            # Only series that say which cloud this is; error counts keep the name they were made under.
             self.build_info.remove(__version__, self.provider)
+            for kind in NoticeKind:
+                self.notices.remove(self.provider, kind.value)
+            self.notices_cancelled.remove(self.provider)
         self.provider = provider
         self.build_info.labels(version=__version__, provider=provider).set(1)
         for kind in NoticeKind:

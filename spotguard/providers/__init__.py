@@ -59,15 +59,21 @@ def _ignore_ok() -> None:
     pass
 
 
+def _ignore_detected(provider_name: str) -> None:
+    pass
+
+
 def make_provider(config: Config, *, name: str | None = None,
                   on_error: Callable[[str], None] = _ignore_error,
                   on_ok: Callable[[], None] = _ignore_ok,
+                  on_detected: Callable[[str], None] = _ignore_detected,
                   clock: Callable[[], float] = time.time) -> Provider:
     """Build the provider the configuration names (or `name`, used by `detect`), without I/O.
 
     `on_error(reason)` and `on_ok()` are called for every failed / successful request to the
     metadata server (the daemon wires them to spotguard_metadata_errors_total and
-    spotguard_metadata_up). For `auto` it is an `AutoProvider`, which finds the cloud when watched.
+    spotguard_metadata_up). For `auto` it is an `AutoProvider`, which finds the cloud when watched
+    and then calls `on_detected(name)`.
     """
     chosen = name or config.provider
     if chosen == "gce":
@@ -78,7 +84,7 @@ def make_provider(config: Config, *, name: str | None = None,
                            notice_seconds=config.notice_seconds,
                            on_error=on_error, on_ok=on_ok, clock=clock)
     if chosen == "auto":
-        return AutoProvider(config, on_error=on_error, on_ok=on_ok, clock=clock)
+        return AutoProvider(config, on_error=on_error, on_ok=on_ok, on_detected=on_detected, clock=clock)
     raise ValueError(f"no provider named {chosen!r} is built; known: {', '.join(AUTO_ORDER)}")
 
 
@@ -113,8 +119,8 @@ class AutoProvider:
     """`--provider auto`: find the cloud, then be its provider.
 
     Watching it probes every provider of AUTO_ORDER until one answers, retrying in-process with
-    the providers' own backoff (capped at 2 s, so a notice that comes right after the metadata
-    server does is not missed). Meanwhile the daemon runs: /healthz answers, /readyz says the
+    backoff capped at 2 s like the GCE provider's own retries (so a notice that comes right after
+    the metadata server does is not missed). Meanwhile the daemon runs: /healthz answers, /readyz says the
     metadata server is not reachable, spotguard_metadata_up is 0 (the SpotguardMetadataUnreachable
     alert), and a drain saved on the node resumes. Exiting instead would put the pod in
     CrashLoopBackOff, whose restart delay grows to 5 minutes: the node unguarded that long because,
@@ -123,12 +129,12 @@ class AutoProvider:
 
     def __init__(self, config: Config, *, on_error: Callable[[str], None] = _ignore_error,
                  on_ok: Callable[[], None] = _ignore_ok, clock: Callable[[], float] = time.time,
-                 on_detected: Callable[[str], None] = _ignore_error,
+                 on_detected: Callable[[str], None] = _ignore_detected,
                  backoff_base: float = 0.5, backoff_cap: float = 2.0) -> None:
         self.name = "auto"   # the detected provider's name once found
         self._config = config
         self._on_error, self._on_ok, self._clock = on_error, on_ok, clock
-        self.on_detected = on_detected
+        self._on_detected = on_detected
         self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
         self._found: Provider | None = None
         self._log = structlog.get_logger(provider="auto")
@@ -138,10 +144,11 @@ class AutoProvider:
 
     async def _detect_once(self) -> Provider:
         if self._found is None:
-            self._found = await detect(self._config, on_error=self._on_error, on_ok=self._on_ok, clock=self._clock)
-            self.name = self._found.name
-            self._log.info("provider detected", detected=self.name)
-            self.on_detected(self.name)
+            found = await detect(self._config, on_error=self._on_error, on_ok=self._on_ok, clock=self._clock)
+            self._log.info("provider detected", detected=found.name)
+            # Told before it is kept: should the callback fail, the next call detects and tells again.
+            self._on_detected(found.name)
+            self._found, self.name = found, found.name
         return self._found
 
     async def watch(self) -> AsyncIterator[Notice | None]:

@@ -170,7 +170,8 @@ class BenchConfig:
     @classmethod
     def quick(cls) -> BenchConfig:
         """One profile (GKE's default), one run per scenario, fewer repetitions, a smaller storm."""
-        return cls(profiles=("spot30",), runs=1, reaction_reps=30, storm_nodes=30)
+        return cls(profiles=("spot30",), runs=1, reaction_reps=30, storm_nodes=30,
+                   admission_pod_counts=(10, 1000), admission_evictions=50)
 
     @classmethod
     def smoke(cls) -> BenchConfig:

@@ -37,17 +37,20 @@ def _quantile_ms(samples: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * 1000, 2)
 
 
-def _eviction(namespace: str, pod: str, *, labelled: bool) -> Obj:
+def _eviction(namespace: str, pod: str, uid: str, *, labelled: bool) -> Obj:
+    """As spotguard.kube.Kube.evict sends it: pinned to the pod's uid; labelled for spotguard."""
     metadata: Obj = {"name": pod, "namespace": namespace}
-    if labelled:   # as spotguard labels its evictions (spotguard.kube.Kube.evict)
+    if labelled:
         metadata["labels"] = {EVICTION_LABEL: "spotguard"}
-    return {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": metadata}
+    return {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": metadata,
+            "deleteOptions": {"preconditions": {"uid": uid}}}
 
 
 class _AdmissionBench:
     def __init__(self, api_client: Any, kubeconfig: Any, say: Callable[[str], None]) -> None:
         from kubernetes import config as k8s_config
 
+        self.user_agent = api_client.user_agent
         self.admin = Kube(api_client, node_name="-")
         self.new_client = lambda: k8s_config.new_client_from_config(config_file=str(kubeconfig))
         self.say = say
@@ -58,6 +61,7 @@ class _AdmissionBench:
         self.created: list[str] = []   # API paths to delete at the end, newest last
         self.clients: list[Any] = []
         self.pods: dict[str, list[str]] = {self.own_node: [], self.other_node: []}
+        self.uids: dict[str, str] = {}
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -126,10 +130,11 @@ class _AdmissionBench:
         for index in range(have, count):
             node = self.own_node if index % 2 == 0 else self.other_node
             name = f"p-{index}"
-            self.admin.call("POST", f"/api/v1/namespaces/{self.namespace}/pods", body={
+            created = self.admin.call("POST", f"/api/v1/namespaces/{self.namespace}/pods", body={
                 "metadata": {"name": name},
                 "spec": {"nodeName": node, "containers": [{"name": "main", "image": PAUSE}]}})
             self.pods[node].append(name)
+            self.uids[name] = created["metadata"]["uid"]
             if (index + 1) % 1000 == 0:
                 self.say(f"    {index + 1}/{count} pods")
         if count > have:
@@ -138,7 +143,8 @@ class _AdmissionBench:
     def evict(self, kube: Kube, pod: str, *, labelled: bool) -> float:
         path = f"/api/v1/namespaces/{self.namespace}/pods/{pod}/eviction"
         began = time.perf_counter()
-        kube.call("POST", path, query={"dryRun": "All"}, body=_eviction(self.namespace, pod, labelled=labelled))
+        kube.call("POST", path, query={"dryRun": "All"},
+                  body=_eviction(self.namespace, pod, self.uids[pod], labelled=labelled))
         return time.perf_counter() - began
 
     def wait_policy_active(self, spotguard: Kube, timeout: float = 60) -> None:
@@ -176,6 +182,7 @@ class _AdmissionBench:
     def tear_down(self) -> None:
         for client in self.clients:
             client.close()
+        self.admin.api.user_agent = self.user_agent   # Kube() gave the shared client spotguard's
         for path in reversed(self.created):
             try:
                 self.admin.call("DELETE", path)

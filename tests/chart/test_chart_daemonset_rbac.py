@@ -190,13 +190,14 @@ def test_admission_policies_apply_to_spotguards_service_account_only() -> None:
         spec = policy["spec"]
         assert spec["failurePolicy"] == "Fail"
         variables = {v["name"]: v["expression"] for v in spec["variables"]}
-        assert variables["isSpotguard"] == user
         assert "authentication.kubernetes.io/node-name" in variables["hasNodeClaim"]
         if policy["metadata"]["name"].endswith("-own-evicted-pods"):
             # matchConditions would be evaluated once per param: the expression checks the user.
             assert "matchConditions" not in spec
+            assert variables["isSpotguard"] == user
             assert "!variables.isSpotguard" in spec["validations"][0]["expression"]
             continue
+        assert "isSpotguard" not in variables
         assert spec["matchConditions"] == [{"name": "is-spotguard", "expression": user}]
         # Every other policy first requires the node-name claim of a pod-bound token.
         assert spec["validations"][0]["expression"] == "variables.hasNodeClaim"
@@ -245,3 +246,6 @@ def test_the_eviction_node_check_can_be_turned_off_for_very_large_namespaces() -
     names = sorted(p["metadata"]["name"].rsplit("-own-", 1)[1] for p in policies)
     assert names == ["core-events", "events", "evictions", "nodes", "pods"]
     assert len(bindings) == 5 and all("paramRef" not in b["spec"] for b in bindings)
+    # Nor are label and uid asked for: they only route evictions to the check that is gone.
+    evictions = next(p for p in policies if p["metadata"]["name"].endswith("-own-evictions"))
+    assert [v["expression"] for v in evictions["spec"]["validations"]] == ["variables.hasNodeClaim"]

@@ -69,9 +69,11 @@ def _node(name: str, labels: dict[str, str]) -> dict[str, Any]:
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **labels}}}
 
 
-def _pod(name: str, node: str) -> dict[str, Any]:
+def _pod(name: str, node: str | None) -> dict[str, Any]:
+    """A pod bound to `node`; with None, one that no node fits, so it stays unscheduled."""
+    placement = {"nodeName": node} if node else {"nodeSelector": {"sim.spotguard.io/no-such-node": "true"}}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": "victim"}},
-            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0,
+            "spec": {**placement, "terminationGracePeriodSeconds": 0,
                      "containers": [{"name": "main", "image": PAUSE}]}}
 
 
@@ -179,8 +181,10 @@ def as_spotguard(release: dict[str, Any], cluster: Any) -> Callable[..., Any]:
 @pytest.fixture(scope="module")
 def victims(release: dict[str, Any], api_client: Any) -> dict[str, str]:
     namespace, nodes = release["namespace"], release["nodes"]
-    names = {"own": "victim-own", "own_evict": "victim-own-evict", "other": "victim-other"}
-    placement = {"own": nodes["gpu_spot"], "own_evict": nodes["gpu_spot"], "other": nodes["gpu_preemptible"]}
+    names = {"own": "victim-own", "own_evict": "victim-own-evict", "other": "victim-other",
+             "unscheduled": "victim-unscheduled"}
+    placement = {"own": nodes["gpu_spot"], "own_evict": nodes["gpu_spot"], "other": nodes["gpu_preemptible"],
+                 "unscheduled": None}
     for key, pod_name in names.items():
         _call(api_client, "POST", f"/api/v1/namespaces/{namespace}/pods", _pod(pod_name, placement[key]))
     return names
@@ -208,21 +212,31 @@ def _wait_policy_active(client: Any, other_node: str) -> None:
     _wait(refused, timeout=30, what="the admission policy to refuse another node")
 
 
-def _eviction(namespace: str, pod: str, *, labelled: bool = True) -> dict[str, Any]:
-    """An Eviction as spotguard sends it: labelled, so that the policy reading the pod applies."""
+def _uid(client: Any, namespace: str, pod: str) -> str:
+    return str(_call(client, "GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")["metadata"]["uid"])
+
+
+def _eviction(namespace: str, pod: str, *, uid: str | None, labelled: bool = True) -> dict[str, Any]:
+    """An Eviction as spotguard sends it: labelled, so that the policy reading the pod applies, and
+    pinned to the pod's uid."""
     metadata: dict[str, Any] = {"name": pod, "namespace": namespace}
     if labelled:
         metadata["labels"] = {EVICTION_LABEL: "spotguard"}
-    return {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": metadata}
+    eviction: dict[str, Any] = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": metadata}
+    if uid is not None:
+        eviction["deleteOptions"] = {"preconditions": {"uid": uid}}
+    return eviction
 
 
 def _wait_eviction_policy_active(client: Any, namespace: str, other_pod: str) -> None:
     """The eviction policy also needs the API server's Pod informer behind its params. Probed with a
     dry-run eviction, so nothing is evicted while it is not active yet."""
+    uid = _uid(client, namespace, other_pod)
+
     def refused() -> bool:
         try:
             _call(client, "POST", f"/api/v1/namespaces/{namespace}/pods/{other_pod}/eviction?dryRun=All",
-                  _eviction(namespace, other_pod))
+                  _eviction(namespace, other_pod, uid=uid))
         except ApiError as error:
             return error.status == 403 and "may only evict pods on its own node" in error.message
         return False
@@ -256,7 +270,7 @@ def test_spotguard_may_do_its_job_on_its_own_node(release: dict[str, Any], as_sp
     # Evict a pod of its node, once the eviction policy is judging evictions at all.
     _wait_eviction_policy_active(me, namespace, victims["other"])
     _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/{victims['own_evict']}/eviction",
-          _eviction(namespace, victims["own_evict"]))
+          _eviction(namespace, victims["own_evict"], uid=_uid(me, namespace, victims["own_evict"])))
     _wait(lambda: victims["own_evict"] not in
           [p["metadata"]["name"] for p in _call(api_client, "GET", f"/api/v1/namespaces/{namespace}/pods")["items"]
            if not p["metadata"].get("deletionTimestamp")],
@@ -321,24 +335,40 @@ def test_eviction_on_another_node_is_refused(
     nodes, namespace = release["nodes"], release["namespace"]
     me = as_spotguard(nodes["gpu_spot"])
     _wait_eviction_policy_active(me, namespace, victims["other"])
-    message = _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/eviction",
-                                    _eviction(namespace, victims["other"])),
+    other = _uid(api_client, namespace, victims["other"])
+
+    def evict(client: Any, pod: str, eviction: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
+        query = "?dryRun=All" if dry_run else ""
+        return _call(client, "POST", f"/api/v1/namespaces/{namespace}/pods/{pod}/eviction{query}", eviction)
+
+    message = _denied(lambda: evict(me, victims["other"], _eviction(namespace, victims["other"], uid=other)),
                       contains="may only evict pods on its own node")
     assert f"{namespace}/{victims['other']}" in message
     # Still there, not even marked for deletion.
     assert not _call(api_client, "GET", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}")["metadata"].get(
         "deletionTimestamp")
-    # The same eviction by spotguard on the pod's own node is allowed (dry run: nothing is deleted).
-    _call(as_spotguard(nodes["gpu_preemptible"]), "POST",
-          f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/eviction?dryRun=All",
-          _eviction(namespace, victims["other"]))
+    # The same eviction by spotguard on the pod's own node is allowed (dry run: nothing is deleted)...
+    on_its_node = as_spotguard(nodes["gpu_preemptible"])
+    evict(on_its_node, victims["other"], _eviction(namespace, victims["other"], uid=other), dry_run=True)
+    # ...but only pinned to the uid of the pod the policy judged (a pod re-created under the same name
+    # elsewhere could otherwise be evicted while the API server's cache still shows the old one).
+    _denied(lambda: evict(on_its_node, victims["other"], _eviction(namespace, victims["other"], uid=None),
+                          dry_run=True), contains="must carry the pod's uid")
+    _denied(lambda: evict(on_its_node, victims["other"],
+                          _eviction(namespace, victims["other"], uid="00000000-0000-0000-0000-000000000000"),
+                          dry_run=True), contains="may only evict pods on its own node")
     # Without the label that routes it to the policy reading the pod, spotguard's eviction is refused.
-    _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/eviction",
-                          _eviction(namespace, victims["other"], labelled=False)),
+    _denied(lambda: evict(me, victims["other"], _eviction(namespace, victims["other"], uid=other, labelled=False)),
             contains="must be labelled spotguard.io/evicted-by=spotguard")
+    # A token without the node-name claim may not evict at all, labelled or not.
+    _denied(lambda: evict(as_spotguard(None), victims["other"], _eviction(namespace, victims["other"], uid=other),
+                          dry_run=True), contains="pod-bound token")
+    # A pod not scheduled anywhere is on nobody's node.
+    pending = victims["unscheduled"]
+    _denied(lambda: evict(me, pending, _eviction(namespace, pending, uid=_uid(api_client, namespace, pending)),
+                          dry_run=True), contains="may only evict pods on its own node")
     # Evicting a pod that does not exist is a 404 from the API, not a refusal by the policy.
-    _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/no-such-pod/eviction",
-                          _eviction(namespace, "no-such-pod")), status=404)
+    _denied(lambda: evict(me, "no-such-pod", _eviction(namespace, "no-such-pod", uid=other)), status=404)
 
 
 MONITORING_CRDS = {"PodMonitor": "podmonitors", "ServiceMonitor": "servicemonitors",

@@ -93,6 +93,28 @@ async def test_daemon_with_a_pod_bound_token_handles_a_preemption_under_the_char
     world.deploy_vllm(replicas=2)
     pods = await asyncio.to_thread(world.wait_ready_pods, 2)
     on = {p["spec"]["nodeName"]: p["metadata"]["name"] for p in pods}
+    uids = {p["spec"]["nodeName"]: p["metadata"]["uid"] for p in pods}
+    client = kube_config.new_client_from_config(config_file=str(kubeconfig))
+    as_spotguard = Kube(client, node_name=victim)
+
+    def evict_neighbours_pod(dry_run: bool) -> None:
+        """An eviction exactly as spotguard sends one, of the pod on the neighbour's node."""
+        as_spotguard.call("POST", f"/api/v1/namespaces/{world.namespace}/pods/{on[neighbour]}/eviction",
+                          query={"dryRun": "All"} if dry_run else None,
+                          body={"apiVersion": "policy/v1", "kind": "Eviction",
+                                "metadata": {"name": on[neighbour], "namespace": world.namespace,
+                                             "labels": {EVICTION_LABEL: "spotguard"}},
+                                "deleteOptions": {"preconditions": {"uid": uids[neighbour]}}})
+
+    def policies_active() -> bool:
+        try:
+            evict_neighbours_pod(dry_run=True)
+        except KubeError as error:
+            return error.status == 403 and "may only evict pods on its own node" in str(error)
+        return False
+
+    # The daemon must do its work with the policies enforcing, not before they are active.
+    await asyncio.to_thread(wait_until, policies_active, timeout=30, what="the chart's eviction policy active")
     world.preempt(victim, vm_lifetime_seconds=None)   # no kubelet shutdown: spotguard alone evicts
 
     def evicted() -> bool:
@@ -110,14 +132,9 @@ async def test_daemon_with_a_pod_bound_token_handles_a_preemption_under_the_char
     assert daemon.metric("spotguard_actions_total", result="error") == 0
 
     # The same token may not touch the neighbour's node or evict the pod serving there.
-    client = kube_config.new_client_from_config(config_file=str(kubeconfig))
     try:
-        as_spotguard = Kube(client, node_name=victim)
         with pytest.raises(KubeError) as refused:
-            as_spotguard.call("POST", f"/api/v1/namespaces/{world.namespace}/pods/{on[neighbour]}/eviction",
-                              body={"apiVersion": "policy/v1", "kind": "Eviction",   # labelled as spotguard's
-                                    "metadata": {"name": on[neighbour], "namespace": world.namespace,
-                                                 "labels": {EVICTION_LABEL: "spotguard"}}})
+            evict_neighbours_pod(dry_run=False)
         assert refused.value.status == 403 and "may only evict pods on its own node" in str(refused.value)
         with pytest.raises(KubeError) as refused:
             as_spotguard.call("PATCH", f"/api/v1/nodes/{neighbour}", body={"spec": {"unschedulable": True}},
@@ -126,3 +143,4 @@ async def test_daemon_with_a_pod_bound_token_handles_a_preemption_under_the_char
     finally:
         client.close()
     assert not world.node(neighbour)["spec"].get("unschedulable")
+    assert on[neighbour] in {p["metadata"]["name"] for p in world.pods("app=vllm")}
