@@ -163,3 +163,4 @@ def test_label_selectors_follow_kubernetes_semantics():
     assert not k.selector_matches({"matchExpressions": [{"key": "zone", "operator": "Exists"}]}, labels)
     assert k.selector_matches({}, labels)  # empty selector: everything
     assert not k.selector_matches(None, labels)  # null selector: nothing (policy/v1)
+
