@@ -117,8 +117,9 @@ def kube_client():
     configuration = client.Configuration()
     configuration.socket_options = tcp_keepalive_socket_options(**KEEPALIVE)
     if os.environ.get("KUBECONFIG"):
-        # The client reads KUBECONFIG itself, including a colon-separated list of files.
-        return config.new_client_from_config(client_configuration=configuration)
+        # Passed explicitly: the client's own default is read once, when it is imported. A
+        # colon-separated list of files is merged as kubectl does.
+        return config.new_client_from_config(os.environ["KUBECONFIG"], client_configuration=configuration)
     config.load_incluster_config(client_configuration=configuration)
     return client.ApiClient(configuration)
 
