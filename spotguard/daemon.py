@@ -35,6 +35,11 @@ from spotguard.providers import Provider
 
 log = structlog.get_logger("spotguard")
 WATCH_TIMEOUT_SECONDS = 300
+# An Event whose POST fails is tried again this many times, in the background, with backoff from
+# the base: Events are how people see what happened (kubectl describe), and API trouble is likeliest
+# during a preemption storm. Unlike node and pod changes, nothing else would ask for it again.
+EVENT_RETRIES = 3
+EVENT_RETRY_BASE_SECONDS = 1.0
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Daemon:
         self.failing_steps = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._event_retries: set[asyncio.Task[None]] = set()
         self._list_watches: list[k.ListWatch] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task[Any] | None = None
@@ -98,9 +104,9 @@ class Daemon:
         except asyncio.CancelledError:
             pass
         finally:
-            for task in self._tasks:
+            for task in [*self._tasks, *self._event_retries]:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, *self._event_retries, return_exceptions=True)
             for watch in self._list_watches:
                 await watch.stop()
             await self._session.close()
@@ -349,7 +355,19 @@ class Daemon:
             self._count_eviction(evict.pod, outcome, detail)
         for report in reports:
             self._count_report(report)
-        await asyncio.gather(*(self._do(report) for report in reports))
+        posted = await asyncio.gather(*(self._do(report) for report in reports))
+        for report, ok in zip(reports, posted):
+            if not ok:
+                task = asyncio.create_task(self._retry_event(report), name=f"event-{report.reason}")
+                self._event_retries.add(task)
+                task.add_done_callback(self._event_retries.discard)
+
+    async def _retry_event(self, report: lc.Report) -> None:
+        for attempt in range(EVENT_RETRIES):
+            await asyncio.sleep(backoff_delay(attempt, base=EVENT_RETRY_BASE_SECONDS, cap=8.0))
+            if await self._do(report):
+                return
+        log.warning("event dropped", reason=report.reason, attempts=EVENT_RETRIES + 1)
 
     async def _do(self, action: lc.Action) -> Any:
         names = _action_names(action)
@@ -360,12 +378,14 @@ class Daemon:
             # stored). The cluster does not change, so the level-triggered loop asks again: once.
             key = _action_key(action)
             if key in self.dry_run_done:
-                return (lc.EvictionOutcome.EVICTED, None) if isinstance(action, lc.Evict) else None
+                if isinstance(action, lc.Evict):
+                    return lc.EvictionOutcome.EVICTED, None
+                return isinstance(action, lc.Report)   # an Event counts as posted
             self.dry_run_done.add(key)
         try:
             result = await asyncio.to_thread(self._call, action)
         except Exception as error:  # noqa: BLE001 - report, count, and let the next decision ask again
-            if not isinstance(action, lc.Report):  # Events are best effort, never asked for again
+            if not isinstance(action, lc.Report):  # Events are retried by _execute, not by the loop
                 self.failed_actions += 1
             self._count(names, "error")
             if isinstance(error, k.KubeError) and error.status == 404 and isinstance(action, lc.UpdateNode):
@@ -399,7 +419,7 @@ class Daemon:
             return self.kube.evict(action.pod, grace_seconds=action.grace_seconds)
         if isinstance(action, lc.Report):
             self.kube.record_event(action, node_uid=(self.node or {}).get("metadata", {}).get("uid"))
-            return None
+            return True   # posted (None from _do means it failed)
         raise TypeError(f"unknown action {action!r}")
 
     # -- telling people ----------------------------------------------------------------------
