@@ -1685,7 +1685,17 @@ def reclaim(api_client: Any, node_name: str, *, at: datetime) -> None:
     if at.tzinfo is None:
         raise ValueError("`at` must be timezone-aware, e.g. datetime.now(timezone.utc) + timedelta(seconds=30)")
     stamp = at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    k8s.CoreV1Api(api_client).patch_node(node_name, {"metadata": {"annotations": {RECLAIM_ANNOTATION: stamp}}})
+    # A raw merge patch, not CoreV1Api.patch_node: the typed API builds its pydantic models on first
+    # use (about 0.4 s here), and World.preempt calls this on the event loop that also serves the
+    # metadata emulator, so the notice itself would reach spotguard that much later.
+    request = api_client.param_serialize(
+        method="PATCH", resource_path=f"/api/v1/nodes/{node_name}", auth_settings=["BearerToken"],
+        header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
+        body={"metadata": {"annotations": {RECLAIM_ANNOTATION: stamp}}})
+    response = api_client.call_api(*request, _request_timeout=10)
+    response.read()
+    if response.status >= 400:
+        raise ApiException(status=response.status, reason=response.reason)
 
 
 # =================================================================================================
