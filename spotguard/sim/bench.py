@@ -634,16 +634,12 @@ async def _preempt(world: World, node: str, *, vm_lifetime_seconds: float) -> fl
     this loop, and a synchronous API call here would delay the daemons' notice, not the kubelet's.
     GCE flips instance/preempted and sends the guest its ACPI shutdown at the same moment, so the
     metadata flip and the kubelet's node shutdown start together here too."""
-    from spotguard.sim.kubelet import RECLAIM_ANNOTATION
+    from spotguard.sim.kubelet import reclaim
 
     noticed = time.time()
     world.vms[node].metadata.preempt()
-    # The same annotation `kubelet.reclaim()` writes, as a raw JSON PATCH (no client models to build).
     at = datetime.fromtimestamp(noticed + vm_lifetime_seconds, tz=timezone.utc)
-    stamp = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    await asyncio.to_thread(world.api.call, "PATCH", f"/api/v1/nodes/{node}",
-                            body={"metadata": {"annotations": {RECLAIM_ANNOTATION: stamp}}},
-                            content_type="application/merge-patch+json")
+    await asyncio.to_thread(reclaim, world.api_client, node, at=at)
     return noticed
 
 
