@@ -13,6 +13,7 @@ from typing import Callable, TextIO
 import aiohttp
 
 from spotguard import kube as k
+from spotguard import lifecycle as lc
 from spotguard import providers, vllm
 from spotguard.config import Config
 
@@ -58,6 +59,7 @@ async def run_check(config: Config, *, out: TextIO = sys.stdout,
         say("FAIL", f"Kubernetes credentials: {error}")
         return 1
     await asyncio.to_thread(_check_node_and_access, api, config, say)
+    await asyncio.to_thread(_check_admission, api, config, say)
     await _check_pods(api, say)
     failed = [f for f in findings if f.level == "FAIL"]
     print(f"{'NOT PROTECTED' if failed else 'PROTECTED'}: {len(failed)} failed, "
@@ -100,6 +102,35 @@ def _check_node_and_access(api: k.Kube, config: Config, say: Callable[[str, str]
             say("OK", f"RBAC {what}")
         else:
             say("FAIL", f"RBAC {what}: denied{' (' + reason + ')' if reason else ''}")
+
+
+def _check_admission(api: k.Kube, config: Config, say: Callable[[str, str], None]) -> None:
+    """RBAC says what the ServiceAccount may do; admission policies can still refuse it (the chart's
+    refuse every write by a token without a node-name claim). Dry-run writes ask the API server
+    itself: it runs admission, answers PDBs, and stores nothing."""
+    dry = k.Kube(api.api, node_name=config.node_name, dry_run=True)
+    try:
+        dry.call("PATCH", f"/api/v1/nodes/{config.node_name}", query=dry.write_query,
+                 body={"metadata": {"annotations": {"spotguard.io/check": "dry-run"}}},
+                 content_type="application/merge-patch+json")
+        say("OK", f"admission: may change node {config.node_name} (dry run)")
+    except Exception as error:  # noqa: BLE001 - report, don't crash
+        say("FAIL", f"admission: changing node {config.node_name} refused: {error}")
+    try:
+        pods, _ = dry.list_pods()
+    except Exception:  # noqa: BLE001 - the pods check below reports it
+        return
+    serving = [pod for pod in pods if k.is_serving_pod(pod)]
+    if not serving:
+        return
+    pod = k.pod_facts(serving[0])
+    outcome, detail = dry.evict(pod, grace_seconds=30)
+    if outcome in (lc.EvictionOutcome.EVICTED, lc.EvictionOutcome.GONE):
+        say("OK", f"admission: may evict {pod.key} (dry run)")
+    elif outcome in (lc.EvictionOutcome.BLOCKED_BY_PDB, lc.EvictionOutcome.MULTIPLE_PDBS):
+        say("OK", f"admission: may evict {pod.key} (dry run); PodDisruptionBudget {detail} blocks it right now")
+    else:
+        say("FAIL", f"admission: evicting {pod.key} refused: {detail}")
 
 
 async def _check_pods(api: k.Kube, say: Callable[[str, str], None]) -> None:

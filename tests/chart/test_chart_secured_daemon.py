@@ -3,7 +3,8 @@
 test_chart_install.py checks the permissions request by request, by impersonation. This test runs
 `spotguard run` itself with a real pod-bound ServiceAccount token (TokenRequest bound to the
 spotguard pod the DaemonSet controller created, so the API server adds the node-name claim), so
-any call the daemon makes that the chart forgot would show up as a failed preemption here.
+any call the daemon makes that the chart forgot would show up as a failed preemption here. And
+`spotguard check` is run with a bound and an unbound token: only its dry-run writes can tell them apart.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -55,6 +59,16 @@ def spotguard_pod(world: World, release: dict[str, str], node: str) -> dict[str,
     return wait_until(find, timeout=30, what=f"the DaemonSet's spotguard pod on {node}")
 
 
+def token_kubeconfig(cluster: Any, token: str, path: Path) -> Path:
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "spotguard",
+        "clusters": [{"name": "sim", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": "spotguard", "user": {"token": token}}],
+        "contexts": [{"name": "spotguard", "context": {"cluster": "sim", "user": "spotguard"}}]}))
+    return path
+
+
 def pod_bound_kubeconfig(world: World, cluster: Any, release: dict[str, str], pod: dict[str, Any],
                          path: Path) -> Path:
     """A kubeconfig with a token bound to `pod`, as the kubelet mounts into the spotguard container."""
@@ -67,13 +81,42 @@ def pod_bound_kubeconfig(world: World, cluster: Any, release: dict[str, str], po
     # The claim the admission policies rely on is in the token itself.
     claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
     assert claims["kubernetes.io"]["node"]["name"] == pod["spec"]["nodeName"], claims
-    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "spotguard",
-        "clusters": [{"name": "sim", "cluster": admin["clusters"][0]["cluster"]}],
-        "users": [{"name": "spotguard", "user": {"token": token}}],
-        "contexts": [{"name": "spotguard", "context": {"cluster": "sim", "user": "spotguard"}}]}))
-    return path
+    return token_kubeconfig(cluster, token, path)
+
+
+def spotguard_check(node: str, kubeconfig: Path, metadata_url: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NODE_NAME": node, "KUBECONFIG": str(kubeconfig), "SPOTGUARD_PROVIDER": "gce",
+           "SPOTGUARD_METADATA_URL": metadata_url}
+    return subprocess.run([sys.executable, "-m", "spotguard", "check"], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+async def test_spotguard_check_sees_what_the_policies_refuse(world: World, release: dict[str, str], cluster: Any,
+                                                           tmp_path: Path) -> None:
+    """RBAC allows everything either way; only the dry-run writes show that a token without the
+    node-name claim (requested without a pod) is refused by the chart's policies."""
+    node = f"gpu-{uuid.uuid4().hex[:6]}"
+    vm = await world.add_vm(node, spotguard=False)
+    bound = pod_bound_kubeconfig(world, cluster, release, spotguard_pod(world, release, node),
+                                 tmp_path / "bound.kubeconfig")
+    unbound_token = world.api.call(
+        "POST", f"/api/v1/namespaces/{release['namespace']}/serviceaccounts/{release['service_account']}/token",
+        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+              "spec": {"expirationSeconds": 3600}})["status"]["token"]
+    unbound = token_kubeconfig(cluster, unbound_token, tmp_path / "unbound.kubeconfig")
+
+    def refused() -> subprocess.CompletedProcess[str] | None:
+        result = spotguard_check(node, unbound, vm.metadata.url)
+        return result if "FAIL admission" in result.stdout else None
+
+    result = await asyncio.to_thread(wait_until, refused, timeout=30, what="the policies to refuse the check")
+    assert result.returncode == 1, result.stdout
+    assert f"FAIL admission: changing node {node} refused" in result.stdout and "pod-bound token" in result.stdout
+    assert "OK   RBAC patch nodes" in result.stdout      # what RBAC alone would have said
+
+    result = await asyncio.to_thread(spotguard_check, node, bound, vm.metadata.url)
+    assert f"OK   admission: may change node {node} (dry run)" in result.stdout.splitlines(), result.stdout
+    assert "FAIL admission" not in result.stdout
 
 
 async def test_daemon_with_a_pod_bound_token_handles_a_preemption_under_the_charts_policies(
