@@ -805,7 +805,9 @@ async def bench_reaction(ctx: Context, reps: int) -> dict[str, Any]:
     observer: Observer | None = None
     try:
         vm = await _add_vm(world, f"{world.pool}-r", spotguard=True)
-        world.deploy_vllm(replicas=1, token_interval=ctx.config.token_interval)
+        # Not evictable: with nothing in flight spotguard drains at once and could evict the pod
+        # before the harness withdraws the notice, and each repetition needs the same pod back.
+        world.deploy_vllm(replicas=1, token_interval=ctx.config.token_interval, evictable=False)
         pod = (await asyncio.to_thread(world.wait_ready_pods, 1, timeout=90))[0]
         observer = Observer(ctx.api_client, pool=world.pool, namespace=world.namespace)
         await observer.start()

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from spotguard.kube import Kube, Obj
+from spotguard.kube import EVICT_ANNOTATION, Kube, Obj
 from spotguard.sim.gce_metadata import GceMetadataEmulator
 
 POOL_LABEL = "sim.spotguard.io/pool"
@@ -205,11 +205,13 @@ class World:
     def deploy_vllm(self, name: str = "vllm", *, replicas: int = 2, shutdown_timeout: float | None = None,
                     prestop_max_wait: float | None = None, grace_seconds: int = 30,
                     pdb_min_available: int | None = None, token_interval: float = 0.05,
-                    readiness_gate: bool = True) -> None:
+                    readiness_gate: bool = True, evictable: bool = True) -> None:
         """A vLLM Deployment wired for spotguard (readiness gate, metrics port), its Service and PDB.
 
         `readiness_gate=False` deploys it as users without spotguard run it (no
-        `spotguard.io/serving` gate: Ready follows the container alone), for the baselines."""
+        `spotguard.io/serving` gate: Ready follows the container alone), for the baselines.
+        `evictable=False` opts the pods out of eviction (`spotguard.io/evict: "false"`): spotguard
+        still takes them out of service and drains them."""
         labels = {"app": name}
         args = f"--token-interval {token_interval}"
         if shutdown_timeout is not None:
@@ -231,13 +233,15 @@ class World:
         }
         if readiness_gate:
             pod_spec["readinessGates"] = [{"conditionType": SERVING_GATE}]
+        annotations = {"sim.spotguard.io/fake-vllm": "true", "sim.spotguard.io/fake-vllm-args": args,
+                       "spotguard.io/metrics-port": "8000"}
+        if not evictable:
+            annotations[EVICT_ANNOTATION] = "false"
         deployment = {
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "namespace": self.namespace},
             "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels, "annotations": {
-                         "sim.spotguard.io/fake-vllm": "true", "sim.spotguard.io/fake-vllm-args": args,
-                         "spotguard.io/metrics-port": "8000"}}, "spec": pod_spec}},
+                     "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}},
         }
         service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": self.namespace},
                    "spec": {"selector": labels, "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}
