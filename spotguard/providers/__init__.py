@@ -51,22 +51,14 @@ class Provider(Protocol):
         ...
 
 
-def _ignore_error(reason: str) -> None:
-    pass
-
-
-def _ignore_ok() -> None:
-    pass
-
-
-def _ignore_detected(provider_name: str) -> None:
-    pass
+def unheard(*_: object) -> None:
+    """The default of every callback (on_error, on_ok, on_detected) nobody passed: not reported."""
 
 
 def make_provider(config: Config, *, name: str | None = None,
-                  on_error: Callable[[str], None] = _ignore_error,
-                  on_ok: Callable[[], None] = _ignore_ok,
-                  on_detected: Callable[[str], None] = _ignore_detected,
+                  on_error: Callable[[str], None] = unheard,
+                  on_ok: Callable[[], None] = unheard,
+                  on_detected: Callable[[str], None] = unheard,
                   clock: Callable[[], float] = time.time) -> Provider:
     """Build the provider the configuration names (or `name`, used by `detect`), without I/O.
 
@@ -89,8 +81,8 @@ def make_provider(config: Config, *, name: str | None = None,
 
 
 async def detect(config: Config, *,
-                 on_error: Callable[[str], None] = _ignore_error,
-                 on_ok: Callable[[], None] = _ignore_ok,
+                 on_error: Callable[[str], None] = unheard,
+                 on_ok: Callable[[], None] = unheard,
                  clock: Callable[[], float] = time.time) -> Provider:
     """The configured provider; for `auto`, the first whose metadata server answers a probe.
 
@@ -127,9 +119,9 @@ class AutoProvider:
     say, GKE's gke-metadata-server started a little after spotguard on a new node.
     """
 
-    def __init__(self, config: Config, *, on_error: Callable[[str], None] = _ignore_error,
-                 on_ok: Callable[[], None] = _ignore_ok, clock: Callable[[], float] = time.time,
-                 on_detected: Callable[[str], None] = _ignore_detected,
+    def __init__(self, config: Config, *, on_error: Callable[[str], None] = unheard,
+                 on_ok: Callable[[], None] = unheard, clock: Callable[[], float] = time.time,
+                 on_detected: Callable[[str], None] = unheard,
                  backoff_base: float = 0.5, backoff_cap: float = 2.0) -> None:
         self.name = "auto"   # the detected provider's name once found
         self._config = config

@@ -26,7 +26,7 @@ import structlog
 from spotguard.backoff import backoff_delay
 from spotguard.config import GCE_DEFAULT_METADATA_URL
 from spotguard.notice import Notice, NoticeKind
-from spotguard.providers import ProviderUnreachable
+from spotguard.providers import ProviderUnreachable, unheard
 
 FLAVOR_HEADER = "Metadata-Flavor"
 FLAVOR = "Google"
@@ -224,14 +224,6 @@ class _Observation(Generic[T]):
     window_start: float | None = None
 
 
-def _ignore_error(reason: str) -> None:
-    pass
-
-
-def _ignore_ok() -> None:
-    pass
-
-
 class GceProvider:
     """Follows the GCE metadata server and yields `Notice | None` (see `providers.Provider`)."""
 
@@ -239,8 +231,8 @@ class GceProvider:
 
     def __init__(self, *, root_url: str = GCE_DEFAULT_METADATA_URL,
                  notice_seconds: float | None = None,
-                 on_error: Callable[[str], None] = _ignore_error,
-                 on_ok: Callable[[], None] = _ignore_ok,
+                 on_error: Callable[[str], None] = unheard,
+                 on_ok: Callable[[], None] = unheard,
                  clock: Callable[[], float] = time.time,
                  hanging_timeout_seconds: float = 60.0,
                  request_timeout_seconds: float = 5.0,
