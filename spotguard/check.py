@@ -59,8 +59,14 @@ async def run_check(config: Config, *, out: TextIO = sys.stdout,
         say("FAIL", f"Kubernetes credentials: {error}")
         return 1
     await asyncio.to_thread(_check_node_and_access, api, config, say)
-    await asyncio.to_thread(_check_admission, api, config, say)
-    await _check_pods(api, say)
+    try:
+        pods: list[k.Obj] | None = (await asyncio.to_thread(api.list_pods))[0]
+    except Exception as error:  # noqa: BLE001
+        say("FAIL", f"pods on the node: {error}")
+        pods = None
+    await asyncio.to_thread(_check_admission, api, config, pods or [], say)
+    if pods is not None:
+        await _check_pods(pods, say)
     failed = [f for f in findings if f.level == "FAIL"]
     print(f"{'NOT PROTECTED' if failed else 'PROTECTED'}: {len(failed)} failed, "
           f"{sum(f.level == 'WARN' for f in findings)} warnings", file=out)
@@ -104,7 +110,7 @@ def _check_node_and_access(api: k.Kube, config: Config, say: Callable[[str, str]
             say("FAIL", f"RBAC {what}: denied{' (' + reason + ')' if reason else ''}")
 
 
-def _check_admission(api: k.Kube, config: Config, say: Callable[[str, str], None]) -> None:
+def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callable[[str, str], None]) -> None:
     """RBAC says what the ServiceAccount may do; admission policies can still refuse it (the chart's
     refuse every write by a token without a node-name claim). Dry-run writes ask the API server
     itself: it runs admission, answers PDBs, and stores nothing."""
@@ -116,10 +122,6 @@ def _check_admission(api: k.Kube, config: Config, say: Callable[[str, str], None
         say("OK", f"admission: may change node {config.node_name} (dry run)")
     except Exception as error:  # noqa: BLE001 - report, don't crash
         say("FAIL", f"admission: changing node {config.node_name} refused: {error}")
-    try:
-        pods, _ = dry.list_pods()
-    except Exception:  # noqa: BLE001 - the pods check below reports it
-        return
     serving = [pod for pod in pods if k.is_serving_pod(pod)]
     if not serving:
         return
@@ -133,12 +135,7 @@ def _check_admission(api: k.Kube, config: Config, say: Callable[[str, str], None
         say("FAIL", f"admission: evicting {pod.key} refused: {detail}")
 
 
-async def _check_pods(api: k.Kube, say: Callable[[str, str], None]) -> None:
-    try:
-        pods, _ = await asyncio.to_thread(api.list_pods)
-    except Exception as error:  # noqa: BLE001
-        say("FAIL", f"pods on the node: {error}")
-        return
+async def _check_pods(pods: list[k.Obj], say: Callable[[str, str], None]) -> None:
     serving = [pod for pod in pods if k.is_serving_pod(pod)]
     unguarded = [pod for pod in pods if not k.is_serving_pod(pod) and _looks_like_vllm(pod)]
     if not serving:

@@ -18,23 +18,22 @@ thousands of pods puts no load on it.
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from typing import Any, Callable, Iterable
 
 from spotguard.kube import EVICTION_LABEL, Kube, KubeError, Obj
+from spotguard.sim.bench import BENCH_LABEL, _own_agent, _pct
+from spotguard.sim.chart import VAP_API, render_objects
 
-BENCH_LABEL = "sim.spotguard.io/bench"
 NODE_CLAIM = "authentication.kubernetes.io/node-name"
-VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
 PAUSE = "registry.k8s.io/pause:3.10"
 
 
 def _quantile_ms(samples: list[float], q: float) -> float:
-    """Nearest rank, in milliseconds."""
-    ordered = sorted(samples)
-    return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * 1000, 2)
+    value = _pct(samples, q)
+    assert value is not None, "no samples"
+    return round(value * 1000, 2)
 
 
 def _eviction(namespace: str, pod: str, uid: str, *, labelled: bool) -> Obj:
@@ -50,8 +49,8 @@ class _AdmissionBench:
     def __init__(self, api_client: Any, kubeconfig: Any, say: Callable[[str], None]) -> None:
         from kubernetes import config as k8s_config
 
-        self.user_agent = api_client.user_agent
         self.admin = Kube(api_client, node_name="-")
+        _own_agent(api_client)   # Kube() gave the shared client spotguard's user agent
         self.new_client = lambda: k8s_config.new_client_from_config(config_file=str(kubeconfig))
         self.say = say
         suffix = uuid.uuid4().hex[:5]
@@ -73,8 +72,6 @@ class _AdmissionBench:
     def set_up(self) -> tuple[Kube, Kube]:
         """Nodes, namespace, the chart's ClusterRole for two ServiceAccounts, and its eviction policy.
         Returns (spotguard on its node, the control user)."""
-        from spotguard.sim.chart import render_objects
-
         labels = {BENCH_LABEL: "true"}
         self.create("/api/v1/namespaces", {"metadata": {"name": self.namespace, "labels": labels}})
         for node in self.pods:
@@ -182,7 +179,6 @@ class _AdmissionBench:
     def tear_down(self) -> None:
         for client in self.clients:
             client.close()
-        self.admin.api.user_agent = self.user_agent   # Kube() gave the shared client spotguard's
         for path in reversed(self.created):
             try:
                 self.admin.call("DELETE", path)

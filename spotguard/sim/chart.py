@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "daemonset"
 RELEASE = "spotguard"
 NAMESPACE = "spotguard-system"
+# What `helm template --api-versions` needs to render the ValidatingAdmissionPolicies.
+VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
 
 
 class ChartUnavailable(RuntimeError):

@@ -74,15 +74,23 @@ class DaemonProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def env(self) -> dict[str, str]:
+        """The environment the DaemonSet's container has (downward API, chart values)."""
+        return {**os.environ, "NODE_NAME": self.node, "KUBECONFIG": str(self.kubeconfig),
+                "SPOTGUARD_PROVIDER": "gce", "SPOTGUARD_METADATA_URL": self.metadata_url,
+                "SPOTGUARD_LISTEN": f"127.0.0.1:{self.port}", "SPOTGUARD_DRAIN_POLL_SECONDS": "0.25",
+                **self.extra_env}
+
     def start(self) -> None:
-        env = {**os.environ, "NODE_NAME": self.node, "KUBECONFIG": str(self.kubeconfig),
-               "SPOTGUARD_PROVIDER": "gce", "SPOTGUARD_METADATA_URL": self.metadata_url,
-               "SPOTGUARD_LISTEN": f"127.0.0.1:{self.port}", "SPOTGUARD_DRAIN_POLL_SECONDS": "0.25",
-               **self.extra_env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "spotguard", "run"], env=env, stdout=log,
+            self.process = subprocess.Popen([sys.executable, "-m", "spotguard", "run"], env=self.env(), stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        """`spotguard check` in the same environment, as `kubectl exec` into the pod runs it."""
+        return subprocess.run([sys.executable, "-m", "spotguard", "check"], env=self.env(), capture_output=True,
+                              text=True, timeout=120)
 
     def wait_ready(self, timeout: float = 30) -> None:
         def ready() -> bool:

@@ -18,6 +18,7 @@ from spotguard.sim.chart import (  # noqa: F401 - re-exported for the tests
     NAMESPACE,
     RELEASE,
     REPO,
+    VAP_API,
     alert_rule_groups,
     chart,
     deep_merge,
@@ -29,7 +30,6 @@ from spotguard.sim.chart import (  # noqa: F401 - re-exported for the tests
 )
 
 EXAMPLES = sorted((CHART_DIR / "examples").glob("values-*.yaml"))
-VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
 
 # Series that an alert or panel may use although neither spotguard nor vLLM exports them.
 # kube-state-metrics' node labels: SpotguardMissingOnGpuNode needs them (daemonset/README.md).

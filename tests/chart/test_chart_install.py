@@ -259,17 +259,21 @@ def test_spotguard_may_do_its_job_on_its_own_node(release: dict[str, Any], as_sp
         "spec": {"unschedulable": True,
                  "taints": [{"key": "spotguard.io/impending-termination", "value": "preemption",
                              "effect": "NoSchedule"}]}}, merge)
-    # Read what it needs.
-    _call(me, "GET", f"/api/v1/nodes/{nodes['gpu_spot']}")
+    # Read what it needs (and see the change stored).
+    node = _call(me, "GET", f"/api/v1/nodes/{nodes['gpu_spot']}")
+    assert node["spec"]["unschedulable"] is True
+    assert node["metadata"]["annotations"]["spotguard.io/phase"] == "deregistering"
     _call(me, "GET", f"/api/v1/pods?fieldSelector=spec.nodeName%3D{nodes['gpu_spot']}")
     _call(me, "GET", "/apis/discovery.k8s.io/v1/endpointslices")
     _call(me, "GET", f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets")
     _call(me, "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
           {"spec": {"resourceAttributes": {"verb": "patch", "resource": "nodes"}}})
     # The readiness-gate condition on a pod of its node.
-    _wait(lambda: _call(me, "PATCH", f"/api/v1/namespaces/{namespace}/pods/{victims['own']}/status",
-                        {"status": {"conditions": [{"type": "spotguard.io/serving", "status": "False"}]}},
-                        strategic), timeout=30, what="the pod's status patch")
+    patched = _wait(lambda: _call(me, "PATCH", f"/api/v1/namespaces/{namespace}/pods/{victims['own']}/status",
+                                  {"status": {"conditions": [{"type": "spotguard.io/serving", "status": "False"}]}},
+                                  strategic), timeout=30, what="the pod's status patch")
+    assert {"type": "spotguard.io/serving", "status": "False"}.items() <= next(
+        c for c in patched["status"]["conditions"] if c["type"] == "spotguard.io/serving").items()
     # Evict a pod of its node, once the eviction policy is judging evictions at all.
     _wait_eviction_policy_active(me, namespace, victims["other"])
     _call(me, "POST", f"/api/v1/namespaces/{namespace}/pods/{victims['own_evict']}/eviction",
@@ -279,15 +283,17 @@ def test_spotguard_may_do_its_job_on_its_own_node(release: dict[str, Any], as_sp
            if not p["metadata"].get("deletionTimestamp")],
           timeout=30, what="the evicted pod to be deleted")
     # Events about its node, in both APIs (Events about cluster-scoped objects live in "default").
-    _call(me, "POST", "/api/v1/namespaces/default/events", {
+    core_event = _call(me, "POST", "/api/v1/namespaces/default/events", {
         "metadata": {"generateName": "spotguard-"}, "reason": "PreemptionNotice", "message": "test",
         "type": "Warning", "involvedObject": {"kind": "Node", "name": nodes["gpu_spot"], "apiVersion": "v1"},
         "source": {"component": "spotguard"}})
-    _call(me, "POST", "/apis/events.k8s.io/v1/namespaces/default/events", {
+    assert core_event["involvedObject"]["name"] == nodes["gpu_spot"]
+    event = _call(me, "POST", "/apis/events.k8s.io/v1/namespaces/default/events", {
         "metadata": {"generateName": "spotguard-"}, "reason": "PreemptionNotice", "note": "test",
         "type": "Warning", "action": "Cordon", "reportingController": "spotguard.io/spotguard",
         "reportingInstance": f"spotguard-{nodes['gpu_spot']}", "eventTime": "2026-01-01T00:00:00.000000Z",
         "regarding": {"kind": "Node", "name": nodes["gpu_spot"], "apiVersion": "v1"}})
+    assert event["regarding"]["name"] == nodes["gpu_spot"]
 
 
 def test_spotguard_is_refused_outside_its_node(release: dict[str, Any], as_spotguard: Callable[..., Any],
@@ -317,9 +323,16 @@ def test_spotguard_is_refused_outside_its_node(release: dict[str, Any], as_spotg
     _denied(lambda: _call(me, "DELETE", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}"))
     _denied(lambda: _call(me, "PATCH", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}",
                           {"metadata": {"labels": {"x": "y"}}}, merge))
+    # Nothing of the above changed anything.
+    other_node = _call(api_client, "GET", f"/api/v1/nodes/{nodes['gpu_preemptible']}")
+    assert not other_node["spec"].get("unschedulable")
+    other_pod = _call(api_client, "GET", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}")
+    assert "x" not in (other_pod["metadata"].get("labels") or {})
+    assert not other_pod["metadata"].get("deletionTimestamp")
     # Admins are not affected by the policy.
-    _call(api_client, "PATCH", f"/api/v1/nodes/{nodes['gpu_preemptible']}",
-          {"metadata": {"annotations": {"test": "admin"}}}, merge)
+    patched = _call(api_client, "PATCH", f"/api/v1/nodes/{nodes['gpu_preemptible']}",
+                    {"metadata": {"annotations": {"test": "admin"}}}, merge)
+    assert patched["metadata"]["annotations"]["test"] == "admin"
 
 
 def test_a_token_without_node_claim_may_not_write(release: dict[str, Any], as_spotguard: Callable[..., Any]) -> None:
@@ -329,8 +342,8 @@ def test_a_token_without_node_claim_may_not_write(release: dict[str, Any], as_sp
     _denied(lambda: _call(anonymous_node, "PATCH", f"/api/v1/nodes/{nodes['gpu_spot']}",
                           {"metadata": {"annotations": {"x": "y"}}}, "application/merge-patch+json"),
             contains="pod-bound token")
-    # Reads do not go through admission.
-    _call(anonymous_node, "GET", f"/api/v1/nodes/{nodes['gpu_spot']}")
+    assert "x" not in (_call(anonymous_node, "GET", f"/api/v1/nodes/{nodes['gpu_spot']}")["metadata"].get(
+        "annotations") or {})   # reads do not go through admission: the same token may read the node
 
 
 def test_eviction_on_another_node_is_refused(

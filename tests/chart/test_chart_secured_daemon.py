@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -26,7 +24,7 @@ from kubernetes import config as kube_config
 
 import chartlib
 from spotguard.kube import EVICTION_LABEL, Kube, KubeError
-from spotguard.sim.world import World, wait_until
+from spotguard.sim.world import DaemonProcess, World, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -84,13 +82,6 @@ def pod_bound_kubeconfig(world: World, cluster: Any, release: dict[str, str], po
     return token_kubeconfig(cluster, token, path)
 
 
-def spotguard_check(node: str, kubeconfig: Path, metadata_url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NODE_NAME": node, "KUBECONFIG": str(kubeconfig), "SPOTGUARD_PROVIDER": "gce",
-           "SPOTGUARD_METADATA_URL": metadata_url}
-    return subprocess.run([sys.executable, "-m", "spotguard", "check"], env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
 async def test_spotguard_check_sees_what_the_policies_refuse(world: World, release: dict[str, str], cluster: Any,
                                                            tmp_path: Path) -> None:
     """RBAC allows everything either way; only the dry-run writes show that a token without the
@@ -105,8 +96,12 @@ async def test_spotguard_check_sees_what_the_policies_refuse(world: World, relea
               "spec": {"expirationSeconds": 3600}})["status"]["token"]
     unbound = token_kubeconfig(cluster, unbound_token, tmp_path / "unbound.kubeconfig")
 
+    def as_spotguard(kubeconfig: Path) -> DaemonProcess:
+        return DaemonProcess(node=node, kubeconfig=kubeconfig, metadata_url=vm.metadata.url,
+                             log_path=tmp_path / "unused.log")
+
     def refused() -> subprocess.CompletedProcess[str] | None:
-        result = spotguard_check(node, unbound, vm.metadata.url)
+        result = as_spotguard(unbound).check()
         return result if "FAIL admission" in result.stdout else None
 
     result = await asyncio.to_thread(wait_until, refused, timeout=30, what="the policies to refuse the check")
@@ -114,7 +109,7 @@ async def test_spotguard_check_sees_what_the_policies_refuse(world: World, relea
     assert f"FAIL admission: changing node {node} refused" in result.stdout and "pod-bound token" in result.stdout
     assert "OK   RBAC patch nodes" in result.stdout      # what RBAC alone would have said
 
-    result = await asyncio.to_thread(spotguard_check, node, bound, vm.metadata.url)
+    result = await asyncio.to_thread(as_spotguard(bound).check)
     assert f"OK   admission: may change node {node} (dry run)" in result.stdout.splitlines(), result.stdout
     assert "FAIL admission" not in result.stdout
 

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import uuid
 
 import pytest
 
+from spotguard.sim.world import DaemonProcess
 
 pytestmark = pytest.mark.cluster
-
-
-def check(*, node: str, kubeconfig, metadata_url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NODE_NAME": node, "KUBECONFIG": str(kubeconfig), "SPOTGUARD_PROVIDER": "gce",
-           "SPOTGUARD_METADATA_URL": metadata_url}
-    return subprocess.run([sys.executable, "-m", "spotguard", "check"], env=env, capture_output=True, text=True,
-                          timeout=120)
 
 
 async def test_check_says_a_guarded_node_with_a_wired_vllm_pod_is_protected(world, cluster):
@@ -26,7 +17,8 @@ async def test_check_says_a_guarded_node_with_a_wired_vllm_pod_is_protected(worl
     vm = await world.add_vm(node)
     world.deploy_vllm(replicas=1)
     pod = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
-    result = await asyncio.to_thread(check, node=node, kubeconfig=cluster.kubeconfig, metadata_url=vm.metadata.url)
+    assert vm.daemon is not None
+    result = await asyncio.to_thread(vm.daemon.check)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[-1].startswith("PROTECTED: 0 failed")
@@ -41,9 +33,10 @@ async def test_check_says_a_guarded_node_with_a_wired_vllm_pod_is_protected(worl
     assert any(line.startswith("OK") and pod["metadata"]["name"] in line and "vLLM metrics" in line for line in lines)
 
 
-async def test_check_fails_with_reasons_for_a_missing_node_and_unreachable_metadata(world, cluster):
-    result = await asyncio.to_thread(check, node="no-such-node", kubeconfig=cluster.kubeconfig,
-                                     metadata_url="http://127.0.0.1:9")
+async def test_check_fails_with_reasons_for_a_missing_node_and_unreachable_metadata(world, cluster, tmp_path):
+    nowhere = DaemonProcess(node="no-such-node", kubeconfig=cluster.kubeconfig, metadata_url="http://127.0.0.1:9",
+                            log_path=tmp_path / "unused.log")
+    result = await asyncio.to_thread(nowhere.check)
     assert result.returncode == 1
     failures = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
     assert any("metadata" in line for line in failures)

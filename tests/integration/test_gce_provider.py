@@ -289,7 +289,11 @@ async def test_metadata_server_down_at_start_is_retried_until_it_answers(calls: 
 
 
 async def test_probe_succeeds_against_the_metadata_server(emulator: GceMetadataEmulator, calls: Calls) -> None:
-    await fast_provider(emulator.url, calls).probe()
+    provider = fast_provider(emulator.url, calls)
+    assert await provider.probe() is None
+    emulator.preempt()   # a notice is an answer from the server, not a failure to reach it
+    assert await provider.probe() is None
+    assert calls.errors == []
 
 
 async def test_probe_names_the_reason_when_nothing_listens(calls: Calls) -> None:
