@@ -554,7 +554,7 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
         _own_agent(ctx.api_client)
         tracker.start()
         await tracker.wait_synced()
-        await tracker.wait_for(lambda t: len(t.ready_endpoints) == 2, timeout=60)
+        await world.wait_routable(tracker, 2)
 
         from spotguard.sim.autoscaler import AutoscalerEmulator
 

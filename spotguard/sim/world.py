@@ -27,6 +27,8 @@ from spotguard.sim.gce_metadata import GceMetadataEmulator
 POOL_LABEL = "sim.spotguard.io/pool"
 SPOT_LABELS = {"cloud.google.com/gke-spot": "true", "cloud.google.com/gke-accelerator": "nvidia-l4"}
 SERVING_GATE = "spotguard.io/serving"
+# How long a test waits for the router to see new endpoints before nudging the Service (wait_routable).
+ENDPOINTS_NUDGE_SECONDS = 5.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -274,6 +276,29 @@ class World:
             return pods if len(pods) >= count else None
 
         return wait_until(ready, timeout=timeout, what=f"{count} ready pods ({selector})")
+
+    async def wait_routable(self, tracker: Any, count: int, *, service: str = "vllm", timeout: float = 60) -> None:
+        """Wait until the router (an EndpointTracker of `service`) sees `count` ready endpoints.
+
+        The EndpointSlice controller retries a Service whose sync found its own informer cache
+        stale with exponential backoff (1 s, doubling). On a loaded machine a burst of pod updates
+        fails several syncs in a row and pushes the next retry a minute away (seen in CI: 7
+        failures within a second, next sync 64 s later). A test's set-up should not wait on that,
+        so every few seconds this touches the Service, which queues it for a sync at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                await tracker.wait_for(lambda t: len(t.ready_endpoints) >= count,
+                                       timeout=max(0.0, min(ENDPOINTS_NUDGE_SECONDS, left)))
+                return
+            except TimeoutError:
+                if left <= ENDPOINTS_NUDGE_SECONDS:
+                    raise TimeoutError(f"{count} ready endpoints of Service {service} not seen in "
+                                       f"{timeout:.0f}s (router sees {len(tracker.ready_endpoints)})") from None
+            patch = {"metadata": {"annotations": {"sim.spotguard.io/resync": f"{time.time():.3f}"}}}
+            await asyncio.to_thread(self.api.call, "PATCH", f"/api/v1/namespaces/{self.namespace}/services/{service}",
+                                    body=patch, content_type="application/merge-patch+json")
 
     # -- preemption --------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ async def test_long_notice_preemption_loses_no_request_even_with_vllms_default_s
     world.deploy_vllm(replicas=2, pdb_min_available=1, grace_seconds=30)
     await asyncio.to_thread(world.wait_ready_pods, 2)
     await tracker.wait_synced()
-    await tracker.wait_for(lambda t: len(t.ready_endpoints) == 2, timeout=30)
+    await world.wait_routable(tracker, 2)
     load = LoadGenerator(tracker, rate=2.0, duration=30, seed=11)
     load.start()
     await asyncio.sleep(8)
@@ -109,7 +109,7 @@ async def test_withdrawn_maintenance_puts_the_pod_back_into_rotation(world, trac
     pod = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
     name = pod["metadata"]["name"]
     await tracker.wait_synced()
-    await tracker.wait_for(lambda t: len(t.ready_endpoints) == 1, timeout=30)
+    await world.wait_routable(tracker, 1)
     # Long requests keep the drain going, so the withdrawal comes before any eviction.
     load = LoadGenerator(tracker, rate=1.0, duration=20, seed=3)
     load.start()

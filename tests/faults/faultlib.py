@@ -257,6 +257,8 @@ class Traffic:
     def __init__(self, world: World, service: str = "vllm", *, rate: float = 2.0, duration: float = 0.0,
                  durations: DurationDistribution = DurationDistribution(median_s=1.5, sigma=0.5, min_s=0.5,
                                                                         max_s=6.0)) -> None:
+        self.world = world
+        self.service = service
         self.tracker = EndpointTracker(world.api_client, namespace=world.namespace, service=service)
         self.generator = LoadGenerator(self.tracker, rate=rate, duration=duration, durations=durations,
                                        token_interval=0.1, seed=5)
@@ -274,8 +276,8 @@ class Traffic:
         finally:
             await self.tracker.stop()
 
-    async def wait_ready(self, count: int, timeout: float = 30) -> None:
-        await self.tracker.wait_for(lambda t: len(t.ready_endpoints) >= count, timeout=timeout)
+    async def wait_ready(self, count: int, timeout: float = 60) -> None:
+        await self.world.wait_routable(self.tracker, count, service=self.service, timeout=timeout)
 
     def pinned(self, pod: Obj) -> LoadGenerator:
         endpoint = Endpoint(address=pod["status"]["podIP"], port=8000, pod=pod["metadata"]["name"])

@@ -387,3 +387,19 @@ async def test_steady_rate_and_seeded_durations_are_repeatable():
     assert 0.83 < sum(d < 10 for d in sample) / len(sample) < 0.91  # "most under 10 s"
     assert max(sample) == 25.0 and min(sample) == 0.5
     assert many.fraction_below(10.0) == pytest.approx(0.874, abs=0.01)
+
+
+async def test_wait_routable_touches_the_service_while_waiting_and_says_what_it_missed(world):
+    """World.wait_routable is the set-up step every traffic test waits on; when the endpoints do not
+    come it nudges the Service (so a backed-off EndpointSlice sync runs again) and times out with
+    what it was waiting for."""
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "nobody", "namespace": world.namespace},
+               "spec": {"selector": {"app": "nobody"}, "ports": [{"name": "http", "port": 8000}]}}
+    path = f"/api/v1/namespaces/{world.namespace}/services"
+    await call(world.api, "POST", path, body=service)
+    async with EndpointTracker(world.api_client, namespace=world.namespace, service="nobody") as tracker:
+        await tracker.wait_synced()
+        with pytest.raises(TimeoutError, match="1 ready endpoints of Service nobody not seen in 7s"):
+            await world.wait_routable(tracker, 1, service="nobody", timeout=7)
+    touched = await call(world.api, "GET", f"{path}/nobody")
+    assert "sim.spotguard.io/resync" in touched["metadata"].get("annotations", {})
