@@ -13,11 +13,9 @@ Three layers, each testable on its own:
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import AsyncIterator, Awaitable, Callable, Generic, NoReturn, TypeVar
 
 import aiohttp
@@ -27,6 +25,18 @@ from spotguard.backoff import backoff_delay
 from spotguard.config import GCE_DEFAULT_METADATA_URL
 from spotguard.notice import Notice, NoticeKind
 from spotguard.providers import ProviderUnreachable, unheard
+from spotguard.providers.http import (
+    MetadataBodyError,
+    RequestFailed,
+    body_json,
+    body_text,
+    parse_rfc3339,
+    read_limited,
+    session,
+    shown,
+    status_failure,
+    transport_failure,
+)
 
 FLAVOR_HEADER = "Metadata-Flavor"
 FLAVOR = "Google"
@@ -47,9 +57,6 @@ TERMINATING_EVENTS = frozenset({MAINTENANCE_TERMINATE, MAINTENANCE_SHUTDOWN})
 DEFAULT_PREEMPTION_NOTICE_SECONDS = 30.0
 # GPU VMs get 60 min between TERMINATE_ON_HOST_MAINTENANCE and the maintenance itself.
 DEFAULT_MAINTENANCE_NOTICE_SECONDS = 3600.0
-# Every real body is a few bytes (the upcoming-maintenance JSON a few hundred). Anything much
-# larger is not the metadata server, and reading it all would let a broken proxy exhaust memory.
-MAX_BODY_BYTES = 64 * 1024
 # A hanging GET answered faster than this with nothing changed means the server does not honour
 # wait_for_change (some proxies don't): the loop then paces itself instead of spinning.
 _MIN_HANG_SECONDS = 0.1
@@ -57,62 +64,27 @@ _MIN_HANG_SECONDS = 0.1
 T = TypeVar("T")
 
 
-class MetadataBodyError(ValueError):
-    """A metadata body is not one of the values GCE documents (garbage, non-UTF-8, too large)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Parsers: pure, bytes (or text) in, value out.
 
 
-def _text(body: bytes | str, *, key: str) -> str:
-    size = len(body)
-    if size > MAX_BODY_BYTES:
-        raise MetadataBodyError(f"{key}: body of {size} bytes is larger than {MAX_BODY_BYTES}")
-    if isinstance(body, bytes):
-        try:
-            body = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MetadataBodyError(f"{key}: body is not UTF-8") from None
-    return body.strip()
-
-
-def _shown(text: str) -> str:
-    """A bounded repr for error messages, so a garbage body cannot flood the log line."""
-    return repr(text[:40] + ("..." if len(text) > 40 else ""))
-
-
 def parse_preempted(body: bytes | str) -> bool:
     """instance/preempted: `TRUE` or `FALSE` (surrounding whitespace tolerated)."""
-    text = _text(body, key=PREEMPTED_KEY)
+    text = body_text(body, key=PREEMPTED_KEY)
     if text == "TRUE":
         return True
     if text == "FALSE":
         return False
-    raise MetadataBodyError(f"{PREEMPTED_KEY}: expected TRUE or FALSE, got {_shown(text)}")
+    raise MetadataBodyError(f"{PREEMPTED_KEY}: expected TRUE or FALSE, got {shown(text)}")
 
 
 def parse_maintenance_event(body: bytes | str) -> str:
     """instance/maintenance-event: one of `MAINTENANCE_EVENTS`, returned as GCE spelled it."""
-    text = _text(body, key=MAINTENANCE_KEY)
+    text = body_text(body, key=MAINTENANCE_KEY)
     if text in MAINTENANCE_EVENTS:
         return text
     raise MetadataBodyError(
-        f"{MAINTENANCE_KEY}: expected one of {', '.join(sorted(MAINTENANCE_EVENTS))}, got {_shown(text)}")
-
-
-def parse_rfc3339(text: str) -> float:
-    """An RFC 3339 timestamp with a zone (`2025-01-02T03:04:05Z`) as Unix seconds; ValueError else."""
-    try:
-        moment = datetime.fromisoformat(text)
-    except (ValueError, OverflowError):
-        raise ValueError(f"not an RFC 3339 timestamp: {_shown(text)}") from None
-    if moment.tzinfo is None:
-        raise ValueError(f"timestamp has no time zone: {_shown(text)}")
-    try:
-        return moment.timestamp()
-    except (ValueError, OverflowError):
-        raise ValueError(f"timestamp out of range: {_shown(text)}") from None
+        f"{MAINTENANCE_KEY}: expected one of {', '.join(sorted(MAINTENANCE_EVENTS))}, got {shown(text)}")
 
 
 def parse_upcoming_maintenance(body: bytes | str) -> float | None:
@@ -123,15 +95,11 @@ def parse_upcoming_maintenance(body: bytes | str) -> float | None:
     that is present but not a timestamp is an error: the caller then falls back to the default
     notice length instead of trusting a value it cannot read.
     """
-    text = _text(body, key=UPCOMING_MAINTENANCE_KEY)
-    if not text:
+    if not body_text(body, key=UPCOMING_MAINTENANCE_KEY):
         return None
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        raise MetadataBodyError(f"{UPCOMING_MAINTENANCE_KEY}: not JSON: {_shown(text)}") from None
+    data = body_json(body, key=UPCOMING_MAINTENANCE_KEY)
     if not isinstance(data, dict):
-        raise MetadataBodyError(f"{UPCOMING_MAINTENANCE_KEY}: expected a JSON object, got {_shown(text)}")
+        raise MetadataBodyError(f"{UPCOMING_MAINTENANCE_KEY}: expected a JSON object, got {shown(str(data))}")
     raw = data.get("window_start_time", data.get("windowStartTime"))
     if raw is None:
         return None
@@ -206,15 +174,6 @@ def notice_for(state: GceState, *, notice_seconds: float | None) -> Notice | Non
 # I/O.
 
 
-class _RequestFailed(Exception):
-    """One failed request; `reason` is one of observability.METADATA_ERRORS."""
-
-    def __init__(self, reason: str, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.status = status
-
-
 @dataclass(frozen=True)
 class _Observation(Generic[T]):
     key: str
@@ -256,9 +215,7 @@ class GceProvider:
         self._log = structlog.get_logger(provider=self.name)
 
     def _session(self) -> aiohttp.ClientSession:
-        # trust_env=False: an HTTP(S)_PROXY in the pod's environment must never carry metadata
-        # requests off the node.
-        return aiohttp.ClientSession(headers={FLAVOR_HEADER: FLAVOR}, trust_env=False)
+        return session({FLAVOR_HEADER: FLAVOR})
 
     async def probe(self) -> None:
         """Read instance/preempted once; `ProviderUnreachable` says why if that fails."""
@@ -267,7 +224,7 @@ class GceProvider:
                 body, _ = await self._get(session, PREEMPTED_KEY, params=None,
                                           timeout=self._request_timeout)
                 parse_preempted(body)
-            except _RequestFailed as failure:
+            except RequestFailed as failure:
                 raise ProviderUnreachable(
                     f"GCE metadata server at {self.root_url}: {failure.reason}: {failure}",
                     reason=failure.reason) from None
@@ -363,7 +320,7 @@ class GceProvider:
             body, _ = await self._get(session, UPCOMING_MAINTENANCE_KEY, params={"alt": "json"},
                                       timeout=self._request_timeout)
             window_start = parse_upcoming_maintenance(body)
-        except _RequestFailed as failure:
+        except RequestFailed as failure:
             if failure.status == 404:
                 # No such key on this VM (no scheduled-maintenance information): not an error.
                 self._on_ok()
@@ -413,7 +370,7 @@ class GceProvider:
             try:
                 body, new_etag = await self._get(session, key, params=params, timeout=timeout)
                 value = parse(body)
-            except _RequestFailed as failure:
+            except RequestFailed as failure:
                 reason, message = failure.reason, str(failure)
             except MetadataBodyError as error:
                 reason, message = "bad_body", str(error)
@@ -450,7 +407,7 @@ class GceProvider:
 
     async def _get(self, session: aiohttp.ClientSession, key: str, *,
                    params: dict[str, str] | None, timeout: float) -> tuple[bytes, str | None]:
-        """GET one key: (body, ETag) or `_RequestFailed` with the reason."""
+        """GET one key: (body, ETag) or `RequestFailed` with the reason."""
         url = self._base + key
         try:
             async with session.get(url, params=params, allow_redirects=False,
@@ -458,38 +415,17 @@ class GceProvider:
                 # Checked first: without it the answer is from something else (a proxy, a captive
                 # portal, a web server on the wrong port), whatever its status says.
                 if response.headers.get(FLAVOR_HEADER) != FLAVOR:
-                    raise _RequestFailed("bad_flavor",
-                                         f"HTTP {response.status} without {FLAVOR_HEADER}: {FLAVOR}: "
-                                         "not the GCE metadata server", status=response.status)
+                    raise RequestFailed("bad_flavor",
+                                        f"HTTP {response.status} without {FLAVOR_HEADER}: {FLAVOR}: "
+                                        "not the GCE metadata server", status=response.status)
                 if response.status != 200:
-                    if response.status == 429:
-                        reason = "http_429"
-                    elif response.status >= 500:
-                        reason = "http_5xx"
-                    else:
-                        reason = "http_other"
-                    raise _RequestFailed(reason, f"HTTP {response.status}", status=response.status)
-                body = await _read_limited(response)
+                    raise status_failure(response.status)
+                body = await read_limited(response)
                 return body, response.headers.get("ETag")
-        except _RequestFailed:
+        except RequestFailed:
             raise
-        except asyncio.TimeoutError:
-            raise _RequestFailed("timeout", f"no answer within {timeout:g} s") from None
-        except (aiohttp.ClientError, OSError) as error:
-            raise _RequestFailed("connection", f"{type(error).__name__}: {error}") from None
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as error:
+            raise transport_failure(error, timeout=timeout) from None
 
 
 _UNSET = object()
-
-
-async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
-    """The body, refusing (as bad_body) to read more than MAX_BODY_BYTES."""
-    too_large = _RequestFailed("bad_body", f"body larger than {MAX_BODY_BYTES} bytes")
-    if response.content_length is not None and response.content_length > MAX_BODY_BYTES:
-        raise too_large
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(16 * 1024):
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
-    return bytes(body)

@@ -13,7 +13,6 @@ from spotguard.backoff import backoff_delay
 from spotguard.notice import NoticeKind
 from spotguard.providers.gce import (
     MAINTENANCE_KEY,
-    MAX_BODY_BYTES,
     PREEMPTED_KEY,
     GceProvider,
     GceState,
@@ -25,7 +24,7 @@ from spotguard.providers.gce import (
     parse_preempted,
     parse_upcoming_maintenance,
 )
-from spotguard.providers.gce import _RequestFailed as RequestFailed
+from spotguard.providers.http import MAX_BODY_BYTES, RequestFailed
 
 T0 = 1_700_000_000.0
 
