@@ -16,10 +16,9 @@ from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 PROVIDERS = ("auto", "gce", "aws", "azure")
-# Providers whose watcher exists. The others are accepted names in the contract but refused at
-# start with a clear message rather than silently doing nothing.
-BUILT_PROVIDERS = ("gce",)
 GCE_DEFAULT_METADATA_URL = "http://metadata.google.internal"
+AWS_DEFAULT_METADATA_URL = "http://169.254.169.254"
+AZURE_DEFAULT_METADATA_URL = "http://169.254.169.254"
 
 
 class ConfigError(ValueError):
@@ -76,7 +75,8 @@ SETTINGS: tuple[_Setting, ...] = (
              is_switch=True),
     _Setting("notice_seconds", "--notice-seconds", "SPOTGUARD_NOTICE_SECONDS",
              "notice length to assume when the provider gives no deadline "
-             "(GCE preemption: 30, or up to 120 with preemptionNoticeDuration)", metavar="SECONDS"),
+             "(GCE preemption: 30, or up to 120 with preemptionNoticeDuration; AWS spot: 120, used "
+             "only when instance-action's time is unreadable)", metavar="SECONDS"),
     _Setting("safety_margin_seconds", "--safety-margin-seconds", "SPOTGUARD_SAFETY_MARGIN_SECONDS",
              "stop draining and evict this long before the deadline, so pods have time to stop",
              default="5", metavar="SECONDS"),
@@ -133,8 +133,10 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         raise ConfigError("--node-name / NODE_NAME: required (set it from the downward API: "
                           "fieldRef spec.nodeName)")
     host, port = parsed("listen", _host_port)  # type: ignore[misc]
+    provider = parsed("provider", _provider)
     metadata_url = parsed("metadata_url", _root_url)
-    if metadata_url is None and environ.get("GCE_METADATA_HOST", "").strip():
+    # Google's own variable: it says where GCE's server is, never another cloud's.
+    if metadata_url is None and provider in ("gce", "auto") and environ.get("GCE_METADATA_HOST", "").strip():
         gce_host = environ["GCE_METADATA_HOST"].strip()
         try:
             metadata_url = _root_url(f"http://{gce_host}")
@@ -142,7 +144,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
             raise ConfigError(f"GCE_METADATA_HOST: {error}, got {gce_host!r}") from None
     return Config(
         node_name=node_name,  # type: ignore[arg-type]
-        provider=parsed("provider", _provider),  # type: ignore[arg-type]
+        provider=provider,  # type: ignore[arg-type]
         metadata_url=metadata_url,  # type: ignore[arg-type]
         listen_host=host,
         listen_port=port,
@@ -169,8 +171,6 @@ def _provider(value: str) -> str:
     value = value.lower()
     if value not in PROVIDERS:
         raise ValueError(f"must be one of {', '.join(PROVIDERS)}")
-    if value != "auto" and value not in BUILT_PROVIDERS:
-        raise ValueError(f"the {value} provider is not built yet; only {', '.join(BUILT_PROVIDERS)} is")
     return value
 
 

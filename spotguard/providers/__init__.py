@@ -1,8 +1,8 @@
 """Where notices come from: one small interface every cloud implements, and the choice of cloud.
 
 A provider turns its cloud's metadata service into a stream of `Notice | None`; the daemon and the
-lifecycle never know which cloud spoke. Adding AWS or Azure means one module here and one line in
-`_build`, nothing in the daemon.
+lifecycle never know which cloud spoke. Adding a cloud means one module here and a few lines in
+`make_provider`, nothing in the daemon.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from typing import AsyncIterator, Callable, Protocol
 import structlog
 
 from spotguard.backoff import backoff_delay
-from spotguard.config import GCE_DEFAULT_METADATA_URL, Config
+from spotguard.config import AWS_DEFAULT_METADATA_URL, AZURE_DEFAULT_METADATA_URL, GCE_DEFAULT_METADATA_URL, Config
 from spotguard.notice import Notice
 
 # Providers `auto` tries, in order. Only clouds whose provider exists are listed.
-AUTO_ORDER: tuple[str, ...] = ("gce",)
+# GCE first: its probe fails at once off GCE (metadata.google.internal does not resolve), while
+# 169.254.169.254 answers on several clouds, and each probe there checks for its own cloud's answer.
+AUTO_ORDER: tuple[str, ...] = ("gce", "aws", "azure")
 
 
 class ProviderUnreachable(Exception):
@@ -75,6 +77,18 @@ def make_provider(config: Config, *, name: str | None = None,
         return GceProvider(root_url=config.metadata_url or GCE_DEFAULT_METADATA_URL,
                            notice_seconds=config.notice_seconds,
                            on_error=on_error, on_ok=on_ok, clock=clock)
+    if chosen == "aws":
+        from spotguard.providers.aws import AwsProvider
+
+        return AwsProvider(root_url=config.metadata_url or AWS_DEFAULT_METADATA_URL,
+                           notice_seconds=config.notice_seconds,
+                           on_error=on_error, on_ok=on_ok, clock=clock)
+    if chosen == "azure":
+        from spotguard.providers.azure import AzureProvider
+
+        return AzureProvider(root_url=config.metadata_url or AZURE_DEFAULT_METADATA_URL,
+                             notice_seconds=config.notice_seconds,
+                             on_error=on_error, on_ok=on_ok, clock=clock)
     if chosen == "auto":
         return AutoProvider(config, on_error=on_error, on_ok=on_ok, on_detected=on_detected, clock=clock)
     raise ValueError(f"no provider named {chosen!r} is built; known: {', '.join(AUTO_ORDER)}")

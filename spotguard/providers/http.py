@@ -109,3 +109,4 @@ def session(headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
     # trust_env=False: an HTTP(S)_PROXY in the pod's environment must never carry metadata requests
     # off the node.
     return aiohttp.ClientSession(headers=headers, trust_env=False)
+

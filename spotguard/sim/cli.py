@@ -27,6 +27,18 @@ def add_commands(sim: argparse.ArgumentParser) -> None:
                                    description="Emulated GCE metadata server. POST /sim/preempt, "
                                                "/sim/maintenance?event=..., /sim/fault?mode=..., /sim/reset.")
     metadata.add_argument("--listen", default="127.0.0.1:8089", help="HOST:PORT (default 127.0.0.1:8089)")
+    aws_metadata = commands.add_parser("aws-metadata", help="serve an emulated EC2 instance metadata service (IMDSv2)",
+                                       description="Emulated EC2 instance metadata (IMDSv2 tokens, spot "
+                                                   "instance-action, rebalance). POST /sim/preempt"
+                                                   "[?action=terminate&seconds=120], /sim/rebalance, "
+                                                   "/sim/fault?mode=..., /sim/reset.")
+    aws_metadata.add_argument("--listen", default="127.0.0.1:8090", help="HOST:PORT (default 127.0.0.1:8090)")
+    azure_metadata = commands.add_parser("azure-metadata", help="serve an emulated Azure IMDS (Scheduled Events)",
+                                         description="Emulated Azure Instance Metadata Service: Scheduled Events "
+                                                     "and compute metadata. POST /sim/preempt[?seconds=30], "
+                                                     "/sim/event?type=Reboot|Redeploy|Terminate|Freeze|Preempt, "
+                                                     "/sim/fault?mode=..., /sim/reset.")
+    azure_metadata.add_argument("--listen", default="127.0.0.1:8091", help="HOST:PORT (default 127.0.0.1:8091)")
 
     from spotguard.sim import fake_vllm
 
@@ -87,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
         from spotguard.sim.gce_metadata import run_gce_metadata
 
         return run_gce_metadata(args.listen) or 0
+    if args.sim_command == "aws-metadata":
+        from spotguard.sim.aws_metadata import run_aws_metadata
+
+        return run_aws_metadata(args.listen)
+    if args.sim_command == "azure-metadata":
+        from spotguard.sim.azure_metadata import run_azure_metadata
+
+        return run_azure_metadata(args.listen)
     if args.sim_command == "vllm":
         from spotguard.sim.fake_vllm import run_vllm_from_args
 

@@ -29,11 +29,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import signal
-import sys
 from collections import Counter
 from dataclasses import dataclass
-from types import TracebackType
 
 from aiohttp import web
 
@@ -44,15 +41,11 @@ from spotguard.providers.gce import (
     MAINTENANCE_NONE,
     parse_rfc3339,
 )
+from spotguard.sim.metadata_server import EmulatedServer, run_emulator
 
 PREEMPTED = "instance/preempted"
 MAINTENANCE_EVENT = "instance/maintenance-event"
 UPCOMING_MAINTENANCE = "instance/upcoming-maintenance"
-FAULT_MODES = ("none", "http_500", "http_503", "http_429", "hang", "slow", "garbage", "no_flavor", "refuse",
-               "ignore_wait")
-_FAULT_STATUS = {"http_500": 500, "http_503": 503, "http_429": 429}
-# A body no metadata key ever has: not UTF-8, and HTML besides, like a captive portal's page.
-_GARBAGE = b"\xff\xfe<html><body>503 upstream connect error</body></html>\x00"
 
 
 @dataclass
@@ -61,8 +54,10 @@ class _Value:
     etag: str
 
 
-class GceMetadataEmulator:
+class GceMetadataEmulator(EmulatedServer):
     """The emulated server. `async with GceMetadataEmulator() as emulator: emulator.url ...`"""
+
+    extra_fault_modes = ("no_flavor", "ignore_wait")
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
                  instance_name: str = "spotguard-sim-node",
@@ -71,10 +66,7 @@ class GceMetadataEmulator:
                  zone: str = "us-central1-a",
                  slow_seconds: float = 2.0,
                  access_log: bool = False) -> None:
-        self._host = host
-        self._port = port
-        self._slow_seconds = slow_seconds
-        self._access_log = access_log
+        super().__init__(host=host, port=port, slow_seconds=slow_seconds, access_log=access_log)
         self._generation = 0
         self._values: dict[str, _Value] = {}
         self._fixed = {
@@ -83,65 +75,15 @@ class GceMetadataEmulator:
             "instance/zone": f"projects/{project_number}/zones/{zone}",
             "instance/hostname": f"{instance_name}.{zone}.c.{project_id}.internal",
         }
-        # Replaced by a fresh Event at every change (value, fault, stop): whoever waits on the old
-        # one wakes up and re-checks. Creating an Event needs no running loop (Python >= 3.10).
-        self._changed = asyncio.Event()
-        self._fault = "none"
-        self._stopping = False
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
         # Observable by tests: requests per key, and hanging GETs waiting right now per key.
         self.requests: Counter[str] = Counter()
         self.waiting: Counter[str] = Counter()
         self.reset()
 
-    # -- life cycle ---------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        self._stopping = False
-        app = web.Application()
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/computeMetadata/v1/{key:instance/[^?]+}", self._serve_key)
         app.router.add_post("/sim/preempt", self._sim_preempt)
         app.router.add_post("/sim/maintenance", self._sim_maintenance)
-        app.router.add_post("/sim/reset", self._sim_reset)
-        app.router.add_post("/sim/fault", self._sim_fault)
-        app.router.add_get("/sim/state", self._sim_state)
-        # A short shutdown_timeout: held requests are woken by stop() anyway, and tests must
-        # not wait a minute for aiohttp's default.
-        runner = web.AppRunner(app, shutdown_timeout=0.5,
-                               access_log=web.access_logger if self._access_log else None)
-        await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner, self._site = runner, site
-        sockets = site._server.sockets if site._server else ()  # type: ignore[union-attr]
-        if sockets:
-            self._port = sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        self._stopping = True
-        self._notify()
-        if self._runner is not None:
-            runner, self._runner, self._site = self._runner, None, None
-            await runner.cleanup()
-
-    async def __aenter__(self) -> GceMetadataEmulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
-
-    @property
-    def url(self) -> str:
-        """Root URL (scheme://host:port), what --metadata-url takes."""
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._port}"
 
     # -- triggers -----------------------------------------------------------------------------
 
@@ -172,18 +114,6 @@ class GceMetadataEmulator:
             raise KeyError(key)
         self._set(key, text)
 
-    def set_fault(self, mode: str, *, seconds: float | None = None) -> None:
-        """Make every metadata request fail in the given way (`none` to recover)."""
-        if mode not in FAULT_MODES:
-            raise ValueError(f"mode must be one of {', '.join(FAULT_MODES)}, got {mode!r}")
-        if seconds is not None:
-            if not seconds >= 0:
-                raise ValueError(f"seconds must be >= 0, got {seconds!r}")
-            self._slow_seconds = seconds
-        self._fault = mode
-        # Held requests wake up and answer with the fault (or, for `none`, carry on waiting).
-        self._notify()
-
     def reset(self) -> None:
         self._fault = "none"
         for key, text in self._fixed.items():
@@ -191,7 +121,7 @@ class GceMetadataEmulator:
         self._set(UPCOMING_MAINTENANCE, "{}")
         self._set(MAINTENANCE_EVENT, MAINTENANCE_NONE)
         self._set(PREEMPTED, "FALSE")
-        self._notify()
+        self.notify()
 
     def state(self) -> dict[str, object]:
         return {"fault": self._fault,
@@ -207,11 +137,7 @@ class GceMetadataEmulator:
         # gives three different ETags and a client holding the first one is answered at once.
         etag = hashlib.sha256(f"{self._generation}:{key}:{text}".encode()).hexdigest()[:16]
         self._values[key] = _Value(text=text, etag=etag)
-        self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self.notify()
 
     # -- metadata requests --------------------------------------------------------------------
 
@@ -268,25 +194,10 @@ class GceMetadataEmulator:
     async def _fault_response(self, request: web.Request, key: str, *, alt_json: bool,
                               delay: bool) -> web.StreamResponse | None:
         """The faulty answer for the current fault mode, or None to answer normally."""
-        while self._fault == "hang" and not self._stopping:
-            # Held until the fault changes (or the server stops); the client times out first.
-            await self._changed.wait()
-        mode = self._fault
-        if mode in _FAULT_STATUS:
-            return self._plain(_FAULT_STATUS[mode], f"emulated fault: {mode}\n")
-        if mode == "garbage":
-            return web.Response(body=_GARBAGE, headers={FLAVOR_HEADER: FLAVOR,
-                                                        "ETag": self._values[key].etag,
-                                                        "Content-Type": "application/text"})
-        if mode == "no_flavor":
+        if self._fault == "no_flavor":
             return self._value_response(key, alt_json=alt_json, flavor=False)
-        if mode == "refuse":
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response()  # never reaches the client: the connection is gone
-        if mode == "slow" and delay:
-            await asyncio.sleep(self._slow_seconds)
-        return None
+        return await self.fault_response(request, headers={FLAVOR_HEADER: FLAVOR, "ETag": self._values[key].etag},
+                                         delay=delay)
 
     def _value_response(self, key: str, *, alt_json: bool, flavor: bool) -> web.Response:
         value = self._values[key]
@@ -314,47 +225,8 @@ class GceMetadataEmulator:
         return web.json_response(self.state())
 
     async def _sim_maintenance(self, request: web.Request) -> web.Response:
-        try:
-            self.set_maintenance(request.query.get("event", ""),
-                                 window_start=request.query.get("window_start"))
-        except ValueError as error:
-            return web.json_response({"error": str(error)}, status=400)
-        return web.json_response(self.state())
-
-    async def _sim_reset(self, _: web.Request) -> web.Response:
-        self.reset()
-        return web.json_response(self.state())
-
-    async def _sim_fault(self, request: web.Request) -> web.Response:
-        try:
-            seconds_text = request.query.get("seconds")
-            seconds = float(seconds_text) if seconds_text is not None else None
-            self.set_fault(request.query.get("mode", ""), seconds=seconds)
-        except ValueError as error:
-            return web.json_response({"error": str(error)}, status=400)
-        return web.json_response(self.state())
-
-    async def _sim_state(self, _: web.Request) -> web.Response:
-        return web.json_response(self.state())
-
-
-def _parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
-    return host.strip("[]"), int(port_text)
-
-
-async def _serve(host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with GceMetadataEmulator(host=host, port=port, access_log=True) as emulator:
-        print(f"GCE metadata emulator listening on {emulator.url}", flush=True)
-        print(f"SPOTGUARD_METADATA_URL={emulator.url}", flush=True)
-        print(f"trigger a preemption: curl -X POST {emulator.url}/sim/preempt", flush=True)
-        await stop.wait()
+        return self.answer_trigger(lambda: self.set_maintenance(request.query.get("event", ""),
+                                                                window_start=request.query.get("window_start")))
 
 
 def run_gce_metadata(listen: str) -> int:
@@ -367,14 +239,7 @@ def run_gce_metadata(listen: str) -> int:
     POST /sim/fault?mode=none|http_500|http_503|http_429|hang|slow|garbage|no_flavor|refuse|ignore_wait.
     Point spotguard at it with --metadata-url http://HOST:PORT. Returns the exit status.
     """
-    try:
-        host, port = _parse_listen(listen)
-    except ValueError as error:
-        print(f"spotguard sim gce-metadata: {error}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(_serve(host, port))
-    except OSError as error:
-        print(f"spotguard sim gce-metadata: cannot listen on {listen}: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_emulator("gce-metadata", listen, lambda host, port: GceMetadataEmulator(host=host, port=port,
+                                                                                        access_log=True),
+                        lambda url: [f"GCE metadata emulator listening on {url}", f"SPOTGUARD_METADATA_URL={url}",
+                                     f"trigger a preemption: curl -X POST {url}/sim/preempt"])

@@ -9,6 +9,7 @@ SPOTGUARD_METADATA_URL, SPOTGUARD_LISTEN), so what is tested is the real daemon,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import socket
@@ -22,11 +23,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spotguard.kube import EVICT_ANNOTATION, Kube, Obj
+from spotguard.sim.aws_metadata import AwsMetadataEmulator
+from spotguard.sim.azure_metadata import AzureMetadataEmulator
 from spotguard.sim.gce_metadata import GceMetadataEmulator
 
 POOL_LABEL = "sim.spotguard.io/pool"
 SPOT_LABELS = {"cloud.google.com/gke-spot": "true", "cloud.google.com/gke-accelerator": "nvidia-l4"}
 SERVING_GATE = "spotguard.io/serving"
+# The metadata server of one VM, by cloud, given the VM's name.
+EMULATORS: dict[str, Callable[[str], Any]] = {
+    "gce": lambda name: GceMetadataEmulator(instance_name=name),
+    "aws": lambda name: AwsMetadataEmulator(instance_id=f"i-{hashlib.sha256(name.encode()).hexdigest()[:17]}"),
+    "azure": lambda name: AzureMetadataEmulator(vm_name=f"{name}_0"),
+}
 # How long a test waits for the router to see new endpoints before nudging the Service (wait_routable).
 ENDPOINTS_NUDGE_SECONDS = 5.0
 
@@ -68,6 +77,7 @@ class DaemonProcess:
     kubeconfig: Path
     metadata_url: str
     log_path: Path
+    provider: str = "gce"
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
@@ -79,7 +89,7 @@ class DaemonProcess:
     def env(self) -> dict[str, str]:
         """The environment the DaemonSet's container has (downward API, chart values)."""
         return {**os.environ, "NODE_NAME": self.node, "KUBECONFIG": str(self.kubeconfig),
-                "SPOTGUARD_PROVIDER": "gce", "SPOTGUARD_METADATA_URL": self.metadata_url,
+                "SPOTGUARD_PROVIDER": self.provider, "SPOTGUARD_METADATA_URL": self.metadata_url,
                 "SPOTGUARD_LISTEN": f"127.0.0.1:{self.port}", "SPOTGUARD_DRAIN_POLL_SECONDS": "0.25",
                 **self.extra_env}
 
@@ -133,15 +143,22 @@ class DaemonProcess:
 @dataclass
 class SimVM:
     name: str
-    metadata: GceMetadataEmulator
+    # The metadata emulator of the world's cloud (each has preempt(), url, set_fault(), reset()).
+    metadata: Any
     daemon: DaemonProcess | None = None
 
 
 class World:
-    """Nodes of one GPU spot pool, each with a metadata emulator and (optionally) spotguard."""
+    """Nodes of one GPU spot pool, each with a metadata emulator and (optionally) spotguard.
+
+    `cloud` says whose metadata server the VMs have (`gce`, `aws` or `azure`); spotguard is started with
+    that provider."""
 
     def __init__(self, *, api_client: Any, kubeconfig: Path, namespace: str, log_dir: Path,
-                 pool: str = "gpu-spot", daemon_env: dict[str, str] | None = None) -> None:
+                 pool: str = "gpu-spot", daemon_env: dict[str, str] | None = None, cloud: str = "gce") -> None:
+        if cloud not in EMULATORS:
+            raise ValueError(f"cloud must be one of {', '.join(EMULATORS)}, got {cloud!r}")
+        self.cloud = cloud
         self.api = Kube(api_client, node_name="-")
         self.api_client = api_client
         self.kubeconfig = kubeconfig
@@ -164,7 +181,7 @@ class World:
 
     async def adopt_vm(self, name: str, *, spotguard: bool = True) -> SimVM:
         """Give an existing Node (say, one the autoscaler added) its metadata server and spotguard."""
-        metadata = GceMetadataEmulator(instance_name=name)
+        metadata = EMULATORS[self.cloud](name)
         await metadata.start()
         vm = SimVM(name=name, metadata=metadata)
         self.vms[name] = vm
@@ -197,7 +214,8 @@ class World:
     def start_daemon(self, vm: SimVM, *, kubeconfig: Path | None = None) -> DaemonProcess:
         """`kubeconfig` replaces the world's admin credentials, say with a pod-bound token."""
         vm.daemon = DaemonProcess(node=vm.name, kubeconfig=kubeconfig or self.kubeconfig, metadata_url=vm.metadata.url,
-                                  log_path=self.log_dir / f"spotguard-{vm.name}.log", extra_env=self.daemon_env)
+                                  log_path=self.log_dir / f"spotguard-{vm.name}.log", provider=self.cloud,
+                                  extra_env=self.daemon_env)
         vm.daemon.start()
         return vm.daemon
 

@@ -9,11 +9,13 @@ alone; tests/e2e runs the whole preemption with GKE's node shutdown.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import aiohttp
 import pytest
 
+from spotguard.providers.http import parse_rfc3339
 from spotguard.sim.world import World, wait_until
 from spotguard.sim.world import metric_value as metric
 
@@ -59,7 +61,9 @@ async def test_new_serving_pods_are_set_serving_and_become_ready(world):
     assert pod["spec"]["nodeName"] == node
 
 
-async def test_notice_cordons_taints_deregisters_and_records_progress(world):
+@pytest.mark.parametrize("cloud", ["gce", "aws", "azure"])
+async def test_notice_cordons_taints_deregisters_and_records_progress(world, cloud):
+    world.cloud = cloud
     node = node_name()
     vm = await world.add_vm(node)
     world.deploy_vllm(replicas=1)
@@ -85,8 +89,12 @@ async def test_notice_cordons_taints_deregisters_and_records_progress(world):
     notices = [e for e in world.events(reason="TerminationNotice") if e["involvedObject"]["name"] == node]
     assert len(notices) == 1 and notices[0]["type"] == "Warning"
     text = await asyncio.to_thread(vm.daemon.metrics)
-    assert metric(text, "spotguard_notices_total", kind="preemption") == 1
+    assert metric(text, "spotguard_notices_total", kind="preemption", provider=cloud) == 1
     assert metric(text, "spotguard_reaction_duration_seconds_count") == 1
+    # The deadline each cloud gives: GCE 30 s counted from the notice; EC2 (120 s) and Azure
+    # (Preempt: 30 s) the time they announce.
+    left = parse_rfc3339(annotations["spotguard.io/deadline"]) - time.time()
+    assert 100 < left <= 120 if cloud == "aws" else 0 < left <= 30, left
 
 
 async def test_drain_waits_for_in_flight_requests_then_evicts(world):

@@ -6,20 +6,24 @@ seconds; every emulator and watch task is stopped by its fixture, even when a te
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import socket
 import time
-from contextlib import aclosing
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import AsyncIterator
 
 import aiohttp
 import pytest
 
-from spotguard.config import Config, add_arguments, load
-from spotguard.notice import Notice, NoticeKind
+from providerlib import FAULTS as COMMON_FAULTS
+from providerlib import (
+    Calls,
+    Watcher,
+    assert_fault_is_retried_and_the_notice_arrives_after,
+    config,
+    eventually,
+    free_port,
+)
+from spotguard.notice import NoticeKind
 from spotguard.providers import AutoProvider, ProviderUnreachable, detect, make_provider
 from spotguard.providers.gce import GceProvider
 from spotguard.sim.gce_metadata import MAINTENANCE_EVENT, PREEMPTED, GceMetadataEmulator
@@ -28,57 +32,6 @@ pytestmark = pytest.mark.timeout(60)
 
 CLOCK = 1_000.0  # fixed wall clock: deadlines are then exact
 FLAVOR = {"Metadata-Flavor": "Google"}
-
-
-@dataclass
-class Calls:
-    errors: list[str] = field(default_factory=list)
-    oks: int = 0
-
-    def on_error(self, reason: str) -> None:
-        self.errors.append(reason)
-
-    def on_ok(self) -> None:
-        self.oks += 1
-
-
-class Watcher:
-    """Runs provider.watch() in a task and queues what it yields."""
-
-    def __init__(self, provider: GceProvider) -> None:
-        self.provider = provider
-        self.items: asyncio.Queue[Notice | None] = asyncio.Queue()
-        self.task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        async with aclosing(self.provider.watch()) as notices:
-            async for notice in notices:
-                await self.items.put(notice)
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-
-    async def next(self, timeout: float = 3.0) -> Notice | None:
-        """The next item; re-raises at once if watch() itself failed, rather than timing out."""
-        assert self.task is not None
-        getter = asyncio.ensure_future(self.items.get())
-        try:
-            done, _ = await asyncio.wait([getter, self.task], timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not getter.done():
-                getter.cancel()
-        if getter in done:
-            return getter.result()
-        if self.task in done:
-            self.task.result()
-            raise AssertionError("watch() ended without an error")
-        raise TimeoutError(f"nothing yielded within {timeout} s")
 
 
 @pytest.fixture
@@ -113,28 +66,6 @@ async def watcher(emulator: GceMetadataEmulator, calls: Calls) -> AsyncIterator[
         yield watcher
     finally:
         await watcher.stop()
-
-
-async def eventually(condition, *, timeout: float = 5.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def config(*flags: str) -> Config:
-    """A Config built the way the daemon builds it (flags, no environment), so new settings with
-    defaults don't break these tests."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return load(parser.parse_args(["--node-name", "node-a", *flags]), environ={})
 
 
 # -- the provider --------------------------------------------------------------------------------
@@ -204,30 +135,13 @@ async def test_live_migration_yields_nothing_and_a_later_preemption_still_arrive
     assert notice is not None and notice.kind is NoticeKind.PREEMPTION
 
 
-FAULTS = [("http_500", "http_5xx"), ("http_503", "http_5xx"), ("http_429", "http_429"),
-          ("hang", "timeout"), ("slow", "timeout"), ("garbage", "bad_body"),
-          ("no_flavor", "bad_flavor"), ("refuse", "connection")]
+FAULTS = [*COMMON_FAULTS, ("no_flavor", "bad_flavor")]
 
 
 @pytest.mark.parametrize(("mode", "reason"), FAULTS, ids=[mode for mode, _ in FAULTS])
 async def test_fault_is_reported_retried_and_the_notice_still_arrives_after_recovery(
         emulator: GceMetadataEmulator, watcher: Watcher, calls: Calls, mode: str, reason: str) -> None:
-    watcher.start()
-    assert await watcher.next() is None
-    emulator.set_fault(mode, seconds=2.0)
-    await eventually(lambda: reason in calls.errors, what=f"an error with reason {reason}")
-    # Preempted while the server is broken: nothing it says in that state may be taken as an answer.
-    emulator.preempt()
-    await asyncio.sleep(0.3)
-    assert watcher.items.empty()
-    assert watcher.task is not None and not watcher.task.done()
-
-    oks_before = calls.oks
-    emulator.set_fault("none")
-    notice = await watcher.next(timeout=4.0)
-    assert notice is not None and notice.kind is NoticeKind.PREEMPTION
-    assert calls.oks > oks_before
-    assert set(calls.errors) == {reason}
+    await assert_fault_is_retried_and_the_notice_arrives_after(emulator, watcher, calls, mode, reason)
 
 
 async def test_responses_without_metadata_flavor_are_rejected(emulator: GceMetadataEmulator, watcher: Watcher,

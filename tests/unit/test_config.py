@@ -76,6 +76,12 @@ def test_bad_setting_names_the_flag_and_env_var(argv, env, names):
     assert message.startswith(names) and "\n" not in message
 
 
+def test_gce_metadata_host_is_for_gce_and_auto_only():
+    env = {"NODE_NAME": "n", "GCE_METADATA_HOST": "127.0.0.1:9999"}
+    assert load(["--provider", "gce"], env).metadata_url == "http://127.0.0.1:9999"
+    assert load(["--provider", "aws"], env).metadata_url is None
+
+
 def test_bad_config_exits_2_with_one_line_and_no_traceback():
     result = subprocess.run([sys.executable, "-m", "spotguard", "run", "--node-name", "n", "--listen", "x"],
                             capture_output=True, text=True, timeout=60)

@@ -1,0 +1,216 @@
+"""AWS notices: the EC2 spot instance-action, read through IMDSv2.
+
+EC2 has no hanging GET, so this polls once a second (see `providers.polled`).
+
+Three layers, like the GCE provider:
+- parsers (`parse_instance_action`, `parse_rebalance`): bytes in, value out, `MetadataBodyError`
+  for anything else;
+- the deadline rule (`notice_for`): pure, the time of first observation passed in;
+- `AwsProvider`: the I/O. A session token (PUT /latest/api/token) is fetched once and renewed
+  before it expires or when the server answers 401.
+
+A rebalance recommendation (events/recommendations/rebalance) is logged, never acted on: it says
+the risk of an interruption went up, not that one is coming, and draining a GPU server on every
+recommendation would cost the capacity spot is bought for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from spotguard.config import AWS_DEFAULT_METADATA_URL
+from spotguard.notice import Notice, NoticeKind
+from spotguard.providers import ProviderUnreachable
+from spotguard.providers.http import (
+    MetadataBodyError,
+    RequestFailed,
+    body_json,
+    body_text,
+    parse_rfc3339,
+    read_limited,
+    session,
+    shown,
+    status_failure,
+    transport_failure,
+)
+from spotguard.providers.polled import PolledProvider
+
+TOKEN_PATH = "/latest/api/token"
+TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+META = "/latest/meta-data/"
+INSTANCE_ACTION_KEY = "spot/instance-action"
+REBALANCE_KEY = "events/recommendations/rebalance"
+INSTANCE_ID_KEY = "instance-id"
+
+# Every action takes the VM, and with it the pods, away.
+ACTIONS = frozenset({"terminate", "stop", "hibernate"})
+# EC2 gives a spot instance two minutes; used only when instance-action's time is unreadable.
+DEFAULT_SPOT_NOTICE_SECONDS = 120.0
+# Six hours, the most IMDSv2 grants; renewed a minute early so a request never carries an
+# expired token.
+TOKEN_TTL_SECONDS = 21600
+_TOKEN_RENEW_EARLY_SECONDS = 60.0
+# What a timed-out token request most often means in a pod, said where the operator reads it.
+_HOP_LIMIT_HINT = ("a pod without hostNetwork needs the instance's IMDSv2 HttpPutResponseHopLimit >= 2 "
+                   "(the chart's default hostNetwork: true avoids it)")
+
+
+@dataclass(frozen=True)
+class InstanceAction:
+    action: str
+    # When EC2 stops or terminates the VM (Unix seconds); None when the time field is unreadable.
+    at: float | None
+
+
+def parse_instance_action(body: bytes | str) -> InstanceAction:
+    """spot/instance-action: `{"action": "terminate|stop|hibernate", "time": "RFC 3339"}`.
+
+    An unknown action is an error; a missing or unreadable time is not (the action alone says the
+    VM goes away): the caller then assumes EC2's two minutes from when it first saw the notice.
+    """
+    data = body_json(body, key=INSTANCE_ACTION_KEY)
+    if not isinstance(data, dict):
+        raise MetadataBodyError(f"{INSTANCE_ACTION_KEY}: expected a JSON object, got {shown(str(data))}")
+    action = data.get("action")
+    if action not in ACTIONS:
+        raise MetadataBodyError(f"{INSTANCE_ACTION_KEY}: action is not one of {', '.join(sorted(ACTIONS))}: "
+                                f"{shown(str(action))}")
+    try:
+        at = parse_rfc3339(data["time"]) if isinstance(data.get("time"), str) else None
+    except ValueError:
+        at = None
+    return InstanceAction(action=action, at=at)
+
+
+def parse_rebalance(body: bytes | str) -> str:
+    """events/recommendations/rebalance: `{"noticeTime": "RFC 3339"}`; the notice time as given."""
+    data = body_json(body, key=REBALANCE_KEY)
+    if not isinstance(data, dict) or not isinstance(data.get("noticeTime"), str):
+        raise MetadataBodyError(f"{REBALANCE_KEY}: expected {{\"noticeTime\": ...}}, got {shown(str(data))}")
+    return data["noticeTime"]
+
+
+def notice_for(action: InstanceAction | None, *, first_seen: float | None,
+               notice_seconds: float | None) -> Notice | None:
+    """The notice an instance-action amounts to. The deadline is EC2's time when readable, else
+    the first sighting plus --notice-seconds (default 120 s), so re-reads never move it."""
+    if action is None:
+        return None
+    if action.at is not None:
+        deadline = action.at
+    else:
+        assert first_seen is not None, "an action is always seen before it is judged"
+        deadline = first_seen + (notice_seconds or DEFAULT_SPOT_NOTICE_SECONDS)
+    return Notice(kind=NoticeKind.PREEMPTION, deadline=deadline, source=f"aws:{INSTANCE_ACTION_KEY}",
+                  detail=action.action)
+
+
+class _Token:
+    """The IMDSv2 session token and when to renew it (monotonic clock)."""
+
+    def __init__(self) -> None:
+        self.value: str | None = None
+        self.renew_at = 0.0
+
+    def forget(self) -> None:
+        self.value = None
+
+
+class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
+    """Polls EC2's instance metadata and yields `Notice | None` (see `providers.Provider`)."""
+
+    name = "aws"
+
+    def __init__(self, *, root_url: str = AWS_DEFAULT_METADATA_URL, **options: Any) -> None:
+        super().__init__(root_url=root_url, **options)
+        self._token = _Token()
+        # When the current instance-action was first seen, and the last rebalance recommendation.
+        self._first_seen: float | None = None
+        self._rebalance: str | None = None
+
+    async def probe(self) -> None:
+        """A token, then instance-id (which must look like one): only EC2 answers both."""
+        async with session() as http:
+            try:
+                instance_id = body_text(await self._get(http, INSTANCE_ID_KEY), key=INSTANCE_ID_KEY)
+            except RequestFailed as failure:
+                raise ProviderUnreachable(f"EC2 instance metadata at {self.root_url}: {failure.reason}: {failure}",
+                                          reason=failure.reason) from None
+            except MetadataBodyError as error:
+                raise ProviderUnreachable(f"EC2 instance metadata at {self.root_url}: bad_body: {error}",
+                                          reason="bad_body") from None
+            if not instance_id.startswith("i-"):
+                raise ProviderUnreachable(f"EC2 instance metadata at {self.root_url}: bad_body: instance-id "
+                                          f"{shown(instance_id)} is not an EC2 instance id", reason="bad_body")
+
+    async def read(self, http: aiohttp.ClientSession) -> tuple[InstanceAction | None, str | None]:
+        return await self._instance_action(http), await self._rebalance_notice_time(http)
+
+    def judge(self, value: tuple[InstanceAction | None, str | None]) -> Notice | None:
+        action, rebalance = value
+        if rebalance != self._rebalance:
+            self._rebalance = rebalance
+            self._log.info("aws_rebalance_recommendation", notice_time=rebalance,
+                           note="logged only: a higher risk of interruption, not a notice")
+        self._first_seen = (self._first_seen or self._clock()) if action is not None else None
+        return notice_for(action, first_seen=self._first_seen, notice_seconds=self._notice_seconds)
+
+    async def _instance_action(self, http: aiohttp.ClientSession) -> InstanceAction | None:
+        body = await self._get(http, INSTANCE_ACTION_KEY, absent_ok=True)
+        return None if body is None else parse_instance_action(body)
+
+    async def _rebalance_notice_time(self, http: aiohttp.ClientSession) -> str | None:
+        body = await self._get(http, REBALANCE_KEY, absent_ok=True)
+        return None if body is None else parse_rebalance(body)
+
+    async def _get(self, http: aiohttp.ClientSession, key: str, *, absent_ok: bool = False) -> bytes | None:
+        """GET one meta-data key with the session token: its body, or None for a 404 when
+        `absent_ok` (EC2's "no such notice"). A 401 (token expired or revoked) renews the token
+        and asks once more."""
+        for attempt in (1, 2):
+            token = await self._session_token(http)
+            try:
+                async with http.get(self.root_url + META + key, headers={TOKEN_HEADER: token},
+                                    allow_redirects=False,
+                                    timeout=aiohttp.ClientTimeout(total=self._request_timeout)) as response:
+                    if response.status == 401 and attempt == 1:
+                        self._token.forget()
+                        continue
+                    if response.status == 404 and absent_ok:
+                        return None
+                    if response.status != 200:
+                        raise status_failure(response.status)
+                    return await read_limited(response)
+            except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as error:
+                raise transport_failure(error, timeout=self._request_timeout) from None
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    async def _session_token(self, http: aiohttp.ClientSession) -> str:
+        now = time.monotonic()
+        if self._token.value is not None and now < self._token.renew_at:
+            return self._token.value
+        try:
+            async with http.put(self.root_url + TOKEN_PATH, headers={TOKEN_TTL_HEADER: str(TOKEN_TTL_SECONDS)},
+                                allow_redirects=False,
+                                timeout=aiohttp.ClientTimeout(total=self._request_timeout)) as response:
+                if response.status != 200:
+                    failure = status_failure(response.status)
+                    raise RequestFailed(failure.reason, f"token request: HTTP {response.status}",
+                                        status=response.status)
+                token = body_text(await read_limited(response), key="api/token")
+        except asyncio.TimeoutError as error:
+            failure = transport_failure(error, timeout=self._request_timeout)
+            raise RequestFailed(failure.reason, f"token request: {failure}; {_HOP_LIMIT_HINT}") from None
+        except (aiohttp.ClientError, OSError) as error:
+            raise transport_failure(error, timeout=self._request_timeout) from None
+        if not token:
+            raise MetadataBodyError("api/token: empty token")
+        self._token.value = token
+        self._token.renew_at = now + TOKEN_TTL_SECONDS - _TOKEN_RENEW_EARLY_SECONDS
+        return token

@@ -1,0 +1,233 @@
+"""The real AWS provider against the EC2 metadata emulator (IMDSv2), over loopback HTTP.
+
+Polling every 0.05 s, 0.5 s requests and backoff capped at 0.2 s keep the file to seconds; every
+emulator and watch task is stopped by its fixture, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import AsyncIterator
+
+import aiohttp
+import pytest
+import structlog
+
+from providerlib import (
+    FAULTS,
+    Calls,
+    Watcher,
+    assert_fault_is_retried_and_the_notice_arrives_after,
+    config,
+    eventually,
+    free_port,
+)
+from spotguard.config import add_arguments, load
+from spotguard.notice import NoticeKind
+from spotguard.providers import AutoProvider, ProviderUnreachable, detect, make_provider
+from spotguard.providers.aws import INSTANCE_ACTION_KEY, TOKEN_HEADER, TOKEN_TTL_HEADER, AwsProvider
+from spotguard.sim.aws_metadata import AwsMetadataEmulator
+from spotguard.sim.gce_metadata import GceMetadataEmulator
+
+pytestmark = pytest.mark.timeout(60)
+
+CLOCK = 1_000.0
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[AwsMetadataEmulator]:
+    async with AwsMetadataEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def calls() -> Calls:
+    return Calls()
+
+
+def fast_provider(url: str, calls: Calls, **overrides: object) -> AwsProvider:
+    options: dict[str, object] = dict(root_url=url, notice_seconds=None, on_error=calls.on_error, on_ok=calls.on_ok,
+                                      clock=lambda: CLOCK, poll_seconds=0.05, request_timeout_seconds=0.5,
+                                      backoff_base_seconds=0.05, backoff_cap_seconds=0.2)
+    options.update(overrides)
+    return AwsProvider(**options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def watcher(emulator: AwsMetadataEmulator, calls: Calls) -> AsyncIterator[Watcher]:
+    watcher = Watcher(fast_provider(emulator.url, calls))
+    try:
+        yield watcher
+    finally:
+        await watcher.stop()
+
+
+async def test_no_notice_then_a_spot_interruption_then_its_withdrawal(emulator, watcher, calls):
+    watcher.start()
+    assert await watcher.next() is None
+    before = time.time()
+    emulator.preempt(action="stop", seconds=120)
+    notice = await watcher.next(timeout=1.0)
+    assert notice is not None and notice.kind is NoticeKind.PREEMPTION and notice.detail == "stop"
+    # EC2's own time, to the second it writes: not the provider's clock.
+    assert before + 119 <= notice.deadline <= time.time() + 120
+    emulator.reset()
+    assert await watcher.next() is None
+    assert calls.errors == [] and calls.oks > 0
+    # One token for the whole watch: not a PUT per poll.
+    assert emulator.requests["api/token"] == 1
+
+
+async def test_interruption_present_at_startup_is_yielded_first(emulator, watcher):
+    emulator.preempt(seconds=60)
+    watcher.start()
+    notice = await watcher.next()
+    assert notice is not None and notice.detail == "terminate"
+    assert abs(notice.deadline - (time.time() + 60)) < 2
+
+
+async def test_an_unreadable_time_falls_back_to_two_minutes_from_the_first_sighting(emulator, watcher):
+    emulator.set_raw(INSTANCE_ACTION_KEY, '{"action": "terminate", "time": "soon"}')
+    watcher.start()
+    notice = await watcher.next()
+    assert notice is not None and notice.deadline == CLOCK + 120
+    await asyncio.sleep(0.3)   # several polls later the deadline has not moved: nothing new yielded
+    assert watcher.items.empty()
+
+
+async def test_an_expired_token_is_renewed_without_an_error(emulator, watcher, calls):
+    watcher.start()
+    assert await watcher.next() is None
+    emulator.set_fault("expire_tokens")
+    await eventually(lambda: emulator.requests["api/token"] == 2, what="a second token")
+    emulator.preempt()
+    assert (await watcher.next()) is not None
+    assert calls.errors == []
+
+
+async def test_a_rebalance_recommendation_is_logged_and_is_no_notice(emulator, watcher):
+    with structlog.testing.capture_logs() as logs:
+        watcher.start()
+        assert await watcher.next() is None
+        emulator.rebalance()
+        await eventually(lambda: any(e["event"] == "aws_rebalance_recommendation" for e in logs), what="the log line")
+    assert watcher.items.empty()
+    assert [e["notice_time"] for e in logs if e["event"] == "aws_rebalance_recommendation"][0].endswith("Z")
+
+
+@pytest.mark.parametrize(("mode", "reason"), FAULTS, ids=[mode for mode, _ in FAULTS])
+async def test_fault_is_reported_retried_and_the_notice_still_arrives_after_recovery(
+        emulator, watcher, calls, mode, reason):
+    await assert_fault_is_retried_and_the_notice_arrives_after(emulator, watcher, calls, mode, reason)
+
+
+async def test_a_token_request_that_never_answers_names_the_hop_limit(emulator, calls):
+    emulator.set_fault("token_hangs")
+    with pytest.raises(ProviderUnreachable, match="timeout: .*HttpPutResponseHopLimit >= 2"):
+        await fast_provider(emulator.url, calls).probe()
+
+
+# -- probe and detection -------------------------------------------------------------------------
+
+
+async def test_probe_accepts_ec2_and_refuses_other_servers(emulator, calls):
+    assert await fast_provider(emulator.url, calls).probe() is None
+    async with GceMetadataEmulator() as gce:
+        with pytest.raises(ProviderUnreachable, match="http_other: token request: HTTP 404"):
+            await fast_provider(gce.url, calls).probe()
+    impostor = AwsMetadataEmulator(instance_id="not-an-instance")
+    async with impostor:
+        with pytest.raises(ProviderUnreachable, match="is not an EC2 instance id"):
+            await fast_provider(impostor.url, calls).probe()
+
+
+async def test_auto_detects_aws_after_gce_refuses(emulator):
+    provider = await detect(config("--provider", "auto", "--metadata-url", emulator.url))
+    assert isinstance(provider, AwsProvider) and provider.root_url == emulator.url
+
+
+async def test_auto_follows_ec2_once_it_answers(calls):
+    late = AwsMetadataEmulator(port=free_port())
+    detected: list[str] = []
+    provider = AutoProvider(config("--provider", "auto", "--metadata-url", late.url), on_error=calls.on_error,
+                            on_ok=calls.on_ok, on_detected=detected.append, backoff_base=0.02, backoff_cap=0.05)
+    watcher = Watcher(provider)
+    watcher.start()
+    try:
+        await eventually(lambda: len(calls.errors) >= 2, what="failed probes")
+        await late.start()
+        assert await watcher.next() is None
+        assert detected == ["aws"]
+        late.preempt()
+        notice = await watcher.next(timeout=5.0)
+        assert notice is not None and notice.source == "aws:spot/instance-action"
+    finally:
+        await watcher.stop()
+        await late.stop()
+
+
+def test_explicit_aws_is_built_without_asking_the_network_and_ignores_gce_metadata_host():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    loaded = load(parser.parse_args(["--node-name", "n", "--provider", "aws"]),
+                  environ={"GCE_METADATA_HOST": "10.0.0.1:8080"})
+    provider = make_provider(loaded)
+    assert isinstance(provider, AwsProvider) and provider.root_url == "http://169.254.169.254"
+
+
+# -- the emulator's own semantics (what the provider relies on) ----------------------------------
+
+
+async def test_emulator_speaks_imdsv2(emulator):
+    async with aiohttp.ClientSession() as http:
+        base = emulator.url
+        async with http.get(f"{base}/latest/meta-data/instance-id") as response:
+            assert response.status == 401          # IMDSv1 refused: tokens required
+        async with http.put(f"{base}/latest/api/token") as response:
+            assert response.status == 400          # no TTL
+        async with http.put(f"{base}/latest/api/token", headers={TOKEN_TTL_HEADER: "21601"}) as response:
+            assert response.status == 400          # TTL above six hours
+        async with http.put(f"{base}/latest/api/token",
+                            headers={TOKEN_TTL_HEADER: "60", "X-Forwarded-For": "10.0.0.9"}) as response:
+            assert response.status == 403
+        async with http.put(f"{base}/latest/api/token", headers={TOKEN_TTL_HEADER: "60"}) as response:
+            assert response.status == 200 and response.headers[TOKEN_TTL_HEADER] == "60"
+            token = await response.text()
+        headers = {TOKEN_HEADER: token}
+        async with http.get(f"{base}/latest/meta-data/spot/instance-action", headers=headers) as response:
+            assert response.status == 404
+        async with http.post(f"{base}/sim/preempt?action=hibernate&seconds=30") as response:
+            assert response.status == 200
+        async with http.get(f"{base}/latest/meta-data/spot/instance-action", headers=headers) as response:
+            assert response.status == 200 and (await response.json(content_type=None))["action"] == "hibernate"
+        async with http.post(f"{base}/sim/preempt?action=explode") as response:
+            assert response.status == 400
+
+
+def test_the_command_serves_until_sigterm_and_refuses_a_bad_listen_address():
+    bad = subprocess.run([sys.executable, "-m", "spotguard", "sim", "aws-metadata", "--listen", "nowhere"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--listen must be HOST:PORT" in bad.stderr
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "spotguard", "sim", "aws-metadata", "--listen",
+                               f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        assert "listening on http://127.0.0.1:" in server.stdout.readline()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/sim/preempt?seconds=30", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            state = json.load(response)
+        assert json.loads(state["values"][INSTANCE_ACTION_KEY])["action"] == "terminate"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
