@@ -45,6 +45,9 @@ class Config:
     # How often in-flight requests are read from vLLM while draining.
     drain_poll_seconds: float
     log_level: str
+    # Where Google's GCE_METADATA_HOST says GCE's server is (root URL): used by the GCE provider
+    # when --metadata-url is not given, never by another cloud's (so `auto` on AWS ignores it).
+    gce_metadata_host_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,8 @@ SETTINGS: tuple[_Setting, ...] = (
              is_switch=True),
     _Setting("notice_seconds", "--notice-seconds", "SPOTGUARD_NOTICE_SECONDS",
              "notice length to assume when the provider gives no deadline "
-             "(GCE preemption: 30, or up to 120 with preemptionNoticeDuration; AWS spot: 120, used "
-             "only when instance-action's time is unreadable)", metavar="SECONDS"),
+             "(GCE preemption: 30, or up to 120 with preemptionNoticeDuration); on AWS and Azure only "
+             "for a spot notice whose own time is unreadable (defaults 120 and 30)", metavar="SECONDS"),
     _Setting("safety_margin_seconds", "--safety-margin-seconds", "SPOTGUARD_SAFETY_MARGIN_SECONDS",
              "stop draining and evict this long before the deadline, so pods have time to stop",
              default="5", metavar="SECONDS"),
@@ -135,11 +138,11 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
     host, port = parsed("listen", _host_port)  # type: ignore[misc]
     provider = parsed("provider", _provider)
     metadata_url = parsed("metadata_url", _root_url)
-    # Google's own variable: it says where GCE's server is, never another cloud's.
-    if metadata_url is None and provider in ("gce", "auto") and environ.get("GCE_METADATA_HOST", "").strip():
+    gce_metadata_host_url = None
+    if provider in ("gce", "auto") and environ.get("GCE_METADATA_HOST", "").strip():
         gce_host = environ["GCE_METADATA_HOST"].strip()
         try:
-            metadata_url = _root_url(f"http://{gce_host}")
+            gce_metadata_host_url = _root_url(f"http://{gce_host}")
         except ValueError as error:
             raise ConfigError(f"GCE_METADATA_HOST: {error}, got {gce_host!r}") from None
     return Config(
@@ -155,6 +158,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         max_drain_seconds=parsed("max_drain_seconds", _positive_seconds),  # type: ignore[arg-type]
         drain_poll_seconds=parsed("drain_poll_seconds", _positive_seconds),  # type: ignore[arg-type]
         log_level=parsed("log_level", _log_level),  # type: ignore[arg-type]
+        gce_metadata_host_url=gce_metadata_host_url,
     )
 
 

@@ -18,7 +18,7 @@ from spotguard.backoff import backoff_delay
 from spotguard.config import AWS_DEFAULT_METADATA_URL, AZURE_DEFAULT_METADATA_URL, GCE_DEFAULT_METADATA_URL, Config
 from spotguard.notice import Notice
 
-# Providers `auto` tries, in order. Only clouds whose provider exists are listed.
+# Providers `auto` tries, in order.
 # GCE first: its probe fails at once off GCE (metadata.google.internal does not resolve), while
 # 169.254.169.254 answers on several clouds, and each probe there checks for its own cloud's answer.
 AUTO_ORDER: tuple[str, ...] = ("gce", "aws", "azure")
@@ -74,7 +74,7 @@ def make_provider(config: Config, *, name: str | None = None,
         # Imported here so that this module stays importable by every provider module.
         from spotguard.providers.gce import GceProvider
 
-        return GceProvider(root_url=config.metadata_url or GCE_DEFAULT_METADATA_URL,
+        return GceProvider(root_url=config.metadata_url or config.gce_metadata_host_url or GCE_DEFAULT_METADATA_URL,
                            notice_seconds=config.notice_seconds,
                            on_error=on_error, on_ok=on_ok, clock=clock)
     if chosen == "aws":
@@ -91,7 +91,7 @@ def make_provider(config: Config, *, name: str | None = None,
                              on_error=on_error, on_ok=on_ok, clock=clock)
     if chosen == "auto":
         return AutoProvider(config, on_error=on_error, on_ok=on_ok, on_detected=on_detected, clock=clock)
-    raise ValueError(f"no provider named {chosen!r} is built; known: {', '.join(AUTO_ORDER)}")
+    raise ValueError(f"no provider named {chosen!r}; known: auto, {', '.join(AUTO_ORDER)}")
 
 
 async def detect(config: Config, *,

@@ -17,6 +17,7 @@ recommendation would cost the capacity spot is bought for.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from spotguard.providers.http import (
     shown,
     status_failure,
     transport_failure,
+    unreachable_if_failing,
 )
 from spotguard.providers.polled import PolledProvider
 
@@ -52,10 +54,11 @@ INSTANCE_ID_KEY = "instance-id"
 ACTIONS = frozenset({"terminate", "stop", "hibernate"})
 # EC2 gives a spot instance two minutes; used only when instance-action's time is unreadable.
 DEFAULT_SPOT_NOTICE_SECONDS = 120.0
-# Six hours, the most IMDSv2 grants; renewed a minute early so a request never carries an
-# expired token.
+# Six hours, the most IMDSv2 grants.
 TOKEN_TTL_SECONDS = 21600
 _TOKEN_RENEW_EARLY_SECONDS = 60.0
+# EC2's tokens are base64-like text of a few dozen characters.
+_TOKEN = re.compile(r"[A-Za-z0-9_=+/.-]{1,1024}")
 # What a timed-out token request most often means in a pod, said where the operator reads it.
 _HOP_LIMIT_HINT = ("a pod without hostNetwork needs the instance's IMDSv2 HttpPutResponseHopLimit >= 2 "
                    "(the chart's default hostNetwork: true avoids it)")
@@ -111,43 +114,31 @@ def notice_for(action: InstanceAction | None, *, first_seen: float | None,
                   detail=action.action)
 
 
-class _Token:
-    """The IMDSv2 session token and when to renew it (monotonic clock)."""
-
-    def __init__(self) -> None:
-        self.value: str | None = None
-        self.renew_at = 0.0
-
-    def forget(self) -> None:
-        self.value = None
-
-
 class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
     """Polls EC2's instance metadata and yields `Notice | None` (see `providers.Provider`)."""
 
     name = "aws"
 
-    def __init__(self, *, root_url: str = AWS_DEFAULT_METADATA_URL, **options: Any) -> None:
+    def __init__(self, *, root_url: str = AWS_DEFAULT_METADATA_URL, token_ttl_seconds: int = TOKEN_TTL_SECONDS,
+                 **options: Any) -> None:
         super().__init__(root_url=root_url, **options)
-        self._token = _Token()
+        self._token_ttl = token_ttl_seconds
+        # The IMDSv2 session token, and when (monotonic clock) to ask for a new one.
+        self._token: str | None = None
+        self._token_renew_at = 0.0
         # When the current instance-action was first seen, and the last rebalance recommendation.
         self._first_seen: float | None = None
         self._rebalance: str | None = None
 
     async def probe(self) -> None:
         """A token, then instance-id (which must look like one): only EC2 answers both."""
+        where = f"EC2 instance metadata at {self.root_url}"
         async with session() as http:
-            try:
+            with unreachable_if_failing(where):
                 instance_id = body_text(await self._get(http, INSTANCE_ID_KEY), key=INSTANCE_ID_KEY)
-            except RequestFailed as failure:
-                raise ProviderUnreachable(f"EC2 instance metadata at {self.root_url}: {failure.reason}: {failure}",
-                                          reason=failure.reason) from None
-            except MetadataBodyError as error:
-                raise ProviderUnreachable(f"EC2 instance metadata at {self.root_url}: bad_body: {error}",
-                                          reason="bad_body") from None
-            if not instance_id.startswith("i-"):
-                raise ProviderUnreachable(f"EC2 instance metadata at {self.root_url}: bad_body: instance-id "
-                                          f"{shown(instance_id)} is not an EC2 instance id", reason="bad_body")
+        if not instance_id.startswith("i-"):
+            raise ProviderUnreachable(f"{where}: bad_body: instance-id {shown(instance_id)} is not an EC2 instance id",
+                                      reason="bad_body")
 
     async def read(self, http: aiohttp.ClientSession) -> tuple[InstanceAction | None, str | None]:
         return await self._instance_action(http), await self._rebalance_notice_time(http)
@@ -158,7 +149,10 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
             self._rebalance = rebalance
             self._log.info("aws_rebalance_recommendation", notice_time=rebalance,
                            note="logged only: a higher risk of interruption, not a notice")
-        self._first_seen = (self._first_seen or self._clock()) if action is not None else None
+        if action is None:
+            self._first_seen = None
+        elif self._first_seen is None:
+            self._first_seen = self._clock()
         return notice_for(action, first_seen=self._first_seen, notice_seconds=self._notice_seconds)
 
     async def _instance_action(self, http: aiohttp.ClientSession) -> InstanceAction | None:
@@ -166,8 +160,14 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
         return None if body is None else parse_instance_action(body)
 
     async def _rebalance_notice_time(self, http: aiohttp.ClientSession) -> str | None:
-        body = await self._get(http, REBALANCE_KEY, absent_ok=True)
-        return None if body is None else parse_rebalance(body)
+        """The rebalance recommendation's notice time, best effort: it is only logged, so a failure
+        to read it must never hold back the instance-action read with it (logged, then None)."""
+        try:
+            body = await self._get(http, REBALANCE_KEY, absent_ok=True)
+            return None if body is None else parse_rebalance(body)
+        except (RequestFailed, MetadataBodyError) as error:
+            self._log.info("aws_rebalance_unreadable", error=str(error))
+            return self._rebalance
 
     async def _get(self, http: aiohttp.ClientSession, key: str, *, absent_ok: bool = False) -> bytes | None:
         """GET one meta-data key with the session token: its body, or None for a 404 when
@@ -180,7 +180,7 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
                                     allow_redirects=False,
                                     timeout=aiohttp.ClientTimeout(total=self._request_timeout)) as response:
                     if response.status == 401 and attempt == 1:
-                        self._token.forget()
+                        self._token = None
                         continue
                     if response.status == 404 and absent_ok:
                         return None
@@ -193,24 +193,25 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
 
     async def _session_token(self, http: aiohttp.ClientSession) -> str:
         now = time.monotonic()
-        if self._token.value is not None and now < self._token.renew_at:
-            return self._token.value
+        if self._token is not None and now < self._token_renew_at:
+            return self._token
         try:
-            async with http.put(self.root_url + TOKEN_PATH, headers={TOKEN_TTL_HEADER: str(TOKEN_TTL_SECONDS)},
+            async with http.put(self.root_url + TOKEN_PATH, headers={TOKEN_TTL_HEADER: str(self._token_ttl)},
                                 allow_redirects=False,
                                 timeout=aiohttp.ClientTimeout(total=self._request_timeout)) as response:
                 if response.status != 200:
-                    failure = status_failure(response.status)
-                    raise RequestFailed(failure.reason, f"token request: HTTP {response.status}",
-                                        status=response.status)
+                    raise status_failure(response.status, what="token request")
                 token = body_text(await read_limited(response), key="api/token")
         except asyncio.TimeoutError as error:
             failure = transport_failure(error, timeout=self._request_timeout)
             raise RequestFailed(failure.reason, f"token request: {failure}; {_HOP_LIMIT_HINT}") from None
         except (aiohttp.ClientError, OSError) as error:
             raise transport_failure(error, timeout=self._request_timeout) from None
-        if not token:
-            raise MetadataBodyError("api/token: empty token")
-        self._token.value = token
-        self._token.renew_at = now + TOKEN_TTL_SECONDS - _TOKEN_RENEW_EARLY_SECONDS
+        # It goes into a header: anything but a token (a proxy's HTML page) is refused here, not by
+        # aiohttp as a bad header value on the next request.
+        if not _TOKEN.fullmatch(token):
+            raise MetadataBodyError(f"api/token: not an IMDSv2 token: {shown(token)}")
+        self._token = token
+        # Renewed a minute early (half the TTL for short ones), so no request carries an expired token.
+        self._token_renew_at = now + self._token_ttl - min(_TOKEN_RENEW_EARLY_SECONDS, self._token_ttl / 2)
         return token

@@ -31,16 +31,15 @@ import aiohttp
 
 from spotguard.config import AZURE_DEFAULT_METADATA_URL
 from spotguard.notice import Notice, NoticeKind
-from spotguard.providers import ProviderUnreachable
 from spotguard.providers.http import (
     MetadataBodyError,
-    RequestFailed,
     body_json,
     read_limited,
     session,
     shown,
     status_failure,
     transport_failure,
+    unreachable_if_failing,
 )
 from spotguard.providers.polled import PolledProvider
 
@@ -121,21 +120,28 @@ def parse_scheduled_events(body: bytes | str) -> list[ScheduledEvent]:
     return events
 
 
-def notice_for(events: list[ScheduledEvent], *, vm_name: str, first_seen: dict[str, float],
+def notice_for(events: list[ScheduledEvent], *, vm_name: str, first_seen: dict[tuple[str, str], float],
                notice_seconds: float | None) -> Notice | None:
-    """The notice this VM's events amount to: the one due first. `first_seen` maps event ids to
-    when they were first observed, for events without a readable NotBefore (a started event is
-    due at once; an unreadable one gets --notice-seconds, else the least notice Azure gives)."""
+    """The notice this VM's events amount to: the one due first.
+
+    `first_seen` maps (event id, status) to when the event was first observed in that status, for
+    events without a readable NotBefore: a started event is due from when it was seen started; a
+    scheduled one with an unreadable NotBefore gets the least notice Azure documents for its type
+    (a Preempt: --notice-seconds when given, like a GCE preemption).
+    """
     notices = []
     for event in events:
         if vm_name not in event.resources or event.event_type not in PREEMPTING | TERMINATING:
             continue
+        seen = first_seen[(event.event_id, event.status)]
         if event.not_before is not None:
             deadline = event.not_before
         elif event.status == "Started":
-            deadline = first_seen[event.event_id]
+            deadline = seen
+        elif event.event_type in PREEMPTING and notice_seconds:
+            deadline = seen + notice_seconds
         else:
-            deadline = first_seen[event.event_id] + (notice_seconds or MINIMUM_NOTICE_SECONDS[event.event_type])
+            deadline = seen + MINIMUM_NOTICE_SECONDS[event.event_type]
         kind = NoticeKind.PREEMPTION if event.event_type in PREEMPTING else NoticeKind.HOST_MAINTENANCE
         notices.append(Notice(kind=kind, deadline=deadline, source=f"azure:scheduledevents/{event.event_id}",
                               detail=event.event_type))
@@ -154,20 +160,14 @@ class AzureProvider(PolledProvider[tuple[str, list[ScheduledEvent]]]):
         # Until the first answer: the call that switches Scheduled Events on may take minutes.
         self._events_timeout = first_request_timeout_seconds
         self._vm_name: str | None = None
-        # When each event was first seen (for those without a readable NotBefore).
-        self._first_seen: dict[str, float] = {}
+        # When each event was first seen in its current status (for those without a readable NotBefore).
+        self._first_seen: dict[tuple[str, str], float] = {}
 
     async def probe(self) -> None:
         """Read this VM's compute metadata once (never Scheduled Events: its first call is slow)."""
-        async with session(METADATA_HEADER) as http:
-            try:
+        async with session(self.headers) as http:
+            with unreachable_if_failing(f"Azure IMDS at {self.root_url}"):
                 await self._read_vm_name(http)
-            except RequestFailed as failure:
-                raise ProviderUnreachable(f"Azure IMDS at {self.root_url}: {failure.reason}: {failure}",
-                                          reason=failure.reason) from None
-            except MetadataBodyError as error:
-                raise ProviderUnreachable(f"Azure IMDS at {self.root_url}: bad_body: {error}",
-                                          reason="bad_body") from None
 
     async def read(self, http: aiohttp.ClientSession) -> tuple[str, list[ScheduledEvent]]:
         vm_name = await self._read_vm_name(http)
@@ -179,7 +179,7 @@ class AzureProvider(PolledProvider[tuple[str, list[ScheduledEvent]]]):
     def judge(self, value: tuple[str, list[ScheduledEvent]]) -> Notice | None:
         vm_name, events = value
         now = self._clock()
-        self._first_seen = {e.event_id: self._first_seen.get(e.event_id, now) for e in events}
+        self._first_seen = {(e.event_id, e.status): self._first_seen.get((e.event_id, e.status), now) for e in events}
         return notice_for(events, vm_name=vm_name, first_seen=self._first_seen, notice_seconds=self._notice_seconds)
 
     async def _read_vm_name(self, http: aiohttp.ClientSession) -> str:

@@ -24,7 +24,7 @@ import structlog
 from spotguard.backoff import backoff_delay
 from spotguard.config import GCE_DEFAULT_METADATA_URL
 from spotguard.notice import Notice, NoticeKind
-from spotguard.providers import ProviderUnreachable, unheard
+from spotguard.providers import unheard
 from spotguard.providers.http import (
     MetadataBodyError,
     RequestFailed,
@@ -36,6 +36,7 @@ from spotguard.providers.http import (
     shown,
     status_failure,
     transport_failure,
+    unreachable_if_failing,
 )
 
 FLAVOR_HEADER = "Metadata-Flavor"
@@ -220,17 +221,9 @@ class GceProvider:
     async def probe(self) -> None:
         """Read instance/preempted once; `ProviderUnreachable` says why if that fails."""
         async with self._session() as session:
-            try:
-                body, _ = await self._get(session, PREEMPTED_KEY, params=None,
-                                          timeout=self._request_timeout)
+            with unreachable_if_failing(f"GCE metadata server at {self.root_url}"):
+                body, _ = await self._get(session, PREEMPTED_KEY, params=None, timeout=self._request_timeout)
                 parse_preempted(body)
-            except RequestFailed as failure:
-                raise ProviderUnreachable(
-                    f"GCE metadata server at {self.root_url}: {failure.reason}: {failure}",
-                    reason=failure.reason) from None
-            except MetadataBodyError as error:
-                raise ProviderUnreachable(
-                    f"GCE metadata server at {self.root_url}: bad_body: {error}", reason="bad_body") from None
 
     async def watch(self) -> AsyncIterator[Notice | None]:
         """The state at start-up (once both keys were read, or at once if either is a notice),

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 
@@ -33,15 +34,15 @@ class RequestFailed(Exception):
         self.status = status
 
 
-def status_failure(status: int) -> RequestFailed:
-    """The failure a non-success HTTP status amounts to."""
+def status_failure(status: int, *, what: str = "") -> RequestFailed:
+    """The failure a non-success HTTP status amounts to (`what`: which request, for the message)."""
     if status == 429:
         reason = "http_429"
     elif status >= 500:
         reason = "http_5xx"
     else:
         reason = "http_other"
-    return RequestFailed(reason, f"HTTP {status}", status=status)
+    return RequestFailed(reason, f"{what + ': ' if what else ''}HTTP {status}", status=status)
 
 
 def body_text(body: bytes | str, *, key: str) -> str:
@@ -110,3 +111,16 @@ def session(headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
     # off the node.
     return aiohttp.ClientSession(headers=headers, trust_env=False)
 
+
+@contextmanager
+def unreachable_if_failing(where: str) -> Iterator[None]:
+    """For a probe: a failed request or an unreadable body inside becomes `ProviderUnreachable`
+    naming `where` (the server) and the reason."""
+    from spotguard.providers import ProviderUnreachable
+
+    try:
+        yield
+    except RequestFailed as failure:
+        raise ProviderUnreachable(f"{where}: {failure.reason}: {failure}", reason=failure.reason) from None
+    except MetadataBodyError as error:
+        raise ProviderUnreachable(f"{where}: bad_body: {error}", reason="bad_body") from None

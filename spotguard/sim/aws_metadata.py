@@ -13,7 +13,7 @@ Triggers and faults, for tests and the demo:
                                             spot/instance-action appears, `seconds` from now
   POST /sim/rebalance                       a rebalance recommendation appears
   POST /sim/reset                           no notice, no fault
-  POST /sim/fault?mode=M[&seconds=S]        M = none | http_500 | http_503 | http_429 | hang |
+  POST /sim/fault?mode=M[&seconds=S]        (token requests included) M = none | http_500 | http_503 | http_429 | hang |
                                             slow (S seconds late, default 2) | garbage | refuse |
                                             expire_tokens (every token issued so far turns invalid) |
                                             token_hangs (PUT never answers: what a pod sees with hop
@@ -104,6 +104,9 @@ class AwsMetadataEmulator(EmulatedServer):
         if "X-Forwarded-For" in request.headers:
             return web.Response(status=403, text="Forbidden\n")
         await self.hold_while(lambda: self._fault == "token_hangs")
+        faulted = await self.fault_response(request)
+        if faulted is not None:
+            return faulted
         try:
             ttl = int(request.headers.get(TOKEN_TTL_HEADER, ""))
         except ValueError:

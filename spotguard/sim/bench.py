@@ -457,13 +457,13 @@ class Context:
     audit_log: Path | None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:4])
 
-    def new_world(self, label: str, *, daemon_env: dict[str, str] | None = None) -> World:
+    def new_world(self, label: str, *, daemon_env: dict[str, str] | None = None, cloud: str = "gce") -> World:
         suffix = uuid.uuid4().hex[:5]
         namespace = f"bench-{label}-{suffix}".replace("_", "-")[:63]
         self._call("POST", "/api/v1/namespaces",
                    body={"metadata": {"name": namespace, "labels": {BENCH_LABEL: "true"}}})
         world = World(api_client=self.api_client, kubeconfig=self.kubeconfig, namespace=namespace,
-                      log_dir=self.log_dir / namespace, pool=f"bp-{suffix}",
+                      log_dir=self.log_dir / namespace, pool=f"bp-{suffix}", cloud=cloud,
                       daemon_env={"SPOTGUARD_DRAIN_POLL_SECONDS": str(self.config.drain_poll_s),
                                   "SPOTGUARD_LOG_LEVEL": "info", **(daemon_env or {})})
         _own_agent(self.api_client)
@@ -795,13 +795,15 @@ def summarize_runs(runs: list[dict[str, Any]], scenario: Scenario, profile: Prof
 # Reaction, many times
 
 
-async def bench_reaction(ctx: Context, reps: int) -> dict[str, Any]:
+async def bench_reaction(ctx: Context, reps: int, *, cloud: str = "gce") -> dict[str, Any]:
     """Preempt (metadata only, no node shutdown) and withdraw, `reps` times, on one guarded node
     with one serving pod; each time measure notice -> node cordoned and pod not-ready from a watch.
+    `cloud` picks the metadata server: GCE's hanging GETs, or AWS's and Azure's polling (once a
+    second), whose wait for the next poll is part of what a user sees.
 
-    The withdrawal (preempted back to FALSE) is only how the harness re-arms the node between
+    The withdrawal (the emulator reset: no notice) is only how the harness re-arms the node between
     repetitions: spotguard undoes its cordon and the pod becomes Ready again."""
-    world = ctx.new_world("reaction")
+    world = ctx.new_world(f"reaction-{cloud}", cloud=cloud)
     observer: Observer | None = None
     try:
         vm = await _add_vm(world, f"{world.pool}-r", spotguard=True)
@@ -846,12 +848,12 @@ async def bench_reaction(ctx: Context, reps: int) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
             if metric_value(after, f"{name}_count") - metric_value(before, f"{name}_count") == 1:
                 daemon_side.append(metric_value(after, f"{name}_sum") - metric_value(before, f"{name}_sum"))
-            vm.metadata.set_preempted(False)
+            vm.metadata.reset()
             if (rep + 1) % max(1, reps // 5) == 0:
-                ctx.say(f"  reaction {rep + 1}/{reps}: last {external[-1] * 1000:.0f} ms")
+                ctx.say(f"  reaction ({cloud}) {rep + 1}/{reps}: last {external[-1] * 1000:.0f} ms")
         buckets = await _daemon_metrics(vm.daemon) or ""
         return {
-            "repetitions": reps, "loadavg_1m": round(os.getloadavg()[0], 2),
+            "cloud": cloud, "repetitions": reps, "loadavg_1m": round(os.getloadavg()[0], 2),
             "external_ms": _quantiles_ms(external),
             "own_writes_ms": _quantiles_ms(own_writes),
             "daemon_histogram_ms": _quantiles_ms(daemon_side),
@@ -1124,9 +1126,12 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
     if "reaction" in parts:
         ctx.say(f"reaction: {cfg.reaction_reps} notices on one guarded node")
         report["reaction"] = await bench_reaction(ctx, cfg.reaction_reps)
-        r = report["reaction"]
-        ctx.say(f"  external p50 {r['external_ms']['p50']} ms, p99 {r['external_ms']['p99']} ms; "
-                f"daemon's histogram p50 {r['daemon_histogram_ms']['p50']} ms")
+        # The same on the polled clouds; the target (p99 100 ms) is judged on GCE's, above.
+        report["reaction_polled"] = {cloud: await bench_reaction(ctx, cfg.reaction_reps, cloud=cloud)
+                                     for cloud in ("aws", "azure")}
+        for r in (report["reaction"], *report["reaction_polled"].values()):
+            ctx.say(f"  {r['cloud']}: external p50 {r['external_ms']['p50']} ms, p99 {r['external_ms']['p99']} ms; "
+                    f"daemon's histogram p50 {r['daemon_histogram_ms']['p50']} ms")
     if "scenarios" in parts:
         for profile_name in cfg.profiles:
             profile = PROFILES[profile_name]
@@ -1254,8 +1259,16 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
                 if values:
                     left.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post",
                               label=f"{label} (p99 {_pct(values, 0.99):.0f} ms)", color=colour)
-            left.axvline(100, color="#c62828", linestyle="--", label="target p99 100 ms")
-            left.set_xlabel("ms from notice")
+            for cloud, colour in (("aws", "#ef6c00"), ("azure", "#00838f")):
+                polled = (report.get("reaction_polled") or {}).get(cloud)
+                values = sorted(v for v in (polled or {}).get("samples_ms", {}).get("external", []) if v is not None)
+                if values:
+                    left.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post",
+                              label=f"{cloud} (polled 1/s), external (p99 {_pct(values, 0.99):.0f} ms)",
+                              color=colour, linestyle="--")
+            left.axvline(100, color="#c62828", linestyle="--", label="target p99 100 ms (GCE)")
+            left.set_xscale("log")
+            left.set_xlabel("ms from notice (log scale)")
             left.set_ylabel("fraction of notices")
             left.set_title(f"spotguard reaction, {reaction['repetitions']} notices, idle node", fontsize=10)
             left.legend(fontsize=7, loc="lower right")
@@ -1282,6 +1295,9 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
 
 
 def markdown_table(report: dict[str, Any]) -> str:
+    def pair(d: dict[str, Any] | None) -> str:
+        return "n/a" if not d or d.get("p50") is None else f"{d['p50']:g} / {d['p99']:g}"
+
     lines = []
     for profile_name, profile in report.get("profiles", {}).items():
         lines.append(f"\n{profile_name} ({profile['notice_s']:g} s notice, budget {profile['budget_s']:g} s, "
@@ -1290,14 +1306,19 @@ def markdown_table(report: dict[str, Any]) -> str:
                      "reaction ms p50/p99 | not-ready ms p50/p99 | drain lag ms p50 | replacement s |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, s in profile["scenarios"].items():
-            def pair(d: dict[str, Any] | None) -> str:
-                return "n/a" if not d or d.get("p50") is None else f"{d['p50']:g} / {d['p99']:g}"
-
             lag = s["drain_detect_lag_ms"]["p50"]
             lines.append(f"| {name} | {s['requests']} | {s['requests_in_flight_at_notice']} | {s['completed']} | "
                          f"{s['aborted']} | {s['refused']} | **{s['lost']}** | {pair(s['reaction_ms'])} | "
                          f"{pair(s['notready_ms'])} | {'n/a' if lag is None else f'{lag:g}'} | "
                          f"{'n/a' if s['replacement_ready_s'] is None else s['replacement_ready_s']} |")
+    reactions = [r for r in (report.get("reaction"), *(report.get("reaction_polled") or {}).values()) if r]
+    if reactions:
+        lines.append("\nreaction: notice -> cordoned + pod Ready=False, seen by a watch (idle node)\n")
+        lines.append("| cloud | notices | external ms p50/p99 | daemon's histogram ms p50/p99 |")
+        lines.append("|---|---|---|---|")
+        for r in reactions:
+            lines.append(f"| {r.get('cloud', 'gce')} | {r['repetitions']} | {pair(r['external_ms'])} | "
+                         f"{pair(r['daemon_histogram_ms'])} |")
     if report.get("admission", {}).get("sizes"):
         lines.append("\nadmission: dry-run eviction latency, the chart's eviction policy against a user it skips\n")
         lines.append("| pods in namespace | with policy ms p50/p99 | control ms p50/p99 | p50 ratio |")

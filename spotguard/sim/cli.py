@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sim_command == "gce-metadata":
         from spotguard.sim.gce_metadata import run_gce_metadata
 
-        return run_gce_metadata(args.listen) or 0
+        return run_gce_metadata(args.listen)
     if args.sim_command == "aws-metadata":
         from spotguard.sim.aws_metadata import run_aws_metadata
 

@@ -165,7 +165,7 @@ class EmulatedServer:
         """Run a /sim trigger: the new state as JSON, or 400 with the reason a value is refused."""
         try:
             trigger()
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, OverflowError) as error:
             return web.json_response({"error": str(error)}, status=400)
         return web.json_response(self.state())
 

@@ -321,9 +321,10 @@ class World:
     # -- preemption --------------------------------------------------------------------------
 
     def preempt(self, name: str, *, vm_lifetime_seconds: float | None = 30.0) -> float:
-        """GCE preemption: the metadata flips to preempted=TRUE and, unless `vm_lifetime_seconds` is
-        None, the simulated kubelet starts GKE's graceful node shutdown for a VM gone after that long.
-        Returns the wall-clock time of the notice."""
+        """A spot preemption through the world's cloud (GCE preempted=TRUE, an EC2 instance-action
+        in 120 s, an Azure Preempt in 30 s) and, unless `vm_lifetime_seconds` is None, the simulated
+        kubelet's graceful node shutdown (GKE's) for a VM gone after that long: the caller matches
+        it to the cloud's notice. Returns the wall-clock time of the notice."""
         from spotguard.sim.kubelet import reclaim
 
         noticed = time.time()

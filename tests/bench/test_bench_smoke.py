@@ -112,8 +112,13 @@ def test_footprint_reaction_and_storm_are_measured(report_and_files):
     assert footprint["api_requests_per_min_idle"] is not None and footprint["api_requests_startup"] > 0
     assert footprint["processes"]["python_idle"]["rss_mib"] > 0
     reaction = report["reaction"]
+    assert reaction["cloud"] == "gce"
     assert reaction["repetitions"] == len(reaction["samples_ms"]["external"]) == 5
     assert reaction["external_ms"]["p50"] <= reaction["external_ms"]["p99"]
+    # The polled clouds too, each through its own emulator and provider.
+    assert {cloud: r["cloud"] for cloud, r in report["reaction_polled"].items()} == {"aws": "aws", "azure": "azure"}
+    for polled in report["reaction_polled"].values():
+        assert len(polled["samples_ms"]["external"]) == 5 and polled["external_ms"]["p50"] > 0
     storm = report["storm"]
     assert storm["nodes"] == 3 and storm["cordoned"] == 3
     assert storm["all_cordoned_s"] is not None and storm["all_cordoned_s"] >= 0

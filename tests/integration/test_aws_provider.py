@@ -18,6 +18,7 @@ from typing import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 import structlog
 
 from providerlib import (
@@ -32,7 +33,7 @@ from providerlib import (
 from spotguard.config import add_arguments, load
 from spotguard.notice import NoticeKind
 from spotguard.providers import AutoProvider, ProviderUnreachable, detect, make_provider
-from spotguard.providers.aws import INSTANCE_ACTION_KEY, TOKEN_HEADER, TOKEN_TTL_HEADER, AwsProvider
+from spotguard.providers.aws import INSTANCE_ACTION_KEY, REBALANCE_KEY, TOKEN_HEADER, TOKEN_TTL_HEADER, AwsProvider
 from spotguard.sim.aws_metadata import AwsMetadataEmulator
 from spotguard.sim.gce_metadata import GceMetadataEmulator
 
@@ -231,3 +232,48 @@ def test_the_command_serves_until_sigterm_and_refuses_a_bad_listen_address():
         if server.poll() is None:
             server.kill()
             server.wait(timeout=10)
+
+
+async def test_an_unreadable_rebalance_never_holds_back_the_interruption(emulator, watcher, calls):
+    emulator.set_raw(REBALANCE_KEY, '{"noticeTime": null}')
+    watcher.start()
+    assert await watcher.next() is None
+    emulator.preempt()
+    notice = await watcher.next(timeout=1.0)
+    assert notice is not None and notice.detail == "terminate"
+    assert calls.errors == []
+
+
+async def test_a_token_that_is_not_one_is_a_body_error_not_a_crash(emulator, calls):
+    emulator.set_fault("garbage")    # not UTF-8
+    with pytest.raises(ProviderUnreachable, match="bad_body"):
+        await fast_provider(emulator.url, calls).probe()
+    # A captive portal's page: text, but it would be a forbidden header value if used as a token.
+    async def sign_in_page(_: web.Request) -> web.Response:
+        return web.Response(text="<html>\n<body>Sign in</body></html>")
+
+    portal = web.Application()
+    portal.router.add_route("*", "/{tail:.*}", sign_in_page)
+    runner = web.AppRunner(portal)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        with pytest.raises(ProviderUnreachable, match="bad_body: api/token: not an IMDSv2 token"):
+            await fast_provider(f"http://127.0.0.1:{port}", calls).probe()
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_token_is_renewed_before_it_expires(emulator, calls):
+    watcher = Watcher(fast_provider(emulator.url, calls, token_ttl_seconds=1))
+    watcher.start()
+    try:
+        assert await watcher.next() is None
+        # Renewed every half second (half the TTL), so no request ever meets a 401.
+        await eventually(lambda: emulator.requests["api/token"] >= 4, timeout=5.0, what="renewed tokens")
+        emulator.preempt()
+        assert await watcher.next() is not None
+        assert calls.errors == []
+    finally:
+        await watcher.stop()

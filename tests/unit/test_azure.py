@@ -20,6 +20,7 @@ from spotguard.providers.azure import (
 from spotguard.providers.http import MetadataBodyError
 
 T0 = 1_700_000_000.0
+SEEN = {("e1", "Scheduled"): T0, ("e1", "Started"): T0 + 600}
 VM = "aks-gpuspot-12345678-vmss_3"
 
 # The document as Microsoft's Scheduled Events page shows it.
@@ -71,7 +72,7 @@ def test_compute_gives_the_name_and_needs_a_vm_id():
 
 
 def test_a_preempt_for_this_vm_is_a_preemption_due_at_not_before():
-    notice = notice_for([event()], vm_name=VM, first_seen={"e1": T0}, notice_seconds=None)
+    notice = notice_for([event()], vm_name=VM, first_seen=SEEN, notice_seconds=None)
     assert notice is not None
     assert (notice.kind, notice.deadline, notice.detail, notice.source) == \
         (NoticeKind.PREEMPTION, T0 + 30, "Preempt", "azure:scheduledevents/e1")
@@ -79,27 +80,33 @@ def test_a_preempt_for_this_vm_is_a_preemption_due_at_not_before():
 
 @pytest.mark.parametrize("event_type", ["Terminate", "Redeploy", "Reboot"])
 def test_events_that_take_the_vm_away_are_host_maintenance(event_type):
-    notice = notice_for([event(event_type)], vm_name=VM, first_seen={"e1": T0}, notice_seconds=None)
+    notice = notice_for([event(event_type)], vm_name=VM, first_seen=SEEN, notice_seconds=None)
     assert notice is not None and notice.kind is NoticeKind.HOST_MAINTENANCE and notice.detail == event_type
 
 
 def test_freeze_and_other_vms_events_are_no_notice():
     others = [event("Freeze"), event(resources=("aks-gpuspot-12345678-vmss_4",)), event(resources=())]
-    assert notice_for(others, vm_name=VM, first_seen={"e1": T0}, notice_seconds=None) is None
+    assert notice_for(others, vm_name=VM, first_seen=SEEN, notice_seconds=None) is None
 
 
-def test_without_not_before_a_started_event_is_due_now_and_a_scheduled_one_gets_the_least_notice():
+def test_without_not_before_a_started_event_is_due_from_when_it_was_seen_started():
     started = event("Reboot", status="Started", not_before=None)
-    assert notice_for([started], vm_name=VM, first_seen={"e1": T0}, notice_seconds=None).deadline == T0
-    unreadable = event("Preempt", not_before=None)
-    assert notice_for([unreadable], vm_name=VM, first_seen={"e1": T0}, notice_seconds=None).deadline == T0 + 30
-    assert notice_for([unreadable], vm_name=VM, first_seen={"e1": T0}, notice_seconds=50).deadline == T0 + 50
+    # Seen scheduled at T0, started 10 min later: due then, not 10 min in the past.
+    assert notice_for([started], vm_name=VM, first_seen=SEEN, notice_seconds=None).deadline == T0 + 600
+
+
+def test_an_unreadable_not_before_gets_the_least_notice_and_notice_seconds_only_for_a_preempt():
+    preempt, reboot = event("Preempt", not_before=None), event("Reboot", not_before=None)
+    assert notice_for([preempt], vm_name=VM, first_seen=SEEN, notice_seconds=None).deadline == T0 + 30
+    assert notice_for([preempt], vm_name=VM, first_seen=SEEN, notice_seconds=50).deadline == T0 + 50
+    assert notice_for([reboot], vm_name=VM, first_seen=SEEN, notice_seconds=50).deadline == T0 + 900
 
 
 def test_the_event_due_first_wins():
     events = [event("Reboot", not_before=T0 + 900, event_id="late"), event("Preempt", not_before=T0 + 30,
                                                                             event_id="soon")]
-    notice = notice_for(events, vm_name=VM, first_seen={"late": T0, "soon": T0}, notice_seconds=None)
+    notice = notice_for(events, vm_name=VM, first_seen={("late", "Scheduled"): T0, ("soon", "Scheduled"): T0},
+                        notice_seconds=None)
     assert notice is not None and notice.detail == "Preempt" and notice.deadline == T0 + 30
 
 
@@ -115,4 +122,4 @@ def test_any_body_parses_or_is_a_body_error(body):
         events = parse_scheduled_events(body)
     except MetadataBodyError:
         return
-    notice_for(events, vm_name=VM, first_seen={e.event_id: T0 for e in events}, notice_seconds=None)
+    notice_for(events, vm_name=VM, first_seen={(e.event_id, e.status): T0 for e in events}, notice_seconds=None)

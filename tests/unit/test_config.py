@@ -48,10 +48,15 @@ def test_every_setting_reads_its_environment_variable():
 
 
 def test_gce_metadata_host_is_honoured_when_no_url_is_given():
-    assert load(env={"NODE_NAME": "n", "GCE_METADATA_HOST": "127.0.0.1:9999"}).metadata_url == \
-        "http://127.0.0.1:9999"
-    assert load(env={"NODE_NAME": "n", "GCE_METADATA_HOST": "127.0.0.1:9999",
-                     "SPOTGUARD_METADATA_URL": "http://127.0.0.2"}).metadata_url == "http://127.0.0.2"
+    from spotguard.providers import make_provider
+
+    def gce_url(env: dict[str, str]) -> str:
+        return make_provider(load(["--provider", "gce"], {"NODE_NAME": "n", **env})).root_url  # type: ignore[attr-defined]
+
+    assert gce_url({"GCE_METADATA_HOST": "127.0.0.1:9999"}) == "http://127.0.0.1:9999"
+    assert gce_url({"GCE_METADATA_HOST": "127.0.0.1:9999", "SPOTGUARD_METADATA_URL": "http://127.0.0.2"}) == \
+        "http://127.0.0.2"
+    assert gce_url({}) == "http://metadata.google.internal"
 
 
 @pytest.mark.parametrize("argv, env, names", [
@@ -76,10 +81,16 @@ def test_bad_setting_names_the_flag_and_env_var(argv, env, names):
     assert message.startswith(names) and "\n" not in message
 
 
-def test_gce_metadata_host_is_for_gce_and_auto_only():
+def test_gce_metadata_host_never_points_another_cloud_at_gce():
+    from spotguard.providers import make_provider
+
     env = {"NODE_NAME": "n", "GCE_METADATA_HOST": "127.0.0.1:9999"}
-    assert load(["--provider", "gce"], env).metadata_url == "http://127.0.0.1:9999"
-    assert load(["--provider", "aws"], env).metadata_url is None
+    assert load(["--provider", "aws"], env).gce_metadata_host_url is None
+    # Under auto it is kept for the GCE probe only; AWS and Azure probe their own address.
+    auto = load(["--provider", "auto"], env)
+    assert auto.metadata_url is None and auto.gce_metadata_host_url == "http://127.0.0.1:9999"
+    assert make_provider(auto, name="aws").root_url == "http://169.254.169.254"  # type: ignore[attr-defined]
+    assert make_provider(auto, name="gce").root_url == "http://127.0.0.1:9999"  # type: ignore[attr-defined]
 
 
 def test_bad_config_exits_2_with_one_line_and_no_traceback():
@@ -118,10 +129,12 @@ def test_any_node_name_loads_or_fails_with_a_config_error(name):
 @settings(max_examples=1000, deadline=None)
 @given(host=st.text(max_size=60))
 def test_any_gce_metadata_host_loads_or_fails_with_a_config_error(host):
-    # Google's own variable, read when no --metadata-url is given: outside input like the others.
+    # Google's own variable, read by the GCE provider when no --metadata-url is given: outside
+    # input like the others.
     try:
         config = load(env={"NODE_NAME": "n", "GCE_METADATA_HOST": host})
     except cfg.ConfigError as error:
         assert str(error).startswith("GCE_METADATA_HOST:")
     else:
-        assert config.metadata_url is None if not host.strip() else config.metadata_url.startswith("http://")
+        url = config.gce_metadata_host_url
+        assert url is None if not host.strip() else url.startswith("http://")
