@@ -2,8 +2,9 @@
 
 A 2-node GPU spot pool, one spotguard per node (the same `spotguard run` the DaemonSet runs), a
 vLLM Deployment (2 replicas, readiness gate, PDB) behind a Service, steady streaming load through a
-Service-following router, the node-pool autoscaler, then a GCE preemption of one node. It prints a
-live timeline, ends with a table, and writes a PNG timeline plot.
+Service-following router, the node-pool autoscaler, then a spot preemption of one node (GCE by
+default; `--cloud aws|azure` plays it through EC2's or Azure's metadata instead). It prints a live
+timeline, ends with a table, and writes a PNG timeline plot.
 """
 
 from __future__ import annotations
@@ -20,13 +21,19 @@ from typing import Any
 
 NAMESPACE = "spotguard-demo"
 POOL = "demo-gpu"
+# Each cloud's name in the story, and its usual spot notice in seconds.
+CLOUDS = {"gce": ("GCE", 30.0), "aws": ("EC2", 120.0), "azure": ("Azure", 30.0)}
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", type=Path, default=Path(".spotguard-sim"),
                         help="cluster directory (default .spotguard-sim); the demo's output goes to DIR/demo")
-    parser.add_argument("--notice-seconds", type=float, default=30.0,
-                        help="GCE notice length: 30 (spot default) or up to 120 (preemptionNoticeDuration)")
+    parser.add_argument("--cloud", choices=sorted(CLOUDS), default="gce",
+                        help="whose metadata server announces the preemption, and which spotguard provider "
+                             "reads it (default gce)")
+    parser.add_argument("--notice-seconds", type=float, default=None,
+                        help="notice length; default the cloud's: GCE 30 (up to 120 with "
+                             "preemptionNoticeDuration), AWS 120, Azure 30")
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second (default 3)")
     parser.add_argument("--shutdown-timeout", type=float, default=15.0,
                         help="vLLM --shutdown-timeout in seconds; 0 = vLLM's default (abort on SIGTERM)")
@@ -52,6 +59,8 @@ class Timeline:
 
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
+    if args.notice_seconds is None:
+        args.notice_seconds = CLOUDS[args.cloud][1]
     try:
         return asyncio.run(_demo(args))
     except KeyboardInterrupt:
@@ -83,7 +92,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
     api_client = kube_config.new_client_from_config(config_file=str(info.kubeconfig))
     world = World(api_client=api_client, kubeconfig=info.kubeconfig, namespace=NAMESPACE, log_dir=out_dir / "logs",
-                  pool=POOL, daemon_env={"SPOTGUARD_NOTICE_SECONDS": str(args.notice_seconds)})
+                  pool=POOL, daemon_env={"SPOTGUARD_NOTICE_SECONDS": str(args.notice_seconds)}, cloud=args.cloud)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -120,7 +129,8 @@ async def _demo(args: argparse.Namespace) -> int:
         victim_pods = {p["metadata"]["name"] for p in world.pods("app=vllm") if p["spec"]["nodeName"] == victim}
         timeline = Timeline(notice=world.preempt(victim, vm_lifetime_seconds=args.notice_seconds))
         in_flight = load.in_flight_at(timeline.notice)
-        _say(f"\n== t=0.000s GCE preempts {victim} (notice {args.notice_seconds:g} s; GKE graceful node shutdown "
+        _say(f"\n== t=0.000s {CLOUDS[args.cloud][0]} preempts {victim} (notice {args.notice_seconds:g} s; "
+             f"graceful node shutdown "
              f"starts at t={max(0.0, args.notice_seconds - 30):g}s); {in_flight} requests in flight on the pool")
         watcher = asyncio.create_task(_watch(world, tracker, timeline, victim, victim_pods, prometheus))
         await asyncio.wait([asyncio.create_task(load.wait()), asyncio.create_task(stopping.wait())],
@@ -230,7 +240,7 @@ async def _watch(world: Any, tracker: Any, timeline: Timeline, victim: str, vict
             if pod["metadata"].get("deletionTimestamp") and "pod stopped" not in timeline.marks:
                 show("evicted", f"{pod['metadata']['name']} evicted through the Eviction API (PDB respected)")
             if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") and "evicted" not in timeline.marks:
-                show("pod stopped", f"{pod['metadata']['name']} stopped by GKE's graceful node shutdown "
+                show("pod stopped", f"{pod['metadata']['name']} stopped by the kubelet's graceful node shutdown "
                                     "(vLLM finished its in-flight requests first)")
         if prometheus is not None and time.monotonic() - last_targets > 2:
             last_targets = time.monotonic()
@@ -280,7 +290,7 @@ def _report(load: Any, timeline: Timeline, victim: str, world: Any, out_dir: Pat
         _say(f"   ({len(aborted)} aborted requests needed {min(r.intended_s for r in aborted):.1f}-"
              f"{max(r.intended_s for r in aborted):.1f} s: longer than the grace vLLM had after SIGTERM)")
     report = {"summary": summary, "timeline_s": timeline.marks, "reaction_ms": reaction, "alerts": timeline.alerts,
-              "notice_seconds": args.notice_seconds, "requests": [r.as_dict() for r in load.records]}
+              "notice_seconds": args.notice_seconds, "cloud": args.cloud, "requests": [r.as_dict() for r in load.records]}
     (out_dir / "demo.json").write_text(json.dumps(report, indent=2, default=str))
     png = out_dir / "demo-timeline.png"
     _plot(load.records, timeline, png, victim)

@@ -321,14 +321,19 @@ class World:
     # -- preemption --------------------------------------------------------------------------
 
     def preempt(self, name: str, *, vm_lifetime_seconds: float | None = 30.0) -> float:
-        """A spot preemption through the world's cloud (GCE preempted=TRUE, an EC2 instance-action
-        in 120 s, an Azure Preempt in 30 s) and, unless `vm_lifetime_seconds` is None, the simulated
-        kubelet's graceful node shutdown (GKE's) for a VM gone after that long: the caller matches
-        it to the cloud's notice. Returns the wall-clock time of the notice."""
+        """A spot preemption through the world's cloud (GCE preempted=TRUE; an EC2 instance-action or
+        an Azure Preempt announcing the VM's end) and, unless `vm_lifetime_seconds` is None, the
+        simulated kubelet's graceful node shutdown for a VM gone after that long; EC2 and Azure then
+        announce that same time (else their defaults, 120 s and 30 s). Returns the wall-clock time
+        of the notice."""
         from spotguard.sim.kubelet import reclaim
 
         noticed = time.time()
-        self.vms[name].metadata.preempt()
+        metadata = self.vms[name].metadata
+        if self.cloud != "gce" and vm_lifetime_seconds is not None:
+            metadata.preempt(seconds=vm_lifetime_seconds)   # EC2 and Azure announce the time themselves
+        else:
+            metadata.preempt()
         if vm_lifetime_seconds is not None:
             reclaim(self.api_client, name, at=datetime.now(timezone.utc) + timedelta(seconds=vm_lifetime_seconds))
         return noticed
