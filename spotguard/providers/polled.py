@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar
 
@@ -59,9 +60,9 @@ async def poll(read: Callable[[], Awaitable[T]], *, every: float, on_error: Call
         await asyncio.sleep(every)
 
 
-class PolledProvider(Generic[T]):
+class PolledProvider(ABC, Generic[T]):
     """A provider (see `providers.Provider`) that polls: subclasses give `name`, `headers`,
-    `read(http)` and `judge(value)`, and `probe()`."""
+    `probe()`, `read(http)` and `judge(value)`."""
 
     name = "polled"
     # Sent with every request (Azure's `Metadata: true`).
@@ -87,11 +88,17 @@ class PolledProvider(Generic[T]):
         # A lazy logger: resolved at first use, so logging may be configured after construction.
         self._log = structlog.get_logger(provider=self.name)
 
-    async def read(self, http: aiohttp.ClientSession) -> T:
-        raise NotImplementedError
+    @abstractmethod
+    async def probe(self) -> None:
+        """One quick request; raises `ProviderUnreachable` with a readable reason if it fails."""
 
+    @abstractmethod
+    async def read(self, http: aiohttp.ClientSession) -> T:
+        """Read the cloud's metadata once; RequestFailed or MetadataBodyError when that fails."""
+
+    @abstractmethod
     def judge(self, value: T) -> Notice | None:
-        raise NotImplementedError
+        """What one read amounts to (the little state a cloud needs is kept on the provider)."""
 
     async def watch(self) -> AsyncIterator[Notice | None]:
         """The state at start-up, then every change. Never raises for metadata errors; those go

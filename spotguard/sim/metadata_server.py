@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
-class EmulatedServer:
+class EmulatedServer(ABC):
     """Life cycle, faults and /sim endpoints. `async with Emulator() as emulator: emulator.url ...`"""
 
     extra_fault_modes: tuple[str, ...] = ()
@@ -50,14 +51,17 @@ class EmulatedServer:
 
     # -- what a cloud's emulator provides -------------------------------------------------------
 
+    @abstractmethod
     def add_routes(self, app: web.Application) -> None:
-        raise NotImplementedError
+        """Add the cloud's metadata paths and its own /sim triggers to `app`."""
 
+    @abstractmethod
     def reset(self) -> None:
-        raise NotImplementedError
+        """Back to no notice and no fault (POST /sim/reset)."""
 
+    @abstractmethod
     def state(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What GET /sim/state and every trigger answer: values and fault, as JSON-able data."""
 
     # -- life cycle ---------------------------------------------------------------------------
 

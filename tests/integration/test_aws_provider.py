@@ -48,11 +48,6 @@ async def emulator() -> AsyncIterator[AwsMetadataEmulator]:
         yield emulator
 
 
-@pytest.fixture
-def calls() -> Calls:
-    return Calls()
-
-
 def fast_provider(url: str, calls: Calls, **overrides: object) -> AwsProvider:
     options: dict[str, object] = dict(root_url=url, notice_seconds=None, on_error=calls.on_error, on_ok=calls.on_ok,
                                       clock=lambda: CLOCK, poll_seconds=0.05, request_timeout_seconds=0.5,

@@ -44,11 +44,6 @@ async def emulator() -> AsyncIterator[GceMetadataEmulator]:
         await emulator.stop()
 
 
-@pytest.fixture
-def calls() -> Calls:
-    return Calls()
-
-
 def fast_provider(url: str, calls: Calls, **overrides: object) -> GceProvider:
     options: dict[str, object] = dict(root_url=url, notice_seconds=None, on_error=calls.on_error,
                                       on_ok=calls.on_ok, clock=lambda: CLOCK, hanging_timeout_seconds=1,

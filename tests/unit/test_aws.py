@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from spotguard.notice import NoticeKind
 from spotguard.providers.aws import (
+    ACTIONS,
     DEFAULT_SPOT_NOTICE_SECONDS,
     InstanceAction,
     notice_for,
@@ -80,8 +82,16 @@ def test_no_action_is_no_notice():
                                            st.sampled_from(["terminate", "stop", "2017-09-18T08:22:00Z"])))
                  .map(lambda d: json.dumps(d).encode())))
 def test_any_body_parses_or_is_a_body_error(body):
-    for parse in (parse_instance_action, parse_rebalance):
-        try:
-            parse(body)
-        except MetadataBodyError:
-            pass
+    # Anything else raised (TypeError, KeyError, ...) fails the test; what parses is well formed.
+    try:
+        action = parse_instance_action(body)
+    except MetadataBodyError:
+        pass
+    else:
+        assert action.action in ACTIONS and (action.at is None or math.isfinite(action.at))
+    try:
+        notice_time = parse_rebalance(body)
+    except MetadataBodyError:
+        pass
+    else:
+        assert isinstance(notice_time, str)

@@ -118,8 +118,13 @@ def test_the_event_due_first_wins():
         st.one_of(st.text(max_size=40), st.integers(), st.none(), st.lists(st.text(max_size=10), max_size=2))),
         max_size=3)}).map(lambda d: json.dumps(d).encode())))
 def test_any_body_parses_or_is_a_body_error(body):
+    # Anything else raised (TypeError, KeyError, ...) fails the test; what parses can be judged.
     try:
         events = parse_scheduled_events(body)
     except MetadataBodyError:
         return
-    notice_for(events, vm_name=VM, first_seen={(e.event_id, e.status): T0 for e in events}, notice_seconds=None)
+    assert all(isinstance(e, ScheduledEvent) and isinstance(e.resources, tuple) for e in events)
+    notice = notice_for(events, vm_name=VM, first_seen={(e.event_id, e.status): T0 for e in events},
+                        notice_seconds=None)
+    ours = [e for e in events if VM in e.resources and e.event_type in ("Preempt", "Terminate", "Redeploy", "Reboot")]
+    assert (notice is None) == (not ours)
