@@ -13,6 +13,7 @@ from typing import Callable, TextIO
 import aiohttp
 
 from spotguard import kube as k
+from spotguard import kubeapi
 from spotguard import lifecycle as lc
 from spotguard import providers, vllm
 from spotguard.config import Config
@@ -50,11 +51,7 @@ async def run_check(config: Config, *, out: TextIO = sys.stdout,
 
     await _check_provider(config, say)
     try:
-        if client_factory is None:
-            from spotguard.cli import kube_client
-
-            client_factory = kube_client
-        api = k.Kube(client_factory(), node_name=config.node_name)
+        api = k.Kube((client_factory or kubeapi.new_client)(), node_name=config.node_name)
     except Exception as error:  # noqa: BLE001 - report, don't crash
         say("FAIL", f"Kubernetes credentials: {error}")
         return 1
@@ -114,7 +111,7 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
     """RBAC says what the ServiceAccount may do; admission policies can still refuse it (the chart's
     refuse every write by a token without a node-name claim). Dry-run writes ask the API server
     itself: it runs admission, answers PDBs, and stores nothing."""
-    dry = k.Kube(api.api, node_name=config.node_name, dry_run=True)
+    dry = k.Kube(api.client, node_name=config.node_name, dry_run=True)
     try:
         dry.call("PATCH", f"/api/v1/nodes/{config.node_name}", query=dry.write_query,
                  body={"metadata": {"annotations": {"spotguard.io/check": "dry-run"}}},

@@ -1,10 +1,11 @@
-"""Command line: `spotguard run | check | version | sim ...` (also `python -m spotguard`)."""
+"""Command line: `spotguard run | check | version` (also `python -m spotguard`).
+
+The preemption simulation is a separate distribution with its own command, `spotguard-sim`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from typing import Sequence
 
@@ -25,7 +26,11 @@ IP on annotation spotguard.io/metrics-port (default 8000), path spotguard.io/met
 Kubernetes credentials: KUBECONFIG when set, the in-cluster service account otherwise."""
 
 
-def build_parser(*, with_sim: bool = True) -> argparse.ArgumentParser:
+SIM_MOVED = ("spotguard: the simulation moved to its own command: `spotguard-sim ...` "
+             "(package spotguard-sim, in sim/ of the source tree)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spotguard", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"spotguard {__version__}")
@@ -41,27 +46,18 @@ def build_parser(*, with_sim: bool = True) -> argparse.ArgumentParser:
                                 epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg.add_arguments(check)
     commands.add_parser("version", help="print the version")
-
-    sim = commands.add_parser("sim", help="the preemption simulation: local cluster, emulators, demo, bench",
-                              description="Run spotguard's preemption simulation on this machine.")
-    if with_sim:  # only when asked for: the daemon's path never imports simulation code
-        from spotguard.sim import cli as sim_cli
-
-        sim_cli.add_commands(sim)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(with_sim=bool(argv) and argv[0] == "sim")
-    args = parser.parse_args(argv)
+    if argv[:1] == ["sim"]:
+        print(SIM_MOVED, file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
     if args.command == "version":
         print(f"spotguard {__version__}")
         return 0
-    if args.command == "sim":
-        from spotguard.sim import cli as sim_cli
-
-        return sim_cli.run(args)
     try:
         config = cfg.load(args)
     except cfg.ConfigError as error:
@@ -75,13 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: cfg.Config) -> int:
-    from spotguard import kube, lifecycle, providers
+    from spotguard import kube, kubeapi, lifecycle, providers
     from spotguard.daemon import Daemon
     from spotguard.observability import Metrics, configure_logging
 
     configure_logging(level=config.log_level, node=config.node_name)
     try:
-        api_client = kube_client()
+        api_client = kubeapi.new_client()
     except Exception as error:  # noqa: BLE001 - one readable line, not a traceback
         print(f"spotguard: error: cannot load Kubernetes credentials: {error}", file=sys.stderr)
         return 2
@@ -100,28 +96,6 @@ def _run(config: cfg.Config) -> int:
 
     asyncio.run(main_async())
     return 0
-
-
-# TCP keepalive on every API connection. A watch whose connection dies without a FIN or RST (a NAT
-# or load balancer forgetting an idle flow) would otherwise be noticed only at its read timeout,
-# minutes later. Probes after 15 s idle, every 5 s, 3 unanswered: about 30 s, after which the
-# watch re-lists. (client-go uses 30 s idle with Go's 15 s x 9 probes.)
-KEEPALIVE = {"idle": 15, "interval": 5, "count": 3}
-
-
-def kube_client():
-    """An ApiClient from KUBECONFIG when set, else the in-cluster service account."""
-    from kubernetes import client, config
-    from kubernetes.utils.keepalive import tcp_keepalive_socket_options
-
-    configuration = client.Configuration()
-    configuration.socket_options = tcp_keepalive_socket_options(**KEEPALIVE)
-    if os.environ.get("KUBECONFIG"):
-        # Passed explicitly: the client's own default is read once, when it is imported. A
-        # colon-separated list of files is merged as kubectl does.
-        return config.new_client_from_config(os.environ["KUBECONFIG"], client_configuration=configuration)
-    config.load_incluster_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
 
 
 if __name__ == "__main__":

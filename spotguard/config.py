@@ -16,9 +16,6 @@ from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 PROVIDERS = ("auto", "gce", "aws", "azure")
-GCE_DEFAULT_METADATA_URL = "http://metadata.google.internal"
-AWS_DEFAULT_METADATA_URL = "http://169.254.169.254"
-AZURE_DEFAULT_METADATA_URL = "http://169.254.169.254"
 
 
 class ConfigError(ValueError):

@@ -24,6 +24,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from spotguard import actions
 from spotguard import kube as k
 from spotguard import lifecycle as lc
 from spotguard import vllm
@@ -178,11 +179,11 @@ class Daemon:
 
         node_name = self.config.node_name
         return [
-            k.ListWatch(self.kube.api, "/api/v1/nodes", query={"fieldSelector": f"metadata.name={node_name}"},
+            k.ListWatch(self.kube.client, "/api/v1/nodes", query={"fieldSelector": f"metadata.name={node_name}"},
                         on_sync=then_wake(lambda items: self._set_node(items[0] if items else None)),
                         on_event=then_wake(self._apply_node_event), name="node",
                         timeout_seconds=WATCH_TIMEOUT_SECONDS, on_error=count_error("watch_node")),
-            k.ListWatch(self.kube.api, "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={node_name}"},
+            k.ListWatch(self.kube.client, "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={node_name}"},
                         on_sync=then_wake(self._set_pods), on_event=then_wake(self._apply_pod_event), name="pods",
                         timeout_seconds=WATCH_TIMEOUT_SECONDS, on_error=count_error("watch_pods")),
         ]
@@ -332,18 +333,18 @@ class Daemon:
 
     # -- acting ------------------------------------------------------------------------------
 
-    async def _execute(self, actions: tuple[lc.Action, ...], *, first_reaction: bool) -> None:
+    async def _execute(self, planned: tuple[lc.Action, ...], *, first_reaction: bool) -> None:
         """Node and readiness changes first and together (they are the reaction), then evictions,
         then Events."""
-        urgent = [a for a in actions if isinstance(a, (lc.UpdateNode, lc.SetServing))]
+        urgent = [a for a in planned if isinstance(a, (lc.UpdateNode, lc.SetServing))]
         await asyncio.gather(*(self._do(action) for action in urgent))
         if first_reaction and self.notice_received_at is not None:
             reaction = time.monotonic() - self.notice_received_at
             self.metrics.reaction.observe(reaction)
             log.info("reacted", reaction_ms=round(reaction * 1000, 1))
             self.notice_received_at = None
-        reports = [a for a in actions if isinstance(a, lc.Report)]
-        evictions = [a for a in actions if isinstance(a, lc.Evict)]
+        reports = [a for a in planned if isinstance(a, lc.Report)]
+        evictions = [a for a in planned if isinstance(a, lc.Evict)]
         results = await asyncio.gather(*(self._do(action) for action in evictions))
         for evict, result in zip(evictions, results):
             if result is None:
@@ -370,13 +371,13 @@ class Daemon:
         log.warning("event dropped", reason=report.reason, attempts=EVENT_RETRIES + 1)
 
     async def _do(self, action: lc.Action) -> Any:
-        names = _action_names(action)
-        fields = _action_log_fields(action, self.state.progress, self.clock())
+        names = actions.names(action)
+        fields = actions.log_fields(action, self.state.progress, self.clock())
         dry_run = self.config.dry_run and not (isinstance(action, lc.SetServing) and action.value)
         if dry_run:
             # Every write goes to the API server with dryRun=All (checked, PDBs answered, nothing
             # stored). The cluster does not change, so the level-triggered loop asks again: once.
-            key = _action_key(action)
+            key = actions.dry_run_key(action)
             if key in self.dry_run_done:
                 if isinstance(action, lc.Evict):
                     return lc.EvictionOutcome.EVICTED, None
@@ -398,29 +399,18 @@ class Daemon:
             log.info("dry-run" if dry_run else "done", actions=names, **fields)
         return result
 
-    def _count(self, names: list[str], result: str) -> None:
+    def _count(self, names: list[actions.ActionName], result: str) -> None:
         for name in names:
             self.metrics.actions.labels(action=name, result=result).inc()
 
     def _call(self, action: lc.Action) -> Any:
         """The blocking API call for one action (runs in a worker thread)."""
+        result = actions.perform(action, self.kube, node=self.node)
         if isinstance(action, lc.UpdateNode):
-            node = self.kube.patch_node(action, current=self.node)
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._set_node, node)
+            self._loop.call_soon_threadsafe(self._set_node, result)
             return None
-        if isinstance(action, lc.SetServing):
-            reason = "Guarding" if action.value else "TerminationNotice"
-            message = ("spotguard guards this node; no termination notice" if action.value
-                       else "the node has a termination notice; stop sending new requests")
-            self.kube.set_serving(action.pod, action.value, reason=reason, message=message)
-            return None
-        if isinstance(action, lc.Evict):
-            return self.kube.evict(action.pod, grace_seconds=action.grace_seconds)
-        if isinstance(action, lc.Report):
-            self.kube.record_event(action, node_uid=(self.node or {}).get("metadata", {}).get("uid"))
-            return True   # posted (None from _do means it failed)
-        raise TypeError(f"unknown action {action!r}")
+        return result
 
     # -- telling people ----------------------------------------------------------------------
 
@@ -434,9 +424,9 @@ class Daemon:
             log.warning("eviction failed", pod=pod.key, error=detail)
 
     def _count_report(self, report: lc.Report) -> None:
-        if report.reason == "DeadlineMissed":
+        if report.reason is lc.Reason.DEADLINE_MISSED:
             self.metrics.drain_missed_deadline.inc()
-        if report.reason == "DrainBudgetSpent":
+        if report.reason is lc.Reason.DRAIN_BUDGET_SPENT:
             self.metrics.abandoned_requests.inc(sum(r.in_flight or 0 for uid, r in self.readings.items()
                                                     if uid in self.pods))
         log_fields = {"reason": report.reason, "message": report.message}
@@ -473,48 +463,3 @@ def _older(obj: k.Obj, *, than: k.Obj) -> bool:
     when both are integers (as etcd's are) and otherwise take the newer arrival."""
     mine, theirs = obj["metadata"].get("resourceVersion", ""), than["metadata"].get("resourceVersion", "")
     return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
-
-
-def _action_key(action: lc.Action) -> tuple[Any, ...]:
-    """What an action changes, without the pod facts that vary from one step to the next."""
-    if isinstance(action, lc.UpdateNode):
-        return ("node", action.unschedulable, action.taint_value, action.remove_taint,
-                action.progress.phase if action.progress else None, action.clear_progress)
-    if isinstance(action, lc.SetServing):
-        return ("serving", action.pod.uid, action.value)
-    if isinstance(action, lc.Evict):
-        return ("evict", action.pod.uid)
-    return ("event", action.reason, action.pod.uid if action.pod else None)
-
-
-def _action_names(action: lc.Action) -> list[str]:
-    """Metric/log names of what one action does (one node PATCH can cordon, taint and save)."""
-    if isinstance(action, lc.UpdateNode):
-        names = []
-        if action.unschedulable is not None:
-            names.append("cordon" if action.unschedulable else "uncordon")
-        if action.taint_value is not None:
-            names.append("taint")
-        if action.remove_taint:
-            names.append("untaint")
-        if action.progress is not None or action.clear_progress:
-            names.append("save_progress")
-        return names
-    if isinstance(action, lc.SetServing):
-        return ["set_serving" if action.value else "set_not_serving"]
-    if isinstance(action, lc.Evict):
-        return ["evict"]
-    return ["event"]
-
-
-def _action_log_fields(action: lc.Action, progress: lc.Progress | None, now: float) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    if progress is not None:
-        fields["seconds_to_deadline"] = round(progress.deadline - now, 1)
-    if isinstance(action, (lc.SetServing, lc.Evict, lc.Report)) and action.pod is not None:
-        fields["pod"] = action.pod.key
-    if isinstance(action, lc.Evict):
-        fields["grace_seconds"] = action.grace_seconds
-    if isinstance(action, lc.UpdateNode) and action.progress is not None:
-        fields["phase"] = action.progress.phase.value
-    return fields

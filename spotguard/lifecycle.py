@@ -36,6 +36,34 @@ class Phase(enum.StrEnum):
     DRAINED = "drained"  # every evictable pod is gone or terminating; the VM may go
 
 
+class Reason(enum.StrEnum):
+    """Every Kubernetes Event spotguard posts (and logs), by reason: the catalogue. Node Events
+    first, then pod Events."""
+
+    TERMINATION_NOTICE = "TerminationNotice"  # node: a notice; cordoned, tainted, pods not-ready
+    ENDPOINTS_STILL_READY = "EndpointsStillReady"  # node: the endpoint wait ran out; draining anyway
+    DRAINED = "Drained"  # node: nothing in flight any more
+    DRAIN_BUDGET_SPENT = "DrainBudgetSpent"  # node: evicting with requests still in flight
+    DEADLINE_MISSED = "DeadlineMissed"  # node: the VM's time came with pods not evicted
+    NODE_DRAINED = "NodeDrained"  # node: every evictable pod evicted or terminating
+    NOTICE_CANCELLED = "NoticeCancelled"  # node: the notice was withdrawn; spotguard undid its part
+    NOT_SERVING = "NotServing"  # pod: spotguard.io/serving=False
+    SERVING_RESTORED = "ServingRestored"  # pod: spotguard.io/serving=True again after a cancellation
+    METRICS_UNAVAILABLE = "MetricsUnavailable"  # pod: vLLM /metrics unreadable; the time budget decides
+    EVICTED = "Evicted"  # pod: the Eviction API accepted it
+    EVICTION_BLOCKED = "EvictionBlocked"  # pod: a PodDisruptionBudget refused; retried
+    EVICTION_FAILED = "EvictionFailed"  # pod: the Eviction API failed otherwise; retried
+
+
+class NotEvictable(enum.StrEnum):
+    """Why spotguard never evicts a pod."""
+
+    DAEMONSET = "daemonset"  # a DaemonSet's pod (spotguard's own among them) would come straight back
+    MIRROR = "mirror"  # a static pod: the kubelet owns it, the API cannot evict it
+    OPTED_OUT = "opted-out"  # annotated spotguard.io/evict: "false"
+    FINISHED = "finished"  # Succeeded or Failed: nothing runs
+
+
 # ---------------------------------------------------------------------------------------------
 # What the daemon sees
 
@@ -49,8 +77,8 @@ class PodFacts:
     serving: bool
     # Current value of the spotguard.io/serving condition; None when not set.
     serving_condition: bool | None
-    # Why the pod must never be evicted ("daemonset", "mirror", "opted-out", "finished"), or None.
-    not_evictable: str | None
+    # Why the pod must never be evicted, or None.
+    not_evictable: NotEvictable | None
     terminating: bool
     termination_grace_seconds: int = 30
     # Does any EndpointSlice still list this pod as ready? None: no endpoints, or not looked at.
@@ -155,7 +183,7 @@ class Evict:
 class Report:
     """A Kubernetes Event (on the pod when given, else the node) and a log line."""
 
-    reason: str
+    reason: Reason
     message: str
     pod: PodFacts | None = None
     warning: bool = False
@@ -240,11 +268,11 @@ def _start(state: State, seen: Seen, *, now: float) -> Decision:
         progress=progress,
     )
     not_serving = _not_serving(seen.pods)
-    report = Report("TerminationNotice",
+    report = Report(Reason.TERMINATION_NOTICE,
                     f"{notice.kind.value} notice from {notice.source} ({notice.detail}); the VM goes in "
                     f"{max(0.0, notice.deadline - now):.0f}s: cordoned, tainted, {len(not_serving)} "
                     f"serving pod(s) set not-ready", warning=True)
-    per_pod = tuple(Report("NotServing", "termination notice: spotguard.io/serving=False, so the pod leaves its "
+    per_pod = tuple(Report(Reason.NOT_SERVING, "termination notice: spotguard.io/serving=False, so the pod leaves its "
                                          "Services' endpoints before it is drained and evicted", pod=action.pod)
                     for action in not_serving)
     return Decision(replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset()),
@@ -281,7 +309,7 @@ def _deregistering(state: State, seen: Seen, *, now: float, timing: Timing) -> D
         return Decision(state, tuple(actions))
     if still_ready:
         state, first = _report_once(state, Report(
-            "EndpointsStillReady",
+            Reason.ENDPOINTS_STILL_READY,
             f"endpoints of {', '.join(p.key for p in still_ready)} still ready after {waited:.1f}s; "
             "draining anyway", warning=True))
         actions += first
@@ -292,7 +320,7 @@ def _deregistering(state: State, seen: Seen, *, now: float, timing: Timing) -> D
 def _live_serving(pods: tuple[PodFacts, ...]) -> list[PodFacts]:
     """Serving pods that still run: a pod that finished (its vLLM stopped, e.g. by the kubelet's
     node shutdown) has nothing left to drain, so the drain must not wait for its /metrics."""
-    return [pod for pod in pods if pod.serving and not pod.terminating and pod.not_evictable != "finished"]
+    return [pod for pod in pods if pod.serving and not pod.terminating and pod.not_evictable is not NotEvictable.FINISHED]
 
 
 def _drain_until(progress: Progress, timing: Timing) -> float:
@@ -309,7 +337,7 @@ def _draining(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     for pod in serving:
         if pod.metrics_unreadable:
             state, first = _report_once(state, Report(
-                "MetricsUnavailable", "vLLM /metrics unreadable; falling back to the time budget",
+                Reason.METRICS_UNAVAILABLE, "vLLM /metrics unreadable; falling back to the time budget",
                 pod=pod, warning=True))
             actions += first
     busy = [pod for pod in serving if pod.in_flight != 0]
@@ -317,11 +345,11 @@ def _draining(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
         return Decision(state, tuple(actions))
     if busy:
         counts = ", ".join(f"{p.key}={'unknown' if p.in_flight is None else p.in_flight}" for p in busy)
-        actions.append(Report("DrainBudgetSpent",
+        actions.append(Report(Reason.DRAIN_BUDGET_SPENT,
                               f"drain budget spent with requests in flight ({counts}); evicting",
                               warning=True))
     else:
-        actions.append(Report("Drained", f"{len(serving)} serving pod(s) have no requests in flight"))
+        actions.append(Report(Reason.DRAINED, f"{len(serving)} serving pod(s) have no requests in flight"))
     state, node_update = _move(state, Phase.EVICTING, now=now)
     evictions = _evict_due(state, seen, now=now, serving_too=True)
     return Decision(state, (*actions, node_update, *evictions))
@@ -334,14 +362,14 @@ def _evicting(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     if now >= state.progress.deadline:
         left = [p.key for p in _evictable(seen.pods) if p.uid not in state.evicted]
         state, first = _report_once(state, Report(
-            "DeadlineMissed", f"deadline passed with pods not evicted: {', '.join(left)}", warning=True))
+            Reason.DEADLINE_MISSED, f"deadline passed with pods not evicted: {', '.join(left)}", warning=True))
         actions += first
     remaining = [p for p in _evictable(seen.pods) if p.uid not in state.evicted]
     if remaining:
         return Decision(state, tuple(actions))
     state, node_update = _move(state, Phase.DRAINED, now=now)
     actions.append(node_update)
-    actions.append(Report("NodeDrained", "every evictable pod is evicted or terminating"))
+    actions.append(Report(Reason.NODE_DRAINED, "every evictable pod is evicted or terminating"))
     return Decision(state, tuple(actions))
 
 
@@ -391,9 +419,9 @@ def _cancel(state: State, seen: Seen) -> Decision:
                       remove_taint=progress.tainted_by_us, clear_progress=True)
     kept = "" if progress.cordoned_by_us else " (the cordon was not spotguard's, so it stays)"
     gone = f"; {len(state.evicted)} pod(s) already evicted cannot be brought back" if state.evicted else ""
-    report = Report("NoticeCancelled", f"the {progress.notice_kind} notice was withdrawn: undid "
+    report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} notice was withdrawn: undid "
                                        f"spotguard's cordon and taint{kept}{gone}")
-    per_pod = tuple(Report("ServingRestored", "the termination notice was withdrawn: spotguard.io/serving=True",
+    per_pod = tuple(Report(Reason.SERVING_RESTORED, "the termination notice was withdrawn: spotguard.io/serving=True",
                            pod=action.pod) for action in restored)
     return Decision(State(), (undo, *restored, report, *per_pod))
 
@@ -416,7 +444,7 @@ def record_eviction(state: State, pod: PodFacts, outcome: EvictionOutcome, *, no
     if outcome in (EvictionOutcome.EVICTED, EvictionOutcome.GONE):
         attempts = {uid: a for uid, a in state.attempts.items() if uid != pod.uid}
         state = replace(state, evicted=state.evicted | {pod.uid}, attempts=attempts)
-        return state, (Report("Evicted", "evicted through the Eviction API", pod=pod),) \
+        return state, (Report(Reason.EVICTED, "evicted through the Eviction API", pod=pod),) \
             if outcome is EvictionOutcome.EVICTED else ()
     previous = state.attempts.get(pod.uid)
     count = previous.attempts + 1 if previous else 1
@@ -425,15 +453,15 @@ def record_eviction(state: State, pod: PodFacts, outcome: EvictionOutcome, *, no
     attempts = {**state.attempts, pod.uid: EvictionAttempt(count, now + delay)}
     state = replace(state, attempts=attempts)
     if outcome is EvictionOutcome.BLOCKED_BY_PDB:
-        report = Report("EvictionBlocked",
+        report = Report(Reason.EVICTION_BLOCKED,
                         f"PodDisruptionBudget {blocked_by or '(unknown)'} allows no disruption; retrying "
                         f"until the deadline", pod=pod, warning=True)
     elif outcome is EvictionOutcome.MULTIPLE_PDBS:
-        report = Report("EvictionBlocked", "more than one PodDisruptionBudget selects this pod "
+        report = Report(Reason.EVICTION_BLOCKED, "more than one PodDisruptionBudget selects this pod "
                                            f"({blocked_by or 'unknown'}); the Eviction API refuses it",
                         pod=pod, warning=True)
     else:
-        report = Report("EvictionFailed", f"eviction failed ({blocked_by or 'unknown error'}); retrying",
+        report = Report(Reason.EVICTION_FAILED, f"eviction failed ({blocked_by or 'unknown error'}); retrying",
                         pod=pod, warning=True)
     state, reports = _report_once(state, report)
     return state, tuple(reports)

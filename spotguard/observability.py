@@ -17,16 +17,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from spotguard import __version__
-from spotguard.lifecycle import Phase
+from spotguard.actions import ActionName
+from spotguard.lifecycle import EvictionOutcome, Phase
 from spotguard.notice import NoticeKind
+from spotguard.providers.base import MetadataFailure
+from spotguard.vllm import ScrapeFailure
 
-PHASES = tuple(phase.value for phase in Phase)
-ACTIONS = ("cordon", "taint", "save_progress", "set_not_serving", "set_serving", "evict", "uncordon", "untaint",
-           "event")
+# Label values, each derived from the enum of the module that produces them, so a new phase,
+# action, outcome or failure cannot be missing from the series that exist at 0 from start.
+PHASES = tuple(Phase)
+ACTIONS = tuple(ActionName)
 ACTION_RESULTS = ("ok", "error", "dry_run")
-EVICTION_RESULTS = ("evicted", "blocked_by_pdb", "multiple_pdbs", "error", "gone")
-METADATA_ERRORS = ("connection", "timeout", "http_5xx", "http_429", "http_other", "bad_body", "bad_flavor")
-SCRAPE_ERRORS = ("connection", "timeout", "http", "bad_body")
+EVICTION_RESULTS = tuple(EvictionOutcome)
+METADATA_ERRORS = tuple(MetadataFailure)
+SCRAPE_ERRORS = tuple(ScrapeFailure)
 # Seconds; notices run from ~30 s (spot) to 60 min (GPU host maintenance).
 # `*_created` series double the exposition and no alert or dashboard reads them.
 disable_created_metrics()

@@ -7,20 +7,20 @@ is summed too. Names are matched exactly, never by prefix: newer vLLM also expor
 would double the waiting count and stall every drain.
 
 `parse_in_flight` is pure (text in, `InFlight` out); `read_in_flight` adds the HTTP GET. Every
-failure is a `ScrapeError` whose `reason` is one of `observability.SCRAPE_ERRORS`, so the daemon
-can count it under spotguard_vllm_scrape_errors_total{reason} without a mapping table.
+failure is a `ScrapeError` whose `reason` is a `ScrapeFailure`, so the daemon can count it under
+spotguard_vllm_scrape_errors_total{reason} without a mapping table.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from spotguard.observability import SCRAPE_ERRORS
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
@@ -35,12 +35,20 @@ ENGINE_LABEL = "engine"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
-class ScrapeError(Exception):
-    """Reading a vLLM /metrics failed; `reason` is one of observability.SCRAPE_ERRORS."""
+class ScrapeFailure(enum.StrEnum):
+    """Why a read of vLLM's /metrics failed: the `reason` label of
+    spotguard_vllm_scrape_errors_total (observability derives its label values from this)."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        if reason not in SCRAPE_ERRORS:
-            raise ValueError(f"unknown scrape error reason {reason!r}; expected one of {SCRAPE_ERRORS}")
+    CONNECTION = "connection"
+    TIMEOUT = "timeout"
+    HTTP = "http"
+    BAD_BODY = "bad_body"
+
+
+class ScrapeError(Exception):
+    """Reading a vLLM /metrics failed, for `reason`."""
+
+    def __init__(self, reason: ScrapeFailure, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -49,21 +57,21 @@ class ScrapeConnectionError(ScrapeError):
     """Nothing answered, or the connection broke before the whole body arrived."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("connection", message)
+        super().__init__(ScrapeFailure.CONNECTION, message)
 
 
 class ScrapeTimeoutError(ScrapeError):
     """The server did not send the whole response within the timeout."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("timeout", message)
+        super().__init__(ScrapeFailure.TIMEOUT, message)
 
 
 class ScrapeHTTPError(ScrapeError):
     """The server answered with a status other than 200."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__("http", message)
+        super().__init__(ScrapeFailure.HTTP, message)
         self.status = status
 
 
@@ -71,7 +79,7 @@ class MetricsFormatError(ScrapeError):
     """The body is not a vLLM /metrics page we can trust a drain decision on."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("bad_body", message)
+        super().__init__(ScrapeFailure.BAD_BODY, message)
 
 
 @dataclass(frozen=True)

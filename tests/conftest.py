@@ -1,5 +1,5 @@
 """Shared fixtures. Tests marked `cluster` run against the real local control plane
-(spotguard.sim.controlplane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the
+(spotguard_sim.controlplane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the
 simulated kubelet), started once per test session and stopped at its end, even on failure."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
-from spotguard.sim import controlplane
+from spotguard_sim import controlplane
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +51,9 @@ def namespace(api_client) -> Iterator[str]:
 
 @pytest.fixture
 async def world(cluster, api_client, namespace, tmp_path):
-    """A simulated GPU spot pool in this test's namespace (spotguard.sim.world.World); its daemons,
+    """A simulated GPU spot pool in this test's namespace (spotguard_sim.world.World); its daemons,
     emulators and nodes are stopped and deleted afterwards."""
-    from spotguard.sim.world import World
+    from spotguard_sim.world import World
 
     sim = World(api_client=api_client, kubeconfig=cluster.kubeconfig, namespace=namespace,
                 log_dir=tmp_path / "logs", pool=f"pool-{uuid.uuid4().hex[:6]}")

@@ -20,13 +20,13 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 
-from spotguard.config import AWS_DEFAULT_METADATA_URL
+from spotguard.config import Config
 from spotguard.notice import Notice, NoticeKind
-from spotguard.providers import ProviderUnreachable
+from spotguard.providers.base import MetadataFailure, ProviderUnreachable
 from spotguard.providers.http import (
     MetadataBodyError,
     RequestFailed,
@@ -42,6 +42,8 @@ from spotguard.providers.http import (
 )
 from spotguard.providers.polled import PolledProvider
 
+# The link-local address of EC2's instance metadata service.
+DEFAULT_ROOT_URL = "http://169.254.169.254"
 TOKEN_PATH = "/latest/api/token"
 TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
@@ -119,7 +121,7 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
 
     name = "aws"
 
-    def __init__(self, *, root_url: str = AWS_DEFAULT_METADATA_URL, token_ttl_seconds: int = TOKEN_TTL_SECONDS,
+    def __init__(self, *, root_url: str = DEFAULT_ROOT_URL, token_ttl_seconds: int = TOKEN_TTL_SECONDS,
                  **options: Any) -> None:
         super().__init__(root_url=root_url, **options)
         self._token_ttl = token_ttl_seconds
@@ -138,7 +140,7 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
                 instance_id = body_text(await self._get(http, INSTANCE_ID_KEY), key=INSTANCE_ID_KEY)
         if not instance_id.startswith("i-"):
             raise ProviderUnreachable(f"{where}: bad_body: instance-id {shown(instance_id)} is not an EC2 instance id",
-                                      reason="bad_body")
+                                      reason=MetadataFailure.BAD_BODY)
 
     async def read(self, http: aiohttp.ClientSession) -> tuple[InstanceAction | None, str | None]:
         return await self._instance_action(http), await self._rebalance_notice_time(http)
@@ -215,3 +217,10 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
         # Renewed a minute early (half the TTL for short ones), so no request carries an expired token.
         self._token_renew_at = now + self._token_ttl - min(_TOKEN_RENEW_EARLY_SECONDS, self._token_ttl / 2)
         return token
+
+
+def from_config(config: Config, *, on_error: Callable[[str], None], on_ok: Callable[[], None],
+                clock: Callable[[], float]) -> AwsProvider:
+    """The registry's factory (`providers.REGISTRY["aws"]`)."""
+    return AwsProvider(root_url=config.metadata_url or DEFAULT_ROOT_URL,
+                 notice_seconds=config.notice_seconds, on_error=on_error, on_ok=on_ok, clock=clock)

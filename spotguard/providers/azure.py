@@ -25,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import email.utils
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 
-from spotguard.config import AZURE_DEFAULT_METADATA_URL
+from spotguard.config import Config
 from spotguard.notice import Notice, NoticeKind
 from spotguard.providers.http import (
     MetadataBodyError,
@@ -43,6 +43,8 @@ from spotguard.providers.http import (
 )
 from spotguard.providers.polled import PolledProvider
 
+# The link-local address of Azure's Instance Metadata Service.
+DEFAULT_ROOT_URL = "http://169.254.169.254"
 METADATA_HEADER = {"Metadata": "true"}
 SCHEDULED_EVENTS_PATH = "/metadata/scheduledevents"
 SCHEDULED_EVENTS_API = "2020-07-01"
@@ -154,7 +156,7 @@ class AzureProvider(PolledProvider[tuple[str, list[ScheduledEvent]]]):
     name = "azure"
     headers = METADATA_HEADER
 
-    def __init__(self, *, root_url: str = AZURE_DEFAULT_METADATA_URL,
+    def __init__(self, *, root_url: str = DEFAULT_ROOT_URL,
                  first_request_timeout_seconds: float = FIRST_REQUEST_TIMEOUT_SECONDS, **options: Any) -> None:
         super().__init__(root_url=root_url, **options)
         # Until the first answer: the call that switches Scheduled Events on may take minutes.
@@ -198,3 +200,10 @@ class AzureProvider(PolledProvider[tuple[str, list[ScheduledEvent]]]):
                 return await read_limited(response)
         except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as error:
             raise transport_failure(error, timeout=timeout) from None
+
+
+def from_config(config: Config, *, on_error: Callable[[str], None], on_ok: Callable[[], None],
+                clock: Callable[[], float]) -> AzureProvider:
+    """The registry's factory (`providers.REGISTRY["azure"]`)."""
+    return AzureProvider(root_url=config.metadata_url or DEFAULT_ROOT_URL,
+                 notice_seconds=config.notice_seconds, on_error=on_error, on_ok=on_ok, clock=clock)

@@ -22,9 +22,9 @@ import aiohttp
 import structlog
 
 from spotguard.backoff import backoff_delay
-from spotguard.config import GCE_DEFAULT_METADATA_URL
+from spotguard.config import Config
 from spotguard.notice import Notice, NoticeKind
-from spotguard.providers import unheard
+from spotguard.providers.base import MetadataFailure, unheard
 from spotguard.providers.http import (
     MetadataBodyError,
     RequestFailed,
@@ -39,6 +39,8 @@ from spotguard.providers.http import (
     unreachable_if_failing,
 )
 
+# Where GCE's metadata server is, from inside the VM.
+DEFAULT_ROOT_URL = "http://metadata.google.internal"
 FLAVOR_HEADER = "Metadata-Flavor"
 FLAVOR = "Google"
 PREEMPTED_KEY = "instance/preempted"
@@ -189,7 +191,7 @@ class GceProvider:
 
     name = "gce"
 
-    def __init__(self, *, root_url: str = GCE_DEFAULT_METADATA_URL,
+    def __init__(self, *, root_url: str = DEFAULT_ROOT_URL,
                  notice_seconds: float | None = None,
                  on_error: Callable[[str], None] = unheard,
                  on_ok: Callable[[], None] = unheard,
@@ -320,7 +322,7 @@ class GceProvider:
                 return None
             reason, message = failure.reason, str(failure)
         except MetadataBodyError as error:
-            reason, message = "bad_body", str(error)
+            reason, message = MetadataFailure.BAD_BODY, str(error)
         else:
             self._on_ok()
             return window_start
@@ -366,7 +368,7 @@ class GceProvider:
             except RequestFailed as failure:
                 reason, message = failure.reason, str(failure)
             except MetadataBodyError as error:
-                reason, message = "bad_body", str(error)
+                reason, message = MetadataFailure.BAD_BODY, str(error)
             else:
                 self._on_ok()
                 if failures:
@@ -408,7 +410,7 @@ class GceProvider:
                 # Checked first: without it the answer is from something else (a proxy, a captive
                 # portal, a web server on the wrong port), whatever its status says.
                 if response.headers.get(FLAVOR_HEADER) != FLAVOR:
-                    raise RequestFailed("bad_flavor",
+                    raise RequestFailed(MetadataFailure.BAD_FLAVOR,
                                         f"HTTP {response.status} without {FLAVOR_HEADER}: {FLAVOR}: "
                                         "not the GCE metadata server", status=response.status)
                 if response.status != 200:
@@ -422,3 +424,10 @@ class GceProvider:
 
 
 _UNSET = object()
+
+
+def from_config(config: Config, *, on_error: Callable[[str], None], on_ok: Callable[[], None],
+                clock: Callable[[], float]) -> GceProvider:
+    """The registry's factory (`providers.REGISTRY["gce"]`)."""
+    return GceProvider(root_url=config.metadata_url or config.gce_metadata_host_url or DEFAULT_ROOT_URL,
+                 notice_seconds=config.notice_seconds, on_error=on_error, on_ok=on_ok, clock=clock)

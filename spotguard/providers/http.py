@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 import aiohttp
 
+from spotguard.providers.base import MetadataFailure, ProviderUnreachable
+
 # Every real body is a few bytes (a JSON document a few hundred). Anything much larger is not the
 # metadata server, and reading it all would let a broken proxy exhaust memory.
 MAX_BODY_BYTES = 64 * 1024
@@ -26,7 +28,7 @@ class MetadataBodyError(ValueError):
 
 
 class RequestFailed(Exception):
-    """One failed request; `reason` is one of observability.METADATA_ERRORS."""
+    """One failed request, for `reason`."""
 
     def __init__(self, reason: str, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -37,11 +39,11 @@ class RequestFailed(Exception):
 def status_failure(status: int, *, what: str = "") -> RequestFailed:
     """The failure a non-success HTTP status amounts to (`what`: which request, for the message)."""
     if status == 429:
-        reason = "http_429"
+        reason = MetadataFailure.HTTP_429
     elif status >= 500:
-        reason = "http_5xx"
+        reason = MetadataFailure.HTTP_5XX
     else:
-        reason = "http_other"
+        reason = MetadataFailure.HTTP_OTHER
     return RequestFailed(reason, f"{what + ': ' if what else ''}HTTP {status}", status=status)
 
 
@@ -88,7 +90,7 @@ def parse_rfc3339(text: str) -> float:
 
 async def read_limited(response: aiohttp.ClientResponse) -> bytes:
     """The body, refusing (as bad_body) to read more than MAX_BODY_BYTES."""
-    too_large = RequestFailed("bad_body", f"body larger than {MAX_BODY_BYTES} bytes")
+    too_large = RequestFailed(MetadataFailure.BAD_BODY, f"body larger than {MAX_BODY_BYTES} bytes")
     if response.content_length is not None and response.content_length > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
@@ -102,8 +104,8 @@ async def read_limited(response: aiohttp.ClientResponse) -> bytes:
 def transport_failure(error: BaseException, *, timeout: float) -> RequestFailed:
     """What a timeout or a connection error of aiohttp amounts to."""
     if isinstance(error, asyncio.TimeoutError):
-        return RequestFailed("timeout", f"no answer within {timeout:g} s")
-    return RequestFailed("connection", f"{type(error).__name__}: {error}")
+        return RequestFailed(MetadataFailure.TIMEOUT, f"no answer within {timeout:g} s")
+    return RequestFailed(MetadataFailure.CONNECTION, f"{type(error).__name__}: {error}")
 
 
 def session(headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
@@ -116,11 +118,9 @@ def session(headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
 def unreachable_if_failing(where: str) -> Iterator[None]:
     """For a probe: a failed request or an unreadable body inside becomes `ProviderUnreachable`
     naming `where` (the server) and the reason."""
-    from spotguard.providers import ProviderUnreachable
-
     try:
         yield
     except RequestFailed as failure:
         raise ProviderUnreachable(f"{where}: {failure.reason}: {failure}", reason=failure.reason) from None
     except MetadataBodyError as error:
-        raise ProviderUnreachable(f"{where}: bad_body: {error}", reason="bad_body") from None
+        raise ProviderUnreachable(f"{where}: bad_body: {error}", reason=MetadataFailure.BAD_BODY) from None

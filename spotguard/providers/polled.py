@@ -18,7 +18,7 @@ import structlog
 
 from spotguard.backoff import backoff_delay
 from spotguard.notice import Notice
-from spotguard.providers import unheard
+from spotguard.providers.base import MetadataFailure, unheard
 from spotguard.providers.http import MetadataBodyError, RequestFailed, session
 
 T = TypeVar("T")
@@ -44,7 +44,7 @@ async def poll(read: Callable[[], Awaitable[T]], *, every: float, on_error: Call
         try:
             value = await read()
         except (RequestFailed, MetadataBodyError) as error:
-            reason = error.reason if isinstance(error, RequestFailed) else "bad_body"
+            reason = error.reason if isinstance(error, RequestFailed) else MetadataFailure.BAD_BODY
             on_error(reason)
             delay = backoff_delay(failures, base=backoff_base, cap=backoff_cap)
             failures += 1

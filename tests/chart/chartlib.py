@@ -1,6 +1,6 @@
 """Helpers for the chart tests: the rendered chart, PromQL selectors, the series that exist.
 
-Rendering lives in spotguard.sim.chart (the simulation's Prometheus loads the same alert rules);
+Rendering lives in spotguard_sim.chart (the simulation's Prometheus loads the same alert rules);
 it is re-exported here so tests keep saying `chartlib.render(...)`.
 """
 
@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-
-from spotguard.sim.chart import (  # noqa: F401 - re-exported for the tests
-    CHART_DIR,
+from spotguard_sim import paths
+from spotguard_sim.chart import (  # noqa: F401 - re-exported for the tests
     NAMESPACE,
     RELEASE,
-    REPO,
     VAP_API,
     alert_rule_groups,
     chart,
@@ -29,6 +27,7 @@ from spotguard.sim.chart import (  # noqa: F401 - re-exported for the tests
     write_rule_file,
 )
 
+CHART_DIR = paths.chart_dir()
 EXAMPLES = sorted((CHART_DIR / "examples").glob("values-*.yaml"))
 
 # Series that an alert or panel may use although neither spotguard nor vLLM exports them.
@@ -168,7 +167,7 @@ _VLLM_V1_FALLBACK = {
 def vllm_series() -> dict[str, set[str]]:
     """vLLM's series as the simulation's fake vLLM exports them (vLLM's real names)."""
     try:
-        from spotguard.sim import fake_vllm
+        from spotguard_sim import fake_vllm
     except ImportError:
         return {name: set(labels) for name, labels in _VLLM_V1_FALLBACK.items()}
     import asyncio

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import pytest
-
 import chartlib
+import pytest
 from chartlib import VAP_API, only, render_objects
+
 from spotguard import config
 from spotguard.kube import EVICTION_LABEL
 

@@ -14,11 +14,11 @@ import time
 import uuid
 from typing import Any, Callable, Iterator
 
+import chartlib
 import helm_python as helm
 import pytest
 from kubernetes import config as kube_config
 
-import chartlib
 from spotguard.kube import EVICTION_LABEL
 
 pytestmark = pytest.mark.cluster

@@ -5,9 +5,8 @@ A metric renamed or relabelled in spotguard/observability.py breaks this test, n
 
 from __future__ import annotations
 
-import pytest
-
 import chartlib
+import pytest
 
 # Everything the alerts and the dashboard may rely on: spotguard's own /metrics, vLLM's /metrics
 # as the simulation's fake vLLM exports it (vLLM's real names), and kube-state-metrics' node labels.

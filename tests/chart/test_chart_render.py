@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import chartlib
 import helm_python as helm
 import pytest
-
-import chartlib
 from chartlib import VAP_API, example_values, kinds, only, render, render_objects
 
 MONITORING_ON = {

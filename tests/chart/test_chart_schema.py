@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator
 
+import chartlib
 import helm_python as helm
 import jsonschema
 import pytest
 import yaml
-
-import chartlib
 
 SCHEMA = json.loads((chartlib.CHART_DIR / "values.schema.json").read_text())
 DEFAULTS = yaml.safe_load((chartlib.CHART_DIR / "values.yaml").read_text())

@@ -17,14 +17,15 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import chartlib
 import helm_python as helm
 import pytest
 import yaml
 from kubernetes import config as kube_config
+from spotguard_sim.support import wait_until
+from spotguard_sim.world import DaemonProcess, World
 
-import chartlib
 from spotguard.kube import EVICTION_LABEL, Kube, KubeError
-from spotguard.sim.world import DaemonProcess, World, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

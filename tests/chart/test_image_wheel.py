@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +150,11 @@ def test_wheel_installs_into_a_clean_venv_and_the_cli_runs(tmp_path: Path) -> No
             assert result.returncode == 0, f"{run}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     wheels = list((root / "wheels").glob("spotguard-*.whl"))
     assert len(wheels) == 1, wheels
+    # The product's wheel ships the daemon only: the simulation is the spotguard-sim distribution.
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        packages = {name.split("/")[0] for name in wheel.namelist() if name.endswith(".py")}
+        assert packages == {"spotguard"}, packages
+        assert not [name for name in wheel.namelist() if "sim" in name.split("/")[1:-1]]
     venv_dir = root / "opt" / "spotguard"
     assert not (venv_dir / "bin" / "pip").exists(), "the runtime venv should carry no pip"
 
@@ -169,6 +175,10 @@ def test_wheel_installs_into_a_clean_venv_and_the_cli_runs(tmp_path: Path) -> No
     version = spotguard("version")
     assert version.returncode == 0, version.stderr
     assert "0.1.0" in version.stdout
+    top = spotguard("--help")
+    assert top.returncode == 0 and "run" in top.stdout and "sim" not in top.stdout.split(), top.stdout
+    moved = spotguard("sim", "demo")
+    assert moved.returncode == 2 and "spotguard-sim" in moved.stderr and len(moved.stderr.splitlines()) == 1
     helped = spotguard(*json.loads(final.all("CMD")[0]), "--help")
     assert helped.returncode == 0, helped.stderr
     for setting in config.SETTINGS:

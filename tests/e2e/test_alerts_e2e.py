@@ -4,7 +4,7 @@ own alert rules (rendered by the Helm engine), and the alerts are read back thro
 HTTP API, the way Alertmanager and an operator see them.
 
 The rules are the product's; only their `for:` durations are shortened through the chart's values
-(spotguard.sim.prometheus.FAST_ALERTS), so pending -> firing happens within the test.
+(spotguard_sim.prometheus.FAST_ALERTS), so pending -> firing happens within the test.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-
-from spotguard.sim.prometheus import (
+from spotguard_sim.prometheus import (
     FAST_ALERTS,
     PROMETHEUS,
     SPOTGUARD_JOB,
@@ -26,7 +25,8 @@ from spotguard.sim.prometheus import (
     render_rule_file,
     targets_for,
 )
-from spotguard.sim.world import World, wait_until
+from spotguard_sim.support import wait_until
+from spotguard_sim.world import World
 
 pytestmark = [
     pytest.mark.cluster,

@@ -10,9 +10,9 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
-
-from spotguard.sim.router import EndpointTracker, LoadGenerator, Outcome
-from spotguard.sim.world import World, wait_until
+from spotguard_sim.router import EndpointTracker, LoadGenerator, Outcome
+from spotguard_sim.support import wait_until
+from spotguard_sim.world import World
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 FAR_PAST = SimpleNamespace(at=0.0)

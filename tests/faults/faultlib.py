@@ -21,9 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-
-from spotguard.kube import Obj
-from spotguard.sim.router import (
+from spotguard_sim.router import (
     DurationDistribution,
     Endpoint,
     EndpointTracker,
@@ -32,7 +30,10 @@ from spotguard.sim.router import (
     RequestRecord,
     StaticEndpoints,
 )
-from spotguard.sim.world import DaemonProcess, World, metric_value, wait_until
+from spotguard_sim.support import metric_value, wait_until
+from spotguard_sim.world import DaemonProcess, World
+
+from spotguard.kube import Obj
 
 SERVING = "spotguard.io/serving"
 TAINT = "spotguard.io/impending-termination"
@@ -122,7 +123,7 @@ def apiserver_metric(world: World, name: str, **labels: str) -> float:
 # What the daemon says
 
 
-metric = metric_value  # the one reader of Prometheus text (spotguard.sim.world)
+metric = metric_value  # the one reader of Prometheus text (spotguard_sim.world)
 
 
 def log_lines(daemon: DaemonProcess) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from faultlib import (
     BadMetricsServer,
     HealthProbe,
@@ -35,9 +34,9 @@ from faultlib import (
     spotguard_taints,
     wait_for,
 )
-from spotguard.sim import controlplane
-from spotguard.sim.router import Outcome
-from spotguard.sim.world import World
+from spotguard_sim import controlplane
+from spotguard_sim.router import Outcome
+from spotguard_sim.world import World
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

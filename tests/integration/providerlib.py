@@ -1,15 +1,15 @@
-"""What the provider tests share: a recorder of on_error/on_ok calls, a watch() runner, a poller,
-a free loopback port and a Config built the way the daemon builds it."""
+"""What the provider tests share: a recorder of on_error/on_ok calls, a watch() runner and a Config
+built the way the daemon builds it (waiting and free ports come from spotguard_sim.support)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
+
+from spotguard_sim.support import eventually, free_port  # noqa: F401 - re-exported for the provider tests
 
 from spotguard.config import Config, add_arguments, load
 from spotguard.notice import Notice
@@ -64,20 +64,6 @@ class Watcher:
             self.task.result()
             raise AssertionError("watch() ended without an error")
         raise TimeoutError(f"nothing yielded within {timeout} s")
-
-
-async def eventually(condition, *, timeout: float = 5.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(*flags: str) -> Config:

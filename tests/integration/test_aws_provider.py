@@ -18,9 +18,8 @@ from typing import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
 import structlog
-
+from aiohttp import web
 from providerlib import (
     FAULTS,
     Calls,
@@ -30,12 +29,19 @@ from providerlib import (
     eventually,
     free_port,
 )
+from spotguard_sim.aws_metadata import AwsMetadataEmulator
+from spotguard_sim.gce_metadata import GceMetadataEmulator
+
 from spotguard.config import add_arguments, load
 from spotguard.notice import NoticeKind
 from spotguard.providers import AutoProvider, ProviderUnreachable, detect, make_provider
-from spotguard.providers.aws import INSTANCE_ACTION_KEY, REBALANCE_KEY, TOKEN_HEADER, TOKEN_TTL_HEADER, AwsProvider
-from spotguard.sim.aws_metadata import AwsMetadataEmulator
-from spotguard.sim.gce_metadata import GceMetadataEmulator
+from spotguard.providers.aws import (
+    INSTANCE_ACTION_KEY,
+    REBALANCE_KEY,
+    TOKEN_HEADER,
+    TOKEN_TTL_HEADER,
+    AwsProvider,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

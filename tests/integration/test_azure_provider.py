@@ -12,7 +12,6 @@ from typing import AsyncIterator
 
 import aiohttp
 import pytest
-
 from providerlib import (
     FAULTS,
     Calls,
@@ -22,11 +21,12 @@ from providerlib import (
     eventually,
     free_port,
 )
+from spotguard_sim.aws_metadata import AwsMetadataEmulator
+from spotguard_sim.azure_metadata import AzureMetadataEmulator
+
 from spotguard.notice import NoticeKind
 from spotguard.providers import AutoProvider, ProviderUnreachable, detect
 from spotguard.providers.azure import AzureProvider
-from spotguard.sim.aws_metadata import AwsMetadataEmulator
-from spotguard.sim.azure_metadata import AzureMetadataEmulator
 
 pytestmark = pytest.mark.timeout(60)
 

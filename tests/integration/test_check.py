@@ -6,8 +6,7 @@ import asyncio
 import uuid
 
 import pytest
-
-from spotguard.sim.world import DaemonProcess
+from spotguard_sim.world import DaemonProcess
 
 pytestmark = pytest.mark.cluster
 

@@ -14,10 +14,11 @@ import uuid
 
 import aiohttp
 import pytest
+from spotguard_sim.support import metric_value as metric
+from spotguard_sim.support import wait_until
+from spotguard_sim.world import World
 
 from spotguard.providers.http import parse_rfc3339
-from spotguard.sim.world import World, wait_until
-from spotguard.sim.world import metric_value as metric
 
 pytestmark = pytest.mark.cluster
 

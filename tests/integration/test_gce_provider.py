@@ -13,7 +13,6 @@ from typing import AsyncIterator
 
 import aiohttp
 import pytest
-
 from providerlib import FAULTS as COMMON_FAULTS
 from providerlib import (
     Calls,
@@ -23,10 +22,11 @@ from providerlib import (
     eventually,
     free_port,
 )
+from spotguard_sim.gce_metadata import MAINTENANCE_EVENT, PREEMPTED, GceMetadataEmulator
+
 from spotguard.notice import NoticeKind
 from spotguard.providers import AutoProvider, ProviderUnreachable, detect, make_provider
 from spotguard.providers.gce import GceProvider
-from spotguard.sim.gce_metadata import MAINTENANCE_EVENT, PREEMPTED, GceMetadataEmulator
 
 pytestmark = pytest.mark.timeout(60)
 

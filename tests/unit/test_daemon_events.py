@@ -9,13 +9,13 @@ import argparse
 import asyncio
 
 import pytest
+from spotguard_sim.support import metric_value
 
 from spotguard import daemon as daemon_module
 from spotguard import lifecycle as lc
 from spotguard.config import add_arguments, load
 from spotguard.kube import KubeError
 from spotguard.observability import Metrics
-from spotguard.sim.world import metric_value
 
 
 class FlakyEvents:

@@ -1,11 +1,11 @@
-"""How spotguard builds its Kubernetes API client (spotguard.cli.kube_client)."""
+"""How spotguard builds its Kubernetes API client (spotguard.kubeapi.new_client)."""
 
 from __future__ import annotations
 
 import json
 import socket
 
-from spotguard.cli import KEEPALIVE, kube_client
+from spotguard.kubeapi import KEEPALIVE, new_client
 
 
 def test_api_connections_use_tcp_keepalive(tmp_path, monkeypatch) -> None:
@@ -17,7 +17,7 @@ def test_api_connections_use_tcp_keepalive(tmp_path, monkeypatch) -> None:
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    api_client = kube_client()
+    api_client = new_client()
     try:
         # What urllib3 will set on every socket it opens.
         options = set(api_client.rest_client.pool_manager.connection_pool_kw["socket_options"])

@@ -164,13 +164,11 @@ class _Response:
 class _Api:
     """Just enough of kubernetes.client.ApiClient for Kube.call, answering one canned response."""
 
-    user_agent = ""
-
     def __init__(self, response: _Response) -> None:
         self.response = response
 
     def param_serialize(self, **_: Any) -> tuple[Any, ...]:
-        return ()
+        return "GET", "https://k8s/api/v1/nodes/n", {}, None, None  # method, url, headers, body, post
 
     def call_api(self, *_: Any, **__: Any) -> _Response:
         return self.response

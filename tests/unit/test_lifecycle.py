@@ -15,7 +15,8 @@ TIMING = lc.Timing(safety_margin_seconds=5, endpoint_wait_seconds=10, max_drain_
 PREEMPTED = Notice(NoticeKind.PREEMPTION, deadline=T0 + 30, source="gce:instance/preempted", detail="TRUE")
 
 
-def pod(name: str, *, serving: bool = True, condition: bool | None = True, not_evictable: str | None = None,
+def pod(name: str, *, serving: bool = True, condition: bool | None = True,
+        not_evictable: lc.NotEvictable | None = None,
         terminating: bool = False, endpoints_ready: bool | None = None, in_flight: int | None = None,
         unreadable: bool = False, grace: int = 30) -> lc.PodFacts:
     return lc.PodFacts(namespace="ml", name=name, uid=f"uid-{name}", serving=serving,
@@ -99,8 +100,8 @@ def test_non_serving_pods_are_evicted_at_once_serving_pods_wait():
 
 
 def test_daemonset_mirror_and_opted_out_pods_are_never_evicted():
-    pods = [pod("ds", serving=False, not_evictable="daemonset"), pod("mirror", serving=False, not_evictable="mirror"),
-            pod("keep", serving=False, not_evictable="opted-out")]
+    pods = [pod("ds", serving=False, not_evictable=lc.NotEvictable.DAEMONSET), pod("mirror", serving=False, not_evictable=lc.NotEvictable.MIRROR),
+            pod("keep", serving=False, not_evictable=lc.NotEvictable.OPTED_OUT)]
     decision = lc.decide(in_phase(lc.Phase.EVICTING), seen(*pods), now=T0 + 1, timing=TIMING)
     assert of_type(decision.actions, lc.Evict) == []
     assert decision.state.progress.phase is lc.Phase.DRAINED
@@ -339,7 +340,7 @@ def test_an_undo_that_did_not_land_is_asked_for_again():
 
 
 def test_a_serving_pod_whose_vllm_already_stopped_is_not_waited_for():
-    stopped = pod("vllm-0", condition=False, not_evictable="finished", unreadable=True)
+    stopped = pod("vllm-0", condition=False, not_evictable=lc.NotEvictable.FINISHED, unreadable=True)
     decision = lc.decide(in_phase(lc.Phase.DRAINING), seen(stopped), now=T0 + 3, timing=TIMING)
     assert decision.state.progress.phase is lc.Phase.EVICTING
     assert of_type(decision.actions, lc.Evict) == []

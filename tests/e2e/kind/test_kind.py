@@ -61,8 +61,7 @@ def wait(check, timeout: float = 120) -> None:
 
 def test_preemption_on_kind_cordons_deregisters_and_evicts(kind_cluster):
     import yaml
-
-    from spotguard.sim.chart import render
+    from spotguard_sim.chart import render
 
     kubectl("apply", "-f", str(HERE / "gce-metadata.yaml"), "-f", str(HERE / "vllm.yaml"))
     values = yaml.safe_load((HERE / "values-kind.yaml").read_text())

@@ -1,0 +1,1 @@
+"""Emulators and the local control plane, for tests, the demo and `spotguard-sim`; never imported by the daemon."""

@@ -1,0 +1,159 @@
+"""An emulated EC2 instance metadata service (IMDSv2 only): the keys spotguard reads.
+
+Like EC2 with `HttpTokens: required` it
+- hands out session tokens on `PUT /latest/api/token` (TTL header 1-21600 s required, else 400;
+  requests carrying `X-Forwarded-For` refused with 403) and echoes the TTL in the answer's
+  `X-aws-ec2-metadata-token-ttl-seconds`, as EC2 does and some SDKs require;
+- answers `GET /latest/meta-data/...` only with a valid, unexpired token (401 otherwise):
+  spot/instance-action (404 until a notice, then `{"action": ..., "time": ...}`),
+  events/recommendations/rebalance (404 until `{"noticeTime": ...}`), instance-id.
+
+Triggers and faults, for tests and the demo:
+  POST /sim/preempt[?action=terminate|stop|hibernate&seconds=120]
+                                            spot/instance-action appears, `seconds` from now
+  POST /sim/rebalance                       a rebalance recommendation appears
+  POST /sim/reset                           no notice, no fault
+  POST /sim/fault?mode=M[&seconds=S]        (token requests included) M = none | http_500 | http_503 | http_429 | hang |
+                                            slow (S seconds late, default 2) | garbage | refuse |
+                                            expire_tokens (every token issued so far turns invalid) |
+                                            token_hangs (PUT never answers: what a pod sees with hop
+                                            limit 1)
+  GET  /sim/state                           the current values and fault as JSON
+The same is available from Python: `preempt()`, `rebalance()`, `set_fault(...)`, `reset()`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import Counter
+from datetime import datetime, timezone
+
+from aiohttp import web
+
+from spotguard_sim.metadata_server import EmulatedServer, run_emulator
+
+# Spelled here from AWS's documentation (EC2 User Guide: "Use IMDSv2", "Spot Instance interruption
+# notices", "Rebalance recommendations"), never imported from the provider: a typo there must fail.
+TOKEN_HEADER = "X-aws-ec2-metadata-token"
+TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+INSTANCE_ACTION_KEY = "spot/instance-action"
+REBALANCE_KEY = "events/recommendations/rebalance"
+INSTANCE_ID_KEY = "instance-id"
+ACTIONS = frozenset({"terminate", "stop", "hibernate"})
+
+MAX_TOKEN_TTL_SECONDS = 21600
+
+
+def _rfc3339(moment: float) -> str:
+    return datetime.fromtimestamp(moment, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class AwsMetadataEmulator(EmulatedServer):
+    """The emulated service. `async with AwsMetadataEmulator() as emulator: emulator.url ...`"""
+
+    extra_fault_modes = ("expire_tokens", "token_hangs")
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, instance_id: str = "i-0123456789abcdef0",
+                 slow_seconds: float = 2.0, access_log: bool = False) -> None:
+        super().__init__(host=host, port=port, slow_seconds=slow_seconds, access_log=access_log)
+        self._instance_id = instance_id
+        # token -> expiry (monotonic)
+        self._tokens: dict[str, float] = {}
+        self._values: dict[str, str | None] = {}
+        # Observable by tests: requests per key ("api/token" for the PUTs).
+        self.requests: Counter[str] = Counter()
+        self.reset()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_put("/latest/api/token", self._serve_token)
+        app.router.add_get("/latest/meta-data/{key:.+}", self._serve_key)
+        app.router.add_post("/sim/preempt", self._sim_preempt)
+        app.router.add_post("/sim/rebalance", self._sim_rebalance)
+
+    # -- triggers -----------------------------------------------------------------------------
+
+    def preempt(self, *, action: str = "terminate", seconds: float = 120.0) -> None:
+        """A spot interruption notice: `action` in `seconds` from now (EC2 gives 120)."""
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(sorted(ACTIONS))}, got {action!r}")
+        self._values[INSTANCE_ACTION_KEY] = json.dumps({"action": action, "time": _rfc3339(time.time() + seconds)})
+
+    def rebalance(self) -> None:
+        self._values[REBALANCE_KEY] = json.dumps({"noticeTime": _rfc3339(time.time())})
+
+    def set_raw(self, key: str, text: str | None) -> None:
+        """Any body (None: 404) for an emulated key, e.g. one EC2 does not document, for tests."""
+        if key not in self._values:
+            raise KeyError(key)
+        self._values[key] = text
+
+    def set_fault(self, mode: str, *, seconds: float | None = None) -> None:
+        """`expire_tokens` is a one-off (every token issued so far turns invalid), not a lasting mode."""
+        if mode == "expire_tokens":
+            self._tokens.clear()
+            mode = "none"
+        super().set_fault(mode, seconds=seconds)
+
+    def reset(self) -> None:
+        self._fault = "none"
+        self._values = {INSTANCE_ID_KEY: self._instance_id, INSTANCE_ACTION_KEY: None, REBALANCE_KEY: None}
+        self.notify()
+
+    def state(self) -> dict[str, object]:
+        return {"fault": self._fault, "values": dict(self._values), "tokens": len(self._tokens)}
+
+    # -- metadata requests --------------------------------------------------------------------
+
+    async def _serve_token(self, request: web.Request) -> web.StreamResponse:
+        self.requests["api/token"] += 1
+        if "X-Forwarded-For" in request.headers:
+            return web.Response(status=403, text="Forbidden\n")
+        await self.hold_while(lambda: self._fault == "token_hangs")
+        faulted = await self.fault_response(request)
+        if faulted is not None:
+            return faulted
+        try:
+            ttl = int(request.headers.get(TOKEN_TTL_HEADER, ""))
+        except ValueError:
+            ttl = 0
+        if not 1 <= ttl <= MAX_TOKEN_TTL_SECONDS:
+            return web.Response(status=400, text="Missing or Invalid Parameters\n")
+        token = secrets.token_urlsafe(32)
+        self._tokens[token] = time.monotonic() + ttl
+        return web.Response(text=token, headers={TOKEN_TTL_HEADER: str(ttl)})
+
+    async def _serve_key(self, request: web.Request) -> web.StreamResponse:
+        key = request.match_info["key"]
+        expiry = self._tokens.get(request.headers.get(TOKEN_HEADER, ""))
+        if expiry is None or expiry < time.monotonic():
+            return web.Response(status=401, text="Unauthorized\n")
+        if key not in self._values:
+            return web.Response(status=404, text="Not Found\n")
+        self.requests[key] += 1
+        faulted = await self.fault_response(request)
+        if faulted is not None:
+            return faulted
+        value = self._values[key]
+        if value is None:
+            return web.Response(status=404, text="Not Found\n")
+        return web.Response(text=value, content_type="text/plain")
+
+    # -- /sim endpoints -----------------------------------------------------------------------
+
+    async def _sim_preempt(self, request: web.Request) -> web.Response:
+        return self.answer_trigger(lambda: self.preempt(action=request.query.get("action", "terminate"),
+                                                        seconds=float(request.query.get("seconds", "120"))))
+
+    async def _sim_rebalance(self, _: web.Request) -> web.Response:
+        return self.answer_trigger(self.rebalance)
+
+
+def run_aws_metadata(listen: str) -> int:
+    """Serve an emulated EC2 instance metadata service on HOST:PORT until SIGINT or SIGTERM."""
+    return run_emulator("aws-metadata", listen, lambda host, port: AwsMetadataEmulator(host=host, port=port,
+                                                                                        access_log=True),
+                        lambda url: [f"EC2 instance metadata emulator (IMDSv2) listening on {url}",
+                                     f"SPOTGUARD_PROVIDER=aws SPOTGUARD_METADATA_URL={url}",
+                                     f"trigger a spot interruption: curl -X POST {url}/sim/preempt"])

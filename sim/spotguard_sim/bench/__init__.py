@@ -1,0 +1,35 @@
+"""`spotguard-sim bench`: spotguard against what users run today, measured on the local control plane.
+
+Everything runs against the real local control plane (kube-apiserver, etcd, controller-manager,
+scheduler) with the simulated kubelet, the fake vLLM, the Service-following router and the node-pool
+autoscaler emulator of `spotguard_sim`; every spotguard is a real `spotguard run` process.
+
+What is measured (docs/BENCHMARKS.md has the method and the results):
+
+- **Scenarios.** The same vLLM Deployment (two replicas, one per spot GPU node), the same load (open
+  loop, steady rate, request lengths from one seeded distribution) and the same preemption of one
+  node, handled five ways, each in a fresh namespace on fresh nodes:
+  `kubelet_only` (no handler), `evict_immediately` (a re-implementation of AWS NTH's behaviour:
+  poll every 2 s, cordon and evict every pod at once), `spotguard` (vLLM's default abort on
+  SIGTERM), `spotguard_drain` (vLLM `--shutdown-timeout`) and a control, `kubelet_only_drain`
+  (no handler, vLLM `--shutdown-timeout`), which separates what spotguard adds from what vLLM's own
+  drain gives. Two notice profiles: GCE's default 30 s spot notice, where GKE's graceful node
+  shutdown SIGTERMs the pods at the notice, and a 120 s notice (`preemptionNoticeDuration`), where
+  the shutdown begins 30 s before the end.
+- **Reaction.** Notice -> node cordoned and the serving pod not-ready, watched from outside, many
+  repetitions; compared with the daemon's own `spotguard_reaction_duration_seconds`. For GCE
+  (hanging GETs), and for AWS and Azure (polled once a second, notices spread over the cycle).
+- **Footprint.** One idle daemon: RSS and CPU from /proc, API requests from the API server's audit
+  log (user agent `spotguard/...`), next to idle Python processes for scale.
+- **Storm.** As many nodes (one daemon process each) preempted at once as this machine holds.
+- **Admission.** What the chart's eviction policy costs the API server per eviction, by namespace
+  size (bench/admission.py).
+
+The timing of the run is reported on stderr; the results go to a JSON file (plus `-runs.json`
+with every request of every run) and PNG plots next to it.
+
+The parts, one module each: config (what is compared), scenarios (one preemption under load),
+baselines (the handlers spotguard is compared with), reaction, footprint, storm, admission, observe
+(watching from outside), context (the cluster each part runs in), measure (/proc, audit log),
+report (targets, table, plots) and run (the command line and the whole run).
+"""

@@ -1,0 +1,81 @@
+"""What users run today, as handlers the benchmark can put beside spotguard."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from spotguard.kubeapi import KubeError, Obj
+from spotguard_sim.world import World
+
+
+class EvictImmediately:
+    """A RE-IMPLEMENTATION of AWS Node Termination Handler's behaviour in IMDS mode, for comparison;
+    not NTH itself (NTH reads AWS's metadata service, this reads the emulated GCE one).
+
+    Like NTH it polls the instance metadata every 2 s; on a termination notice it cordons the node
+    and evicts every pod on it at once through the Eviction API with the pods' own grace periods
+    (NTH's default podTerminationGracePeriod -1), retrying refused evictions every 5 s for up to
+    120 s (nodeTerminationGracePeriod). It changes no readiness and does not wait for in-flight
+    requests: the load balancer learns of the pod only when the pod is already terminating.
+    """
+
+    def __init__(self, world: World, *, node: str, metadata_url: str, poll_seconds: float = 2.0,
+                 retry_seconds: float = 5.0, drain_timeout: float = 120.0) -> None:
+        self.world = world
+        self.node = node
+        self.url = f"{metadata_url}/computeMetadata/v1/instance/preempted"
+        self.poll_seconds = poll_seconds
+        self.retry_seconds = retry_seconds
+        self.drain_timeout = drain_timeout
+        self.noticed_at: float | None = None
+        self.cordoned_at: float | None = None
+        self.evicted_at: dict[str, float] = {}
+        self.errors = 0
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.5)) as session:
+            while True:
+                try:
+                    async with session.get(self.url, headers={"Metadata-Flavor": "Google"}) as response:
+                        text = (await response.text()).strip() if response.status == 200 else ""
+                except (aiohttp.ClientError, TimeoutError):
+                    text = ""
+                if text == "TRUE":
+                    self.noticed_at = time.time()
+                    await self._cordon_and_evict()
+                    return
+                await asyncio.sleep(self.poll_seconds)
+
+    async def _cordon_and_evict(self) -> None:
+        call = self.world.api.call
+        await asyncio.to_thread(call, "PATCH", f"/api/v1/nodes/{self.node}", body={"spec": {"unschedulable": True}},
+                                content_type="application/merge-patch+json")
+        self.cordoned_at = time.time()
+        pods = (await asyncio.to_thread(call, "GET", "/api/v1/pods",
+                                        query={"fieldSelector": f"spec.nodeName={self.node}"}))["items"]
+        evictable = [p for p in pods
+                     if not any(ref.get("kind") == "DaemonSet" for ref in p["metadata"].get("ownerReferences") or [])
+                     and "kubernetes.io/config.mirror" not in (p["metadata"].get("annotations") or {})
+                     and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+        await asyncio.gather(*(self._evict(pod) for pod in evictable))
+
+    async def _evict(self, pod: Obj) -> None:
+        name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
+        body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": namespace}}
+        give_up = time.monotonic() + self.drain_timeout
+        while time.monotonic() < give_up:
+            try:
+                await asyncio.to_thread(self.world.api.call, "POST",
+                                        f"/api/v1/namespaces/{namespace}/pods/{name}/eviction", body=body)
+                self.evicted_at[name] = time.time()
+                return
+            except KubeError as error:
+                if error.status == 404:
+                    return
+                self.errors += 1
+            await asyncio.sleep(self.retry_seconds)
+
+

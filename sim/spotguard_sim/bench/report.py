@@ -1,0 +1,187 @@
+"""The benchmark's report: targets met or missed, the markdown table, the plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from spotguard_sim.support import quantile
+
+
+def evaluate_targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, met or missed, per profile where they depend on it."""
+    targets: dict[str, Any] = {}
+    for name, profile in report["profiles"].items():
+        scenarios = profile["scenarios"]
+        if not all(s in scenarios for s in ("kubelet_only", "evict_immediately", "spotguard", "spotguard_drain")):
+            continue
+        zero = {s: scenarios[s]["lost"] for s in ("spotguard", "spotguard_drain")}
+        baselines = {s: scenarios[s]["lost"] for s in ("kubelet_only", "evict_immediately")}
+        targets[f"zero_loss_{name}"] = {
+            "target": "spotguard and spotguard_drain lose 0 servable requests; both baselines lose > 0",
+            "spotguard_lost": zero, "baselines_lost": baselines,
+            "met": all(v == 0 for v in zero.values()) and all(v > 0 for v in baselines.values())}
+    reaction = report.get("reaction") or {}
+    if reaction:
+        p99 = reaction["external_ms"]["p99"]
+        targets["reaction_p99"] = {"target_ms": 100, "measured_ms": p99, "met": p99 is not None and p99 <= 100,
+                                   "daemon_histogram_p99_ms": reaction["daemon_histogram_ms"]["p99"]}
+    footprint = report.get("footprint") or {}
+    if footprint:
+        targets["idle_rss"] = {"target_mb": 60, "measured_mb": footprint["rss_mb"], "met": footprint["rss_mb"] <= 60}
+        targets["idle_cpu"] = {"target_millicores": 2, "measured_millicores": footprint["cpu_millicores_idle"],
+                               "met": footprint["cpu_millicores_idle"] <= 2}
+        per_min = footprint["api_requests_per_min_idle"]
+        targets["idle_api_requests"] = {"target_per_min": 1, "measured_per_min": per_min,
+                                        "met": None if per_min is None else per_min <= 1}
+    return targets
+
+
+OUTCOME_COLOURS = {"completed": "#2e7d32", "aborted": "#c62828", "refused": "#ef6c00",
+                   "error": "#6a1b9a", "cancelled": "#757575", "unfinished": "#757575"}
+MARKERS = (  # (key, label, colour, line style)
+    ("cordoned", "cordoned", "#1565c0", "--"),
+    ("endpoint_not_ready", "endpoint not ready (router)", "#8e24aa", ":"),
+    ("pod_terminating", "evicted (pod terminating)", "#6d4c41", "-."),
+    ("node_shutdown", "node shutdown (SIGTERM)", "#424242", "--"),
+    ("vm_gone", "VM gone", "#000000", "-"),
+    ("replacement_ready", "replacement ready", "#2e7d32", "--"),
+)
+
+
+def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    written = []
+    for profile_name, profile in report.get("profiles", {}).items():
+        chosen = [next(r for r in runs if r["profile"] == profile_name and r["scenario"] == s and r["rep"] == 0)
+                  for s in profile["scenarios"]]
+        fig, axes = plt.subplots(len(chosen), 1, figsize=(11, 2.3 * len(chosen) + 0.8), sharex=True, squeeze=False)
+        for ax, run in zip(axes[:, 0], chosen):
+            timeline = sorted(run["timeline"], key=lambda row: row[0])
+            for index, (start, end, outcome, on_victim, _) in enumerate(timeline):
+                lost = outcome != "completed"
+                ax.hlines(index, start, max(end, start + 0.15), colors=OUTCOME_COLOURS.get(outcome, "#757575"),
+                          linewidth=2.6 if lost else 1.6 if on_victim else 0.9,
+                          alpha=1.0 if on_victim or lost else 0.3, zorder=3 if lost else 2)
+            ax.axvline(0, color="#000000", linewidth=1.4)
+            for key, _, colour, style in MARKERS:
+                value = run["markers"].get(key)
+                if value is not None:
+                    ax.axvline(value, color=colour, linestyle=style, linewidth=1.2)
+            summary = profile["scenarios"][run["scenario"]]
+            ax.set_title(f"{run['scenario']}: {run['requests_in_flight_at_notice']} in flight on the preempted pod "
+                         f"at the notice; lost {run['lost']} (aborted {run['lost_aborted']}, refused "
+                         f"{run['lost_refused']}); all runs: lost {summary['lost']}", fontsize=9, loc="left")
+            ax.set_ylabel("request", fontsize=8)
+            ax.tick_params(labelsize=8)
+        axes[-1, 0].set_xlabel("seconds since the preemption notice")
+        handles = [Line2D([], [], color=c, linewidth=2, label=o) for o, c in OUTCOME_COLOURS.items()
+                   if o in ("completed", "aborted", "refused")]
+        handles.append(Line2D([], [], color="#000000", linewidth=1.4, label="notice"))
+        handles += [Line2D([], [], color=c, linestyle=s, label=label) for _, label, c, s in MARKERS]
+        fig.suptitle(f"Requests around one preemption, profile {profile_name} ({profile['notice_s']:g} s notice); "
+                     "bold = on the preempted pod, faint = on the other replica", fontsize=10)
+        fig.tight_layout(rect=(0, 0.07, 1, 0.98))
+        fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8, frameon=False)
+        path = directory / f"timeline-{profile_name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    reaction = report.get("reaction")
+    rows = []  # (label, values in ms, colour) per scenario, profile and measure
+    for profile_name, profile in report.get("profiles", {}).items():
+        for name in profile["scenarios"]:
+            for key, what, colour in (("reaction_s", "cordoned + not-ready", "#1565c0"),
+                                      ("notready_s", "endpoint out (router)", "#8e24aa")):
+                values = [r[key] * 1000 for r in runs if r["profile"] == profile_name and r["scenario"] == name
+                          and r[key] is not None]
+                if values:
+                    rows.append((f"{profile_name} {name}: {what}", values, colour))
+    if reaction or rows:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(4.2, 0.26 * len(rows) + 1.2)),
+                                          gridspec_kw={"width_ratios": (1, 1.15)})
+        if reaction:
+            for key, label, colour in (("external", "external: cordoned + pod Ready=False", "#1565c0"),
+                                       ("own_writes", "external: cordoned + serving=False", "#8e24aa"),
+                                       ("daemon", "daemon's own histogram", "#2e7d32")):
+                values = sorted(v for v in reaction["samples_ms"][key] if v is not None)
+                if values:
+                    left.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post",
+                              label=f"{label} (p99 {quantile(values, 0.99):.0f} ms)", color=colour)
+            for cloud, colour in (("aws", "#ef6c00"), ("azure", "#00838f")):
+                polled = (report.get("reaction_polled") or {}).get(cloud)
+                values = sorted(v for v in (polled or {}).get("samples_ms", {}).get("external", []) if v is not None)
+                if values:
+                    left.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post",
+                              label=f"{cloud} (polled 1/s), external (p99 {quantile(values, 0.99):.0f} ms)",
+                              color=colour, linestyle="--")
+            left.axvline(100, color="#c62828", linestyle="--", label="target p99 100 ms (GCE)")
+            left.set_xscale("log")
+            left.set_xlabel("ms from notice (log scale)")
+            left.set_ylabel("fraction of notices")
+            left.set_title(f"spotguard reaction, {reaction['repetitions']} notices, idle node", fontsize=10)
+            left.legend(fontsize=7, loc="lower right")
+        else:
+            left.set_visible(False)
+        if rows:
+            for index, (_, values, colour) in enumerate(rows):
+                right.scatter(values, [index] * len(values), s=16, color=colour)
+            right.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=7)
+            right.set_ylim(-0.7, len(rows) - 0.3)
+            right.invert_yaxis()
+            right.set_xscale("log")
+            right.axvline(100, color="#c62828", linestyle="--", linewidth=0.8)
+            right.set_xlabel("ms from notice (log scale), one dot per run")
+            right.set_title("under load, per scenario run", fontsize=10)
+        else:
+            right.set_visible(False)
+        fig.tight_layout()
+        path = directory / "reaction.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    def pair(d: dict[str, Any] | None) -> str:
+        return "n/a" if not d or d.get("p50") is None else f"{d['p50']:g} / {d['p99']:g}"
+
+    lines = []
+    for profile_name, profile in report.get("profiles", {}).items():
+        lines.append(f"\n{profile_name} ({profile['notice_s']:g} s notice, budget {profile['budget_s']:g} s, "
+                     f"{report['runs']} run(s) each)\n")
+        lines.append("| scenario | sent | in flight at notice | completed | aborted | refused | lost | "
+                     "reaction ms p50/p99 | not-ready ms p50/p99 | drain lag ms p50 | replacement s |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for name, s in profile["scenarios"].items():
+            lag = s["drain_detect_lag_ms"]["p50"]
+            lines.append(f"| {name} | {s['requests']} | {s['requests_in_flight_at_notice']} | {s['completed']} | "
+                         f"{s['aborted']} | {s['refused']} | **{s['lost']}** | {pair(s['reaction_ms'])} | "
+                         f"{pair(s['notready_ms'])} | {'n/a' if lag is None else f'{lag:g}'} | "
+                         f"{'n/a' if s['replacement_ready_s'] is None else s['replacement_ready_s']} |")
+    reactions = [r for r in (report.get("reaction"), *(report.get("reaction_polled") or {}).values()) if r]
+    if reactions:
+        lines.append("\nreaction: notice -> cordoned + pod Ready=False, seen by a watch (idle node)\n")
+        lines.append("| cloud | notices | external ms p50/p99 | daemon's histogram ms p50/p99 |")
+        lines.append("|---|---|---|---|")
+        for r in reactions:
+            lines.append(f"| {r.get('cloud', 'gce')} | {r['repetitions']} | {pair(r['external_ms'])} | "
+                         f"{pair(r['daemon_histogram_ms'])} |")
+    if report.get("admission", {}).get("sizes"):
+        lines.append("\nadmission: dry-run eviction latency, the chart's eviction policy against a user it skips\n")
+        lines.append("| pods in namespace | with policy ms p50/p99 | control ms p50/p99 | p50 ratio |")
+        lines.append("|---|---|---|---|")
+        for size in report["admission"]["sizes"]:
+            p, c = size["policy_ms"], size["control_ms"]
+            lines.append(f"| {size['pods_in_namespace']} | {p['p50']:g} / {p['p99']:g} | {c['p50']:g} / {c['p99']:g} | "
+                         f"{size['ratio_p50']:g} |")
+    return "\n".join(lines)
+
+
