@@ -85,6 +85,9 @@ def log_fields(action: lc.Action, progress: lc.Progress | None, now: float) -> d
         case lc.Evict():
             fields["pod"] = action.pod.key
             fields["grace_seconds"] = action.grace_seconds
+            if action.pod.serving:
+                # Why now: the pod drains itself on SIGTERM, or spotguard's drain is over.
+                fields["drain"] = "in-pod" if action.pod.drains_itself else "spotguard"
         case lc.Report():
             if action.pod is not None:
                 fields["pod"] = action.pod.key

@@ -30,6 +30,8 @@ ANNOTATION_PREFIX = "spotguard.io/"
 METRICS_PORT_ANNOTATION = "spotguard.io/metrics-port"
 METRICS_PATH_ANNOTATION = "spotguard.io/metrics-path"
 EVICT_ANNOTATION = "spotguard.io/evict"
+# The pod finishes its in-flight requests itself on SIGTERM: evict it as soon as it is out of rotation.
+DRAINS_ON_SIGTERM_ANNOTATION = "spotguard.io/drains-on-sigterm"
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 # On every Eviction spotguard sends: the chart's admission policies use it to find its evictions.
 EVICTION_LABEL = "spotguard.io/evicted-by"
@@ -233,7 +235,13 @@ def pod_facts(pod: Obj, *, endpoints_ready: bool | None = None, in_flight: int |
         endpoints_ready=endpoints_ready,
         in_flight=in_flight,
         metrics_unreadable=metrics_unreadable,
+        drains_itself=drains_on_sigterm(pod),
     )
+
+
+def drains_on_sigterm(pod: Obj) -> bool:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(DRAINS_ON_SIGTERM_ANNOTATION, "")).strip().lower() == "true"
 
 
 def metrics_url(pod: Obj) -> str | None:

@@ -87,6 +87,11 @@ class PodFacts:
     in_flight: int | None = None
     # The last /metrics read failed (so `in_flight` is not known).
     metrics_unreadable: bool = False
+    # The pod finishes its own in-flight requests on SIGTERM (vLLM --shutdown-timeout, or the chart's
+    # drain-aware preStop helper; annotation spotguard.io/drains-on-sigterm: "true"). Such a pod is
+    # evicted as soon as it is out of its Services' endpoints, so its replacement starts at once
+    # while it drains; other serving pods are drained first, then evicted.
+    drains_itself: bool = False
 
     @property
     def key(self) -> str:
@@ -298,10 +303,11 @@ def _move(state: State, phase: Phase, *, now: float) -> tuple[State, UpdateNode]
 
 def _deregistering(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
     assert state.progress is not None
-    # New serving pods, or a PATCH that failed: ask again. Other pods can go at once.
+    # New serving pods, or a PATCH that failed: ask again. Pods that serve nothing can go at once,
+    # and so can a pod that drains itself once routers no longer send it work.
     actions: list[Action] = [*_not_serving(seen.pods)]
-    evictions = _evict_due(state, seen, now=now, serving_too=False)
-    actions += evictions
+    actions += _evict_due(state, [p for p in _evictable(seen.pods)
+                                  if not p.serving or (p.drains_itself and _out_of_rotation(p))], now=now)
     serving = _live_serving(seen.pods)
     still_ready = [pod for pod in serving if pod.endpoints_ready or pod.serving_condition is not False]
     waited = now - state.progress.phase_since
@@ -315,6 +321,11 @@ def _deregistering(state: State, seen: Seen, *, now: float, timing: Timing) -> D
         actions += first
     state, node_update = _move(state, Phase.DRAINING, now=now)
     return Decision(state, (*actions, node_update))
+
+
+def _out_of_rotation(pod: PodFacts) -> bool:
+    """spotguard.io/serving is False and no EndpointSlice lists the pod as ready any more."""
+    return pod.serving_condition is False and not pod.endpoints_ready
 
 
 def _live_serving(pods: tuple[PodFacts, ...]) -> list[PodFacts]:
@@ -331,9 +342,10 @@ def _drain_until(progress: Progress, timing: Timing) -> float:
 def _draining(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
     assert state.progress is not None
     actions: list[Action] = [*_not_serving(seen.pods)]
-    evictions = _evict_due(state, seen, now=now, serving_too=False)
-    actions += evictions
-    serving = _live_serving(seen.pods)
+    # The endpoint wait is over: a pod that drains itself goes now, whatever the EndpointSlices say.
+    actions += _evict_due(state, [p for p in _evictable(seen.pods) if not p.serving or p.drains_itself], now=now)
+    # spotguard waits only for the pods that do not drain themselves.
+    serving = [p for p in _live_serving(seen.pods) if not p.drains_itself and p.uid not in state.evicted]
     for pod in serving:
         if pod.metrics_unreadable:
             state, first = _report_once(state, Report(
@@ -351,14 +363,14 @@ def _draining(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     else:
         actions.append(Report(Reason.DRAINED, f"{len(serving)} serving pod(s) have no requests in flight"))
     state, node_update = _move(state, Phase.EVICTING, now=now)
-    evictions = _evict_due(state, seen, now=now, serving_too=True)
+    planned = {a.pod.uid for a in actions if isinstance(a, Evict)}
+    evictions = _evict_due(state, [p for p in _evictable(seen.pods) if p.uid not in planned], now=now)
     return Decision(state, (*actions, node_update, *evictions))
 
 
 def _evicting(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
     assert state.progress is not None
-    evictions = _evict_due(state, seen, now=now, serving_too=True)
-    actions: list[Action] = [*evictions]
+    actions: list[Action] = [*_evict_due(state, _evictable(seen.pods), now=now)]
     if now >= state.progress.deadline:
         left = [p.key for p in _evictable(seen.pods) if p.uid not in state.evicted]
         state, first = _report_once(state, Report(
@@ -387,14 +399,15 @@ def _evictable(pods: tuple[PodFacts, ...]) -> list[PodFacts]:
     return [pod for pod in pods if pod.not_evictable is None and not pod.terminating]
 
 
-def _evict_due(state: State, seen: Seen, *, now: float, serving_too: bool) -> list[Action]:
+def _evict_due(state: State, candidates: list[PodFacts], *, now: float) -> list[Action]:
+    """Evictions of `candidates` not yet evicted and not waiting for a retry."""
     assert state.progress is not None
     # Never 0: gracePeriodSeconds=0 deletes the object at once while its containers still run
     # (a force delete). At the last second, or past the deadline, the pod still gets 1 s.
     grace = max(1, math.ceil(state.progress.deadline - now))
     actions: list[Action] = []
-    for pod in _evictable(seen.pods):
-        if pod.uid in state.evicted or (pod.serving and not serving_too):
+    for pod in candidates:
+        if pod.uid in state.evicted:
             continue
         attempt = state.attempts.get(pod.uid)
         if attempt is not None and attempt.retry_at > now:
@@ -444,8 +457,10 @@ def record_eviction(state: State, pod: PodFacts, outcome: EvictionOutcome, *, no
     if outcome in (EvictionOutcome.EVICTED, EvictionOutcome.GONE):
         attempts = {uid: a for uid, a in state.attempts.items() if uid != pod.uid}
         state = replace(state, evicted=state.evicted | {pod.uid}, attempts=attempts)
-        return state, (Report(Reason.EVICTED, "evicted through the Eviction API", pod=pod),) \
-            if outcome is EvictionOutcome.EVICTED else ()
+        how = ("evicted through the Eviction API as soon as it left its Services' endpoints: it drains its own "
+               "in-flight requests on SIGTERM (spotguard.io/drains-on-sigterm), so its replacement starts now"
+               if pod.serving and pod.drains_itself else "evicted through the Eviction API")
+        return state, (Report(Reason.EVICTED, how, pod=pod),) if outcome is EvictionOutcome.EVICTED else ()
     previous = state.attempts.get(pod.uid)
     count = previous.attempts + 1 if previous else 1
     delay = backoff_delay(count, base=timing.eviction_retry_base_seconds,

@@ -18,11 +18,12 @@ PREEMPTED = Notice(NoticeKind.PREEMPTION, deadline=T0 + 30, source="gce:instance
 def pod(name: str, *, serving: bool = True, condition: bool | None = True,
         not_evictable: lc.NotEvictable | None = None,
         terminating: bool = False, endpoints_ready: bool | None = None, in_flight: int | None = None,
-        unreadable: bool = False, grace: int = 30) -> lc.PodFacts:
+        unreadable: bool = False, grace: int = 30, drains_itself: bool = False) -> lc.PodFacts:
     return lc.PodFacts(namespace="ml", name=name, uid=f"uid-{name}", serving=serving,
                        serving_condition=condition if serving else None, not_evictable=not_evictable,
                        terminating=terminating, termination_grace_seconds=grace,
-                       endpoints_ready=endpoints_ready, in_flight=in_flight, metrics_unreadable=unreadable)
+                       endpoints_ready=endpoints_ready, in_flight=in_flight, metrics_unreadable=unreadable,
+                       drains_itself=drains_itself)
 
 
 def seen(*pods: lc.PodFacts, notice: Notice | None = PREEMPTED, unschedulable: bool = False,
@@ -152,6 +153,59 @@ def test_node_with_no_serving_pods_goes_straight_to_draining_and_evicting():
     assert decision.state.progress.phase is lc.Phase.DRAINING
     decision = lc.decide(decision.state, seen(web), now=T0 + 0.3, timing=TIMING)
     assert decision.state.progress.phase is lc.Phase.EVICTING
+
+
+# -- pods that drain themselves (evict at the notice) -----------------------------------------------
+
+
+def test_a_pod_that_drains_itself_is_evicted_as_soon_as_its_endpoints_are_out():
+    self_draining = pod("vllm-0", condition=True, drains_itself=True, in_flight=4)
+    state = started(self_draining)
+    # Still in rotation: not yet.
+    still = pod("vllm-0", condition=False, drains_itself=True, endpoints_ready=True, in_flight=4)
+    assert of_type(lc.decide(state, seen(still), now=T0 + 0.3, timing=TIMING).actions, lc.Evict) == []
+    out = pod("vllm-0", condition=False, drains_itself=True, endpoints_ready=False, in_flight=4)
+    decision = lc.decide(state, seen(out), now=T0 + 0.5, timing=TIMING)
+    # Evicted with 4 requests in flight (it finishes them itself), the grace capped to the time left.
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(out, 30)]
+    assert decision.state.progress.phase is lc.Phase.DRAINING
+
+
+def test_a_pod_that_drains_itself_gets_at_most_the_time_left():
+    out = pod("vllm-0", condition=False, drains_itself=True, endpoints_ready=False, grace=60)
+    decision = lc.decide(started(out), seen(out), now=T0 + 12.5, timing=TIMING)
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(out, 18)]
+
+
+def test_a_pod_that_drains_itself_goes_when_the_endpoint_wait_runs_out():
+    stuck = pod("vllm-0", condition=False, drains_itself=True, endpoints_ready=True, in_flight=2)
+    decision = lc.decide(started(stuck), seen(stuck), now=T0 + 10, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.DRAINING
+    decision = lc.decide(decision.state, seen(stuck), now=T0 + 10.5, timing=TIMING)
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(stuck, 20)]
+
+
+def test_the_drain_waits_only_for_pods_that_do_not_drain_themselves():
+    self_draining = pod("vllm-0", condition=False, drains_itself=True, in_flight=5, endpoints_ready=False)
+    plain = pod("vllm-1", condition=False, in_flight=2, endpoints_ready=False)
+    state = in_phase(lc.Phase.DRAINING)
+    decision = lc.decide(state, seen(self_draining, plain), now=T0 + 2, timing=TIMING)
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(self_draining, 28)]
+    state, _ = lc.record_eviction(decision.state, self_draining, lc.EvictionOutcome.EVICTED, now=T0 + 2, timing=TIMING)
+    idle = replace(plain, in_flight=0)
+    decision = lc.decide(state, seen(self_draining, idle), now=T0 + 3, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.EVICTING
+    assert of_type(decision.actions, lc.Evict) == [lc.Evict(idle, 27)]
+
+
+def test_the_evicted_event_says_why_a_pod_went_before_its_drain():
+    self_draining = pod("vllm-0", condition=False, drains_itself=True)
+    _, reports = lc.record_eviction(in_phase(lc.Phase.DEREGISTERING), self_draining, lc.EvictionOutcome.EVICTED,
+                                    now=T0 + 1, timing=TIMING)
+    assert reports[0].reason == "Evicted" and "drains its own in-flight requests" in reports[0].message
+    _, reports = lc.record_eviction(in_phase(lc.Phase.EVICTING), pod("vllm-1", condition=False),
+                                    lc.EvictionOutcome.EVICTED, now=T0 + 9, timing=TIMING)
+    assert reports[0].message == "evicted through the Eviction API"
 
 
 # -- draining ------------------------------------------------------------------------------------
