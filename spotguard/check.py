@@ -140,6 +140,8 @@ async def _check_pods(pods: list[k.Obj], say: Callable[[str, str], None]) -> Non
     for pod in unguarded:
         say("WARN", f"pod {_key(pod)} looks like vLLM but has no spotguard.io/serving readiness gate: "
                     "routers will keep sending it work after a notice")
+    for pod in serving:
+        _check_drain_on_sigterm(pod, say)
     async with aiohttp.ClientSession() as session:
         for pod in serving:
             url = k.metrics_url(pod)
@@ -153,6 +155,55 @@ async def _check_pods(pods: list[k.Obj], say: Callable[[str, str], None]) -> Non
                 continue
             say("OK", f"pod {_key(pod)}: readiness gate declared; vLLM metrics at {url} "
                       f"({reading.total:.0f} in flight over {reading.engines} engine(s))")
+
+
+def _check_drain_on_sigterm(pod: k.Obj, say: Callable[[str, str], None]) -> None:
+    """A pod annotated spotguard.io/drains-on-sigterm is evicted as soon as it is out of rotation,
+    trusting it to finish its in-flight requests after SIGTERM: say whether its spec backs that up
+    (vLLM's --shutdown-timeout, or the chart's drain-aware preStop helper) and whether its grace
+    period leaves the drain the time it asks for."""
+    timeout, helper = _shutdown_timeout(pod), _uses_prestop_helper(pod)
+    grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+    if not k.drains_on_sigterm(pod):
+        if timeout or helper:
+            say("OK", f"pod {_key(pod)} drains on SIGTERM ({'--shutdown-timeout ' + str(timeout) if timeout else 'preStop helper'})"
+                      f"; annotate it {k.DRAINS_ON_SIGTERM_ANNOTATION}: \"true\" and spotguard evicts it at the notice, "
+                      "so its replacement starts while it drains")
+        return
+    if not (timeout or helper):
+        say("WARN", f"pod {_key(pod)} is annotated {k.DRAINS_ON_SIGTERM_ANNOTATION} but runs neither vLLM "
+                    "--shutdown-timeout nor the chart's drain preStop helper: evicted at the notice, its in-flight "
+                    "requests are aborted on SIGTERM (vLLM's default)")
+        return
+    if timeout and isinstance(grace, int) and grace < timeout:
+        say("WARN", f"pod {_key(pod)}: terminationGracePeriodSeconds {grace} is shorter than vLLM's "
+                    f"--shutdown-timeout {timeout}: the kubelet kills it before its drain ends")
+        return
+    how = f"vLLM --shutdown-timeout {timeout}" if timeout else "the drain preStop helper"
+    say("OK", f"pod {_key(pod)} drains itself on SIGTERM ({how}): spotguard evicts it at the notice")
+
+
+def _shutdown_timeout(pod: k.Obj) -> int | None:
+    """vLLM's --shutdown-timeout in a container's command or args (integer seconds; 0 means off)."""
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        words = [str(w) for w in list(container.get("command") or []) + list(container.get("args") or [])]
+        for index, word in enumerate(words):
+            value = None
+            if word == "--shutdown-timeout" and index + 1 < len(words):
+                value = words[index + 1]
+            elif word.startswith("--shutdown-timeout="):
+                value = word.partition("=")[2]
+            if value is not None and value.strip().isdigit() and int(value) > 0:
+                return int(value)
+    return None
+
+
+def _uses_prestop_helper(pod: k.Obj) -> bool:
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        command = (((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []
+        if any("vllm-drain-prestop" in str(word) for word in command):
+            return True
+    return False
 
 
 def _looks_like_vllm(pod: k.Obj) -> bool:

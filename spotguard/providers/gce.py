@@ -60,6 +60,8 @@ TERMINATING_EVENTS = frozenset({MAINTENANCE_TERMINATE, MAINTENANCE_SHUTDOWN})
 DEFAULT_PREEMPTION_NOTICE_SECONDS = 30.0
 # GPU VMs get 60 min between TERMINATE_ON_HOST_MAINTENANCE and the maintenance itself.
 DEFAULT_MAINTENANCE_NOTICE_SECONDS = 3600.0
+# An upcoming-maintenance window further ahead of the terminating event than this is not used.
+MAX_WINDOW_AHEAD_SECONDS = 24 * 3600.0
 # A hanging GET answered faster than this with nothing changed means the server does not honour
 # wait_for_change (some proxies don't): the loop then paces itself instead of spinning.
 _MIN_HANG_SECONDS = 0.1
@@ -94,7 +96,8 @@ def parse_upcoming_maintenance(body: bytes | str) -> float | None:
     """instance/upcoming-maintenance?alt=json: the window start (Unix seconds), or None.
 
     `{}` (or an empty body) means no maintenance is scheduled. The metadata server spells the
-    field `window_start_time`; the Compute API's `windowStartTime` is accepted too. A window start
+    field `window_start_time`; the Compute API's `windowStartTime`, and either inside a wrapping
+    `upcomingMaintenance` object, are accepted too. A window start
     that is present but not a timestamp is an error: the caller then falls back to the default
     notice length instead of trusting a value it cannot read.
     """
@@ -103,6 +106,12 @@ def parse_upcoming_maintenance(body: bytes | str) -> float | None:
     data = body_json(body, key=UPCOMING_MAINTENANCE_KEY)
     if not isinstance(data, dict):
         raise MetadataBodyError(f"{UPCOMING_MAINTENANCE_KEY}: expected a JSON object, got {shown(str(data))}")
+    # The Compute API nests the same fields in an `upcomingMaintenance` object (of the instance's
+    # resourceStatus): a proxy or a newer server handing that shape over is read the same way.
+    for wrapper in ("upcomingMaintenance", "upcoming_maintenance"):
+        if isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+            break
     raw = data.get("window_start_time", data.get("windowStartTime"))
     if raw is None:
         return None
@@ -164,10 +173,13 @@ def notice_for(state: GceState, *, notice_seconds: float | None) -> Notice | Non
         return Notice(kind=NoticeKind.PREEMPTION, deadline=state.preempted_since + length,
                       source=f"gce:{PREEMPTED_KEY}", detail="TRUE")
     if state.maintenance_event in TERMINATING_EVENTS and state.maintenance_since is not None:
-        if state.window_start is not None:
-            deadline = state.window_start
-        else:
-            deadline = state.maintenance_since + DEFAULT_MAINTENANCE_NOTICE_SECONDS
+        deadline = state.maintenance_since + DEFAULT_MAINTENANCE_NOTICE_SECONDS
+        # The window is trusted only when it lies ahead of the event and within a day of it: one
+        # that has already started (a stale or skewed answer) would turn a 60-minute notice into
+        # evictions with 1 s of grace, and one weeks away is not the event at hand.
+        window = state.window_start
+        if window is not None and state.maintenance_since < window <= state.maintenance_since + MAX_WINDOW_AHEAD_SECONDS:
+            deadline = window
         return Notice(kind=NoticeKind.HOST_MAINTENANCE, deadline=deadline,
                       source=f"gce:{MAINTENANCE_KEY}", detail=state.maintenance_event)
     return None

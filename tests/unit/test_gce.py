@@ -267,3 +267,21 @@ async def test_after_a_failure_the_value_is_read_at_once_then_hanging_gets_resum
     # soon as the server answers), then hanging again.
     assert kinds == [("read", 5.0), ("hang", 65.0), ("hang", 65.0), ("read", 5.0), ("hang", 65.0)]
     assert calls[-2:] == ["connection", "ok"]
+
+
+@pytest.mark.parametrize("wrapper", ["upcomingMaintenance", "upcoming_maintenance"])
+def test_upcoming_maintenance_inside_a_wrapping_object_is_read(wrapper: str) -> None:
+    body = json.dumps({wrapper: {"windowStartTime": "2024-05-01T12:00:00Z", "type": "SCHEDULED"}}).encode()
+    assert parse_upcoming_maintenance(body) == datetime(2024, 5, 1, 12, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize("window", [T0 - 60, T0, T0 + 2 * 86400], ids=["started", "now", "two-days-off"])
+def test_a_window_that_has_started_or_lies_absurdly_far_off_falls_back_to_one_hour(window: float) -> None:
+    state = observe_maintenance(GceState(), event="TERMINATE_ON_HOST_MAINTENANCE", window_start=window, now=T0)
+    notice = notice_for(state, notice_seconds=None)
+    assert notice is not None and notice.deadline == T0 + 3600
+
+
+def test_a_window_within_a_day_is_the_deadline() -> None:
+    state = observe_maintenance(GceState(), event="TERMINATE_ON_HOST_MAINTENANCE", window_start=T0 + 7200, now=T0)
+    assert notice_for(state, notice_seconds=None).deadline == T0 + 7200  # type: ignore[union-attr]

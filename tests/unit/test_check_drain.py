@@ -1,0 +1,52 @@
+"""`spotguard check` on pods that say they drain themselves on SIGTERM (spotguard.io/drains-on-sigterm)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spotguard import check
+
+
+def vllm_pod(*, args: list[str] | None = None, annotated: bool = True, prestop: list[str] | None = None,
+             grace: int = 30) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "vllm", "image": "vllm/vllm-openai", "args": args or ["--model", "m"]}
+    if prestop is not None:
+        container["lifecycle"] = {"preStop": {"exec": {"command": prestop}}}
+    annotations = {"spotguard.io/drains-on-sigterm": "true"} if annotated else {}
+    return {"metadata": {"namespace": "ml", "name": "vllm-0", "annotations": annotations},
+            "spec": {"terminationGracePeriodSeconds": grace, "containers": [container],
+                     "readinessGates": [{"conditionType": "spotguard.io/serving"}]}}
+
+
+def findings(pod: dict[str, Any]) -> list[tuple[str, str]]:
+    said: list[tuple[str, str]] = []
+    check._check_drain_on_sigterm(pod, lambda level, text: said.append((level, text)))
+    return said
+
+
+def test_annotated_with_shutdown_timeout_is_backed_up() -> None:
+    (level, text), = findings(vllm_pod(args=["--model", "m", "--shutdown-timeout", "20"]))
+    assert level == "OK" and "--shutdown-timeout 20" in text
+
+
+def test_the_equals_form_and_the_prestop_helper_count_too() -> None:
+    assert findings(vllm_pod(args=["--shutdown-timeout=15"]))[0][0] == "OK"
+    helper = ["python3", "/etc/spotguard/vllm-drain-prestop.py", "--max-wait", "25"]
+    (level, text), = findings(vllm_pod(prestop=helper))
+    assert level == "OK" and "preStop helper" in text
+
+
+def test_annotated_without_any_drain_is_a_warning() -> None:
+    (level, text), = findings(vllm_pod(args=["--model", "m", "--shutdown-timeout", "0"]))
+    assert level == "WARN" and "aborted" in text
+
+
+def test_a_grace_period_shorter_than_the_drain_is_a_warning() -> None:
+    (level, text), = findings(vllm_pod(args=["--shutdown-timeout", "60"], grace=30))
+    assert level == "WARN" and "terminationGracePeriodSeconds 30" in text
+
+
+def test_an_unannotated_pod_that_drains_gets_the_hint() -> None:
+    (level, text), = findings(vllm_pod(args=["--shutdown-timeout", "20"], annotated=False))
+    assert level == "OK" and 'spotguard.io/drains-on-sigterm: "true"' in text
+    assert findings(vllm_pod(annotated=False)) == []
