@@ -41,7 +41,7 @@ def wait_until(check: Callable[[], Any], *, timeout: float, interval: float = 0.
     raise TimeoutError(f"{what} not reached in {timeout:g}s" + (f" (last error: {last_error})" if last_error else ""))
 
 
-async def eventually(check: Callable[[], Any], *, timeout: float, what: str = "condition",
+async def eventually(check: Callable[[], Any], *, timeout: float = 5.0, what: str = "condition",
                      interval: float = 0.05) -> Any:
     """The async `wait_until`: `check` may be a plain function or a coroutine function. Unlike
     `wait_until` an exception from `check` is raised at once (tests want to see it)."""
