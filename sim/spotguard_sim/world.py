@@ -205,19 +205,25 @@ class World:
     def deploy_vllm(self, name: str = "vllm", *, replicas: int = 2, shutdown_timeout: float | None = None,
                     prestop_max_wait: float | None = None, grace_seconds: int = 30,
                     pdb_min_available: int | None = None, token_interval: float = 0.05,
-                    readiness_gate: bool = True, evictable: bool = True) -> None:
+                    readiness_gate: bool = True, evictable: bool = True, drains_on_sigterm: bool = False,
+                    probe_period: int = 1) -> None:
         """A vLLM Deployment wired for spotguard (readiness gate, metrics port), its Service and PDB.
 
         `readiness_gate=False` deploys it as users without spotguard run it (no
         `spotguard.io/serving` gate: Ready follows the container alone), for the baselines.
         `evictable=False` opts the pods out of eviction (`spotguard.io/evict: "false"`): spotguard
-        still takes them out of service and drains them."""
+        still takes them out of service and drains them. `drains_on_sigterm=True` annotates them
+        `spotguard.io/drains-on-sigterm: "true"` (spotguard evicts them as soon as they are out of
+        rotation). The container has vLLM's usual readiness probe (GET /health) every
+        `probe_period` seconds, failing after 3 misses as Kubernetes' default has it."""
         labels = {"app": name}
         args = f"--token-interval {token_interval}"
         if shutdown_timeout is not None:
             args += f" --shutdown-timeout {shutdown_timeout}"
         container: Obj = {"name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
-                          "ports": [{"name": "http", "containerPort": 8000}]}
+                          "ports": [{"name": "http", "containerPort": 8000}],
+                          "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
+                                             "periodSeconds": probe_period, "failureThreshold": 3}}
         if prestop_max_wait is not None:
             container["lifecycle"] = {"preStop": {"exec": {"command": [
                 sys.executable, str(paths.prestop_helper()), "--port", "8000", "--max-wait", str(prestop_max_wait)]}}}
@@ -235,7 +241,9 @@ class World:
         annotations = {"sim.spotguard.io/fake-vllm": "true", "sim.spotguard.io/fake-vllm-args": args,
                        "spotguard.io/metrics-port": "8000"}
         if not evictable:
-            annotations["spotguard.io/evict"] = "false"   # the contract, spelled out (DESIGN.md 3)
+            annotations["spotguard.io/evict"] = "false"
+        if drains_on_sigterm:
+            annotations["spotguard.io/drains-on-sigterm"] = "true"   # the contract, spelled out (DESIGN.md 3)
         deployment = {
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "namespace": self.namespace},

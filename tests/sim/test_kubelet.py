@@ -87,13 +87,16 @@ def http_status(url: str) -> int | None:
 
 def pod_manifest(name: str, node: str, *, fake_vllm: bool = False, vllm_args: str = "", grace: int | None = None,
                  pre_stop: dict[str, Any] | None = None, gate: bool = False, labels: dict[str, str] | None = None,
-                 priority_class: str | None = None) -> dict[str, Any]:
+                 priority_class: str | None = None, probe: bool = True) -> dict[str, Any]:
     annotations = {}
     if fake_vllm:
         annotations[FAKE_VLLM_ANNOTATION] = "true"
     if vllm_args:
         annotations[FAKE_VLLM_ARGS_ANNOTATION] = vllm_args
     container: dict[str, Any] = {"name": "vllm" if fake_vllm else "app", "image": "registry.invalid/sim:1"}
+    if fake_vllm and probe:
+        # As vLLM's own Kubernetes examples probe it, every second here to keep tests short.
+        container["readinessProbe"] = {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 1}
     if pre_stop:
         container["lifecycle"] = {"preStop": pre_stop}
     spec: dict[str, Any] = {"nodeName": node, "containers": [container]}
@@ -349,6 +352,15 @@ def test_fake_vllm_pod_serves_on_its_ip_and_is_ready_only_once_healthy(core, nam
     assert len(vllm_pids(ip)) == 1
     log = Path(cluster.dir) / "logs" / "pods" / f"{namespace}_vllm.log"
     assert "fake_vllm_listening" in log.read_text()
+
+
+def test_without_a_readiness_probe_a_running_container_is_ready(core, namespace, sim_node):
+    # As the real kubelet has it: no probe, no wait for the server inside to answer.
+    node = ready_node(core, sim_node)
+    core.create_namespaced_pod(namespace, pod_manifest("unprobed", node, fake_vllm=True, probe=False,
+                                                       vllm_args="--startup-delay 30"))
+    pod = running_pod(core, namespace, "unprobed", ready=True, timeout=15)
+    assert http_status(f"http://{pod.status.pod_ip}:8000/health") != 200  # still "loading"
 
 
 def test_fake_vllm_that_dies_is_restarted_or_fails_per_restart_policy(core, namespace, sim_node):

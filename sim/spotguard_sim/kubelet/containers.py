@@ -44,8 +44,8 @@ HOST_IP = "127.0.0.1"
 
 # --- what the real kubelet does (v1.36) ------------------------------------------------------------
 MIN_KILL_GRACE_SECONDS = 2.0  # kuberuntime's minimumGracePeriodInSeconds: SIGTERM always gets >= 2 s
+# How often the runner looks at a container that is not running yet (not a probe period).
 PROBE_PERIOD_SECONDS = 0.5
-PROBE_TIMEOUT_SECONDS = 1.0
 CRASH_BACKOFF_INITIAL_SECONDS = 10.0  # kubelet's container restart back-off: 10 s doubling ...
 CRASH_BACKOFF_MAX_SECONDS = 300.0  # ... up to 5 min, reset after 10 min of running
 CRASH_BACKOFF_RESET_SECONDS = 600.0
@@ -102,6 +102,45 @@ class PodRun:
         return self.pod.get("spec") or {}
 
 
+
+
+@dataclass(frozen=True)
+class ReadinessProbe:
+    """An httpGet readinessProbe of a container spec, with Kubernetes' defaults filled in."""
+
+    path: str
+    port: int
+    period_s: float = 10.0
+    timeout_s: float = 1.0
+    initial_delay_s: float = 0.0
+    success_threshold: int = 1
+    failure_threshold: int = 3
+
+
+def readiness_probe(rt: PodRun) -> ReadinessProbe | None:
+    """The readinessProbe of the pod's first container, when it is an httpGet one (other kinds of
+    probe are not simulated: the container is then treated as having none)."""
+    containers = rt.spec.get("containers") or []
+    spec = (containers[0].get("readinessProbe") if containers else None) or {}
+    action = spec.get("httpGet")
+    if not isinstance(action, dict):
+        return None
+    port = action.get("port", rt.port)
+    if isinstance(port, str) and not port.isdigit():
+        port = next((p.get("containerPort") for p in containers[0].get("ports") or [] if p.get("name") == port),
+                    rt.port)
+
+    def number(key: str, default: float) -> float:
+        value = spec.get(key)
+        return float(value) if isinstance(value, (int, float)) and value >= 0 else default
+
+    path = str(action.get("path") or "/")
+    return ReadinessProbe(path=path if path.startswith("/") else "/" + path, port=int(port),
+                          period_s=max(number("periodSeconds", 10.0), 0.1),
+                          timeout_s=max(number("timeoutSeconds", 1.0), 0.1),
+                          initial_delay_s=number("initialDelaySeconds", 0.0),
+                          success_threshold=max(1, int(number("successThreshold", 1))),
+                          failure_threshold=max(1, int(number("failureThreshold", 3))))
 
 
 class ContainerRunner:
@@ -207,24 +246,56 @@ class ContainerRunner:
             await asyncio.sleep(0.05)
 
     async def probe(self, rt: PodRun) -> None:
-        """The readiness probe of the fake vLLM container: GET /health, 200 means ready."""
+        """The readiness of the fake vLLM container, as the kubelet's prober decides it.
+
+        With an httpGet `readinessProbe` in the spec: its path and port, every `periodSeconds`
+        (default 10) after `initialDelaySeconds`, ready after `successThreshold` successes in a
+        row (default 1) and not ready after `failureThreshold` failures (default 3), each request
+        bounded by `timeoutSeconds` (default 1); 2xx and 3xx are success. Without one, the
+        container is ready as soon as it runs, as a real kubelet has it."""
         container = rt.vllm_container
         assert container is not None and self.http is not None
-        url = f"http://{rt.ip}:{rt.port}/health"
-        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_SECONDS)
+        probe = readiness_probe(rt)
+        if probe is None:
+            while not rt.terminal:
+                if container.state == "running" and not container.ready:
+                    container.ready = True
+                    log.info("container_readiness", pod=rt.key, container=container.name, ready=True,
+                             probe="none")
+                    self._on_change(rt)
+                await asyncio.sleep(PROBE_PERIOD_SECONDS)
+            return
+        url = f"http://{rt.ip}:{probe.port}{probe.path}"
+        timeout = aiohttp.ClientTimeout(total=probe.timeout_s)
+        successes = failures = 0
+        started: float | None = None
+        loop = asyncio.get_running_loop()
         while not rt.terminal:
-            await asyncio.sleep(PROBE_PERIOD_SECONDS)
             if container.state != "running":
+                successes = failures = 0
+                started = None
+                await asyncio.sleep(PROBE_PERIOD_SECONDS)
+                continue
+            started = started if started is not None else loop.time()
+            if loop.time() - started < probe.initial_delay_s:
+                await asyncio.sleep(min(PROBE_PERIOD_SECONDS, probe.initial_delay_s))
                 continue
             try:
                 async with self.http.get(url, timeout=timeout) as response:
-                    ok = response.status == 200
+                    ok = 200 <= response.status < 400
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 ok = False
-            if container.state == "running" and ok != container.ready:
-                container.ready = ok
-                log.info("container_readiness", pod=rt.key, container=container.name, ready=ok)
+            successes, failures = (successes + 1, 0) if ok else (0, failures + 1)
+            ready = container.ready
+            if ok and successes >= probe.success_threshold:
+                ready = True
+            elif not ok and failures >= probe.failure_threshold:
+                ready = False
+            if container.state == "running" and ready != container.ready:
+                container.ready = ready
+                log.info("container_readiness", pod=rt.key, container=container.name, ready=ready)
                 self._on_change(rt)
+            await asyncio.sleep(probe.period_s)
 
     async def stop_container(self, rt: PodRun, termination: Termination, container: Container) -> None:
         loop = asyncio.get_running_loop()
