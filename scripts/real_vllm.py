@@ -17,13 +17,14 @@ starts it, prints `url=http://127.0.0.1:PORT` once /health is 200, and stops it 
 Settings that make it start fast and small (measured on this 2-core machine, see
 docs/real-vllm-facts.md): --enforce-eager (no torch.compile), float32, a 64 MiB KV cache,
 VLLM_CPU_OMP_THREADS_BIND=nobind (do not pin OpenMP threads to cores other work uses), nice 10.
-A decode step of the tiny model takes ~20-50 ms, so a streaming completion with `ignore_eos: true`
-lasts about `max_tokens` x that; see TOKEN_SECONDS.
+A decode step of the tiny model takes ~2-5 ms, so a streaming completion with `"ignore_eos": true`
+lasts about `max_tokens` x that: measure it with token_seconds(url) and pick max_tokens from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -38,9 +39,10 @@ from typing import IO, Any
 SCRIPTS = Path(__file__).resolve().parent
 VLLM_VERSION = "0.32.0"
 MODEL_NAME = "tiny-llama"
-# Rough seconds per generated token on the tiny model here (2 cores, one stream); several streams
-# batch together, so a step serves them all at about the same pace. Calibrate with measure_step().
-TOKEN_SECONDS = 0.03
+# Rough seconds per generated token on the tiny model here (2 cores, one stream: 1.7-4.7 ms measured,
+# depending on the machine's other load); several streams batch together, so a step serves them all
+# at about the same pace. Measure it on the running server with token_seconds().
+TOKEN_SECONDS = 0.003
 
 # Environment for the server: nothing from a hub, no usage reporting, a small KV cache, no thread
 # pinning (the machine is shared), one OpenMP thread (the model is tiny; a second thread only
@@ -106,6 +108,26 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
     except (OSError, urllib.error.URLError):
         return 0, b""
+
+
+def completion_body(max_tokens: int, *, stream: bool = True, prompt: str = "The quick brown fox") -> dict[str, Any]:
+    """A completion that makes exactly max_tokens tokens (EOS ignored), for timed streams."""
+    return {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": stream, "temperature": 0}
+
+
+def token_seconds(url: str, tokens: int = 500) -> float:
+    """Seconds per token of one stream on the server at url, right now (after the first token)."""
+    request = urllib.request.Request(url + "/v1/completions", data=json.dumps(completion_body(tokens)).encode(),
+                                     headers={"Content-Type": "application/json"})
+    stamps = []
+    with urllib.request.urlopen(request, timeout=120) as resp:  # noqa: S310 (loopback only)
+        for line in resp:
+            if line.startswith(b"data: {"):
+                stamps.append(time.monotonic())
+    if len(stamps) < 3:
+        return TOKEN_SECONDS
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
 class RealVllm:
@@ -232,6 +254,10 @@ class RealVllm:
             pass
         if self.proc.poll() is None:
             self.proc.wait(10)
+        # The group's last members (a killed worker, the resource tracker) are reaped by init shortly.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and self.group_pids():
+            time.sleep(0.05)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -259,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda s, _f: got.append(s))
     try:
-        print(f"real_vllm: starting on {server.url} (pid in process group)", file=sys.stderr, flush=True)
+        print(f"real_vllm: starting vLLM on {server.url}", file=sys.stderr, flush=True)
         seconds = server.start()
         print(f"url={server.url}", flush=True)
         print(f"real_vllm: healthy after {seconds:.1f} s; pid {server.pid}", file=sys.stderr, flush=True)
