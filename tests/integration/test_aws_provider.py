@@ -34,7 +34,7 @@ from spotguard_sim.gce_metadata import GceMetadataEmulator
 
 from spotguard.config import add_arguments, load
 from spotguard.notice import NoticeKind
-from spotguard.providers import AutoProvider, ProviderUnreachable, detect, make_provider
+from spotguard.providers import REGISTRY, AutoProvider, ProviderUnreachable, detect, make_provider
 from spotguard.providers.aws import (
     INSTANCE_ACTION_KEY,
     REBALANCE_KEY,
@@ -170,7 +170,7 @@ async def test_auto_detects_aws_after_gce_refuses(emulator):
 async def test_auto_follows_ec2_once_it_answers(calls):
     late = AwsMetadataEmulator(port=free_port())
     detected: list[str] = []
-    provider = AutoProvider(config("--provider", "auto", "--metadata-url", late.url), on_error=calls.on_error,
+    provider = AutoProvider(config("--provider", "auto", "--metadata-url", late.url), REGISTRY, on_error=calls.on_error,
                             on_ok=calls.on_ok, on_detected=detected.append, backoff_base=0.02, backoff_cap=0.05)
     watcher = Watcher(provider)
     watcher.start()

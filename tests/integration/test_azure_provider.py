@@ -25,7 +25,7 @@ from spotguard_sim.aws_metadata import AwsMetadataEmulator
 from spotguard_sim.azure_metadata import AzureMetadataEmulator
 
 from spotguard.notice import NoticeKind
-from spotguard.providers import AutoProvider, ProviderUnreachable, detect
+from spotguard.providers import REGISTRY, AutoProvider, ProviderUnreachable, detect
 from spotguard.providers.azure import AzureProvider
 
 pytestmark = pytest.mark.timeout(60)
@@ -129,7 +129,7 @@ async def test_auto_detects_azure_after_gce_and_aws_refuse(emulator):
 async def test_auto_follows_azure_once_it_answers(calls):
     late = AzureMetadataEmulator(port=free_port())
     detected: list[str] = []
-    provider = AutoProvider(config("--provider", "auto", "--metadata-url", late.url), on_error=calls.on_error,
+    provider = AutoProvider(config("--provider", "auto", "--metadata-url", late.url), REGISTRY, on_error=calls.on_error,
                             on_ok=calls.on_ok, on_detected=detected.append, backoff_base=0.02, backoff_cap=0.05)
     watcher = Watcher(provider)
     watcher.start()

@@ -25,7 +25,7 @@ from providerlib import (
 from spotguard_sim.gce_metadata import MAINTENANCE_EVENT, PREEMPTED, GceMetadataEmulator
 
 from spotguard.notice import NoticeKind
-from spotguard.providers import AutoProvider, ProviderUnreachable, detect, make_provider
+from spotguard.providers import REGISTRY, AutoProvider, ProviderUnreachable, detect, make_provider
 from spotguard.providers.gce import GceProvider
 
 pytestmark = pytest.mark.timeout(60)
@@ -236,7 +236,7 @@ async def test_auto_keeps_probing_until_a_metadata_server_answers_then_follows_i
     in-process: failed probes are counted, nothing is yielded until it answers, then it is followed."""
     late = GceMetadataEmulator(port=free_port())
     detected: list[str] = []
-    provider = AutoProvider(config("--provider", "auto", "--metadata-url", late.url),
+    provider = AutoProvider(config("--provider", "auto", "--metadata-url", late.url), REGISTRY,
                             on_error=calls.on_error, on_ok=calls.on_ok, on_detected=detected.append,
                             backoff_base=0.02, backoff_cap=0.05)
     assert make_provider(config("--provider", "auto")).name == "auto"   # built without the network
