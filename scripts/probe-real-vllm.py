@@ -3,7 +3,7 @@
     python3 scripts/probe-real-vllm.py --out DIR [SCENARIO...]
 
 Scenarios: metrics, disconnect, sigterm, drain, drain-timeout, second-sigterm, disable-log-stats,
-flags (no server). Default: all. Each starts its own real vLLM (scripts/real_vllm.py) on 127.0.0.1,
+flags (no server). Default: all. Each starts its own real vLLM (spotguard_sim.real_vllm) on 127.0.0.1,
 one at a time, and stops it (its whole process group) before the next, even on failure.
 Writes DIR/<scenario>-<run>.txt: raw transcripts (HTTP status lines, SSE `data:` lines with the time
 they arrived relative to the SIGTERM or the scenario's start, how each connection ended), the
@@ -21,14 +21,12 @@ import asyncio
 import json
 import re
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import real_vllm  # noqa: E402
+from spotguard_sim import real_vllm
 
 HOST = "127.0.0.1"
 KEEP_HEAD = 3

@@ -47,6 +47,9 @@ EVENT_RETRY_BASE_SECONDS = 1.0
 class _Reading:
     in_flight: int | None = None
     unreadable: bool = False
+    # The engine-step counter, to tell stale gauges from busy ones (vllm.settled_in_flight).
+    engine: vllm.EngineActivity | None = None
+    stale_reported: bool = False
 
 
 class Daemon:
@@ -301,7 +304,13 @@ class Daemon:
             self.metrics.scrape_errors.labels(reason=error.reason).inc()
             reading.in_flight, reading.unreadable = None, True  # a stale 0 must not pass as drained
             return
-        count = int(result.total)
+        now = time.monotonic()
+        reading.engine = vllm.follow_engine(reading.engine, result, now=now)
+        count = vllm.settled_in_flight(result, reading.engine, now=now)
+        if count != int(result.total) and not reading.stale_reported:
+            reading.stale_reported = True
+            log.warning("vllm gauges stale", pod=key, gauges=int(result.total),
+                        note=f"no engine step for {vllm.STALE_GAUGE_SECONDS:g} s: counted as 0 in flight")
         if reading.in_flight != count:
             log.info("in flight", pod=key, in_flight=count)
         reading.in_flight, reading.unreadable = count, False

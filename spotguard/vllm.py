@@ -28,6 +28,11 @@ KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 # The name before vLLM renamed it (V0 engine and early V1 releases).
 KV_CACHE_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 ENGINE_LABEL = "engine"
+# A histogram observed once per engine step: its count moves while an engine does any work.
+ENGINE_STEPS = "vllm:iteration_tokens_total_count"
+# Gauges that say "in flight" while no engine step has run for this long are stale (vLLM #22545:
+# after every request was aborted, no step runs to publish the zeros).
+STALE_GAUGE_SECONDS = 1.0
 
 # A vLLM /metrics is tens to a few hundred KiB (histograms per engine, per LoRA). 8 MiB leaves
 # room for large data-parallel deployments while a runaway or hostile endpoint cannot make the
@@ -92,6 +97,8 @@ class InFlight:
     engines: int
     # Fraction 0..1 of KV-cache blocks in use on the fullest engine; None when not exported.
     kv_cache_usage: float | None
+    # Engine steps so far, summed over engines (vllm:iteration_tokens_total); None when not exported.
+    engine_steps: float | None = None
 
     @property
     def total(self) -> float:
@@ -110,6 +117,7 @@ def parse_in_flight(text: str) -> InFlight:
     engines: set[str] = set()
     kv_new: list[float] = []
     kv_old: list[float] = []
+    steps: list[float] = []
     try:
         # The parser is lazy: errors surface while iterating, so the whole walk is inside the try.
         for family in text_string_to_metric_families(text):
@@ -125,6 +133,8 @@ def parse_in_flight(text: str) -> InFlight:
                     kv_new.append(float(sample.value))
                 elif sample.name == KV_CACHE_USAGE_OLD:
                     kv_old.append(float(sample.value))
+                elif sample.name == ENGINE_STEPS:
+                    steps.append(float(sample.value))
     except MetricsFormatError:
         raise
     except Exception as exc:  # noqa: BLE001 - see below
@@ -134,10 +144,42 @@ def parse_in_flight(text: str) -> InFlight:
         raise MetricsFormatError(f"not Prometheus text exposition: {type(exc).__name__}: {exc}") from exc
 
     missing = [name for name, values in ((RUNNING, running), (WAITING, waiting)) if not values]
+    if missing and not (running or waiting) and "vllm:" not in text:
+        raise MetricsFormatError("no vllm: series at all: vLLM runs with --disable-log-stats (or this is not "
+                                 "vLLM's /metrics); only the time budget can end its drain")
     if missing:
         raise MetricsFormatError(f"no series for {' and '.join(missing)}: is this a vLLM /metrics?")
     return InFlight(running=sum(running), waiting=sum(waiting), engines=len(engines),
-                    kv_cache_usage=_fullest(kv_new) if kv_new else _fullest(kv_old))
+                    kv_cache_usage=_fullest(kv_new) if kv_new else _fullest(kv_old),
+                    engine_steps=sum(steps) if steps and all(math.isfinite(v) for v in steps) else None)
+
+
+@dataclass(frozen=True)
+class EngineActivity:
+    """The engine-step count of one pod's vLLM as last read, and since when it has had that value."""
+
+    steps: float
+    since: float
+
+
+def follow_engine(previous: EngineActivity | None, reading: InFlight, *, now: float) -> EngineActivity | None:
+    """Update what is known of a pod's engine steps with a new reading taken at `now` (monotonic)."""
+    if reading.engine_steps is None:
+        return None
+    if previous is None or previous.steps != reading.engine_steps:
+        return EngineActivity(steps=reading.engine_steps, since=now)
+    return previous
+
+
+def settled_in_flight(reading: InFlight, activity: EngineActivity | None, *, now: float) -> int:
+    """The in-flight count to drain on: the gauges, unless they say "busy" while no engine step has
+    run for STALE_GAUGE_SECONDS, which no working engine does (each step moves the step counter).
+    Then the gauges are stale (vLLM #22545, or a frozen engine) and nothing is in flight. Without
+    the step counter (older vLLM) the gauges are all there is."""
+    count = int(reading.total)
+    if count and activity is not None and now - activity.since >= STALE_GAUGE_SECONDS:
+        return 0
+    return count
 
 
 async def read_in_flight(session: aiohttp.ClientSession, url: str, *, timeout: float,

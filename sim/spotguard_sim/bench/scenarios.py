@@ -13,15 +13,15 @@ from spotguard_sim.bench.config import Profile, Scenario
 from spotguard_sim.bench.context import Context, add_vm, daemon_metrics, preempt
 from spotguard_sim.bench.measure import ms, quantiles_ms, rounded
 from spotguard_sim.bench.observe import Observer
-from spotguard_sim.router import EndpointTracker, LoadGenerator, Outcome, RequestRecord
+from spotguard_sim.router import EndpointChange, EndpointTracker, LoadGenerator, Outcome, RequestRecord
 from spotguard_sim.support import metric_value, quantile
 
 
 async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: int) -> dict[str, Any]:
     """One preemption under load, handled the scenario's way. Returns the run's measurements."""
     cfg = ctx.config
-    world = ctx.new_world(f"{profile.name}-{scenario.name}-{rep}",
-                          daemon_env={"SPOTGUARD_NOTICE_SECONDS": f"{profile.notice_s:g}"})
+    world = ctx.new_world(f"{profile.name}-{scenario.name}-{rep}", daemon_env=profile.daemon_env,
+                          cloud=profile.cloud)
     tasks: list[asyncio.Task[Any]] = []
     tracker: EndpointTracker | None = None
     observer: Observer | None = None
@@ -34,12 +34,15 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
         if scenario.handler == "evict_immediately":
             for vm in vms:
                 handlers[vm.name] = EvictImmediately(world, node=vm.name, metadata_url=vm.metadata.url,
-                                                     poll_seconds=cfg.nth_poll_s)
+                                                     cloud=profile.cloud, poll_seconds=cfg.nth_poll_s)
                 tasks.append(asyncio.create_task(handlers[vm.name].run(), name=f"evict-immediately-{vm.name}"))
         world.deploy_vllm(replicas=2, shutdown_timeout=cfg.vllm_shutdown_timeout_s if scenario.shutdown_timeout
                           else None, grace_seconds=cfg.grace_seconds, token_interval=cfg.token_interval,
-                          readiness_gate=scenario.spotguard)
-        pods = await asyncio.to_thread(world.wait_ready_pods, 2, timeout=90)
+                          readiness_gate=scenario.spotguard, probe_period=cfg.probe_period_s,
+                          drains_on_sigterm=scenario.spotguard and scenario.shutdown_timeout,
+                          real_vllm=cfg.vllm == "real")
+        # Real vLLM loads for 25-45 s on this machine (more with two at once).
+        pods = await asyncio.to_thread(world.wait_ready_pods, 2, timeout=300 if cfg.vllm == "real" else 90)
         # The preempted pod is the one the router's round-robin (pods in name order) serves first, so
         # in every scenario it gets the same requests of the same seeded sequence.
         first = min(pods, key=lambda p: p["metadata"]["name"])
@@ -65,16 +68,16 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
         autoscaler.start()
         await autoscaler.wait_synced()
 
-        send_for = cfg.warmup_s + profile.notice_s + cfg.after_vm_gone_s
+        send_for = cfg.warmup_s + profile.vm_gone_s + cfg.after_vm_gone_s
         generator = LoadGenerator(tracker, rate=cfg.rate, duration=send_for, durations=cfg.durations,
                                   seed=cfg.seed + rep, token_interval=cfg.token_interval)
         began = loop.time()
         generator.start()
         # Half a send interval off the sending grid, so no request leaves in the same instant.
         await asyncio.sleep(max(0.0, began + cfg.warmup_s + 0.5 / cfg.rate - loop.time()))
-        notice = await preempt(world, victim_node, vm_lifetime_seconds=profile.notice_s)
+        notice = await preempt(world, victim_node, profile)
         ctx.say(f"    notice at +{cfg.warmup_s:.0f}s; {generator.in_flight_at(notice)} requests in flight")
-        vm_gone_at = notice + profile.notice_s
+        vm_gone_at = notice + profile.vm_gone_s
 
         async def wait_and_stop_daemon() -> None:
             # The preempted node's spotguard dies with its VM.
@@ -123,6 +126,37 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
         await ctx.dispose(world)
 
 
+def capacity_gap(changes: list[EndpointChange], *, notice: float, until: float, desired: int) -> tuple[float, bool]:
+    """Seconds between `notice` and `until` during which fewer than `desired` serving replicas were
+    ready in the router's view, and whether the gap was still open at `until`. Pure: the endpoint
+    changes the tracker recorded, replayed in order."""
+    ready: set[str] = set()
+    for change in changes:  # the state at the notice
+        if change.at > notice:
+            break
+        _apply(ready, change)
+    gap, since = 0.0, notice if len(ready) < desired else None
+    for change in changes:
+        if change.at <= notice or change.at > until:
+            continue
+        _apply(ready, change)
+        if since is None and len(ready) < desired:
+            since = change.at
+        elif since is not None and len(ready) >= desired:
+            gap, since = gap + change.at - since, None
+    if since is not None:
+        gap += until - since
+    return gap, since is not None
+
+
+def _apply(ready: set[str], change: EndpointChange) -> None:
+    key = f"{change.address}:{change.port}"
+    if change.ready:
+        ready.add(key)
+    else:
+        ready.discard(key)
+
+
 def _servable(record: RequestRecord, *, victim: str, notice: float, budget_s: float) -> bool:
     """Could a correct handler have served this request? Every request can, except one already
     running on the preempted pod at the notice whose intended end lies past the moment the pod is
@@ -157,6 +191,9 @@ def _measure_run(*, profile: Profile, scenario: Scenario, rep: int, notice: floa
     replacement = next((c.at for c in tracker.changes if c.ready is True and c.pod not in initial_pods
                         and c.at >= notice), None)
     node_shutdown = observer.first(victim_node, "ready", "False", after=notice)
+    # Up to the replacement's readiness (or the end of the watch): fewer than 2 ready replicas.
+    gap_until = replacement if replacement is not None else max((c.at for c in tracker.changes), default=notice)
+    gap, gap_open = capacity_gap(tracker.changes, notice=notice, until=max(gap_until, notice), desired=2)
     vm_gone = observer.first(victim_node, "exists", False, after=notice)
     pod_finished = next((t for t in (observer.first(uid, "phase", phase, after=notice) for phase in
                                      ("Succeeded", "Failed")) if t is not None), None) if uid else None
@@ -202,6 +239,7 @@ def _measure_run(*, profile: Profile, scenario: Scenario, rep: int, notice: floa
         "daemon_reaction_s": daemon_reaction,
         "drain_detect_lag_s": drain_lag, "drain_ended_by": drain_ended_by,
         "replacement_ready_s": rel(replacement),
+        "capacity_gap_s": round(gap, 3), "capacity_gap_open": gap_open,
         "markers": {"cordoned": rel(cordoned), "pod_serving_false": rel(pod_serving_false),
                     "pod_ready_false": rel(pod_ready_false), "pod_terminating": rel(pod_terminating),
                     "endpoint_not_ready": rel(endpoint_out), "node_shutdown": rel(node_shutdown),
@@ -236,10 +274,13 @@ def summarize_runs(runs: list[dict[str, Any]], scenario: Scenario, profile: Prof
         "drain_detect_lag_ms": {"p50": ms(quantile(lags, 0.5)), "n": sum(v is not None for v in lags)},
         "drain_ended_by": [run["drain_ended_by"] for run in runs],
         "replacement_ready_s": rounded(quantile(replacement, 0.5), 1),
+        "capacity_gap_s": rounded(quantile([run["capacity_gap_s"] for run in runs], 0.5), 1),
+        "capacity_gap_s_runs": [rounded(run["capacity_gap_s"], 1) for run in runs],
         "replacement_ready_s_runs": [rounded(v, 1) for v in replacement],
         "per_run": [{k: run[k] for k in ("rep", "requests", "completed", "aborted", "refused", "lost",
                                          "requests_in_flight_at_notice", "reaction_s", "notready_s",
                                          "drain_detect_lag_s", "drain_ended_by", "replacement_ready_s",
+                                         "capacity_gap_s", "capacity_gap_open",
                                          "markers")} for run in runs],
     }
     nulls = {}

