@@ -226,11 +226,11 @@ async def test_emulator_speaks_imdsv2(emulator):
 
 
 def test_the_command_serves_until_sigterm_and_refuses_a_bad_listen_address():
-    bad = subprocess.run([sys.executable, "-m", "spotguard", "sim", "aws-metadata", "--listen", "nowhere"],
+    bad = subprocess.run([sys.executable, "-m", "spotguard_sim", "aws-metadata", "--listen", "nowhere"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--listen must be HOST:PORT" in bad.stderr
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "spotguard", "sim", "aws-metadata", "--listen",
+    server = subprocess.Popen([sys.executable, "-m", "spotguard_sim", "aws-metadata", "--listen",
                                f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None

@@ -100,12 +100,13 @@ async def test_terminate_maintenance_deadline_is_the_announced_window_start(
         emulator: GceMetadataEmulator, watcher: Watcher) -> None:
     watcher.start()
     assert await watcher.next() is None
-    emulator.set_maintenance("TERMINATE_ON_HOST_MAINTENANCE", window_start="2030-01-02T03:04:05Z")
+    # The provider's clock says 1970-01-01T00:16:40Z here; the window is 45 min after it.
+    emulator.set_maintenance("TERMINATE_ON_HOST_MAINTENANCE", window_start="1970-01-01T01:01:40Z")
     notice = await watcher.next()
     assert notice is not None
     assert notice.kind is NoticeKind.HOST_MAINTENANCE
     assert notice.detail == "TERMINATE_ON_HOST_MAINTENANCE"
-    assert notice.deadline == datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc).timestamp()
+    assert notice.deadline == datetime(1970, 1, 1, 1, 1, 40, tzinfo=timezone.utc).timestamp()
 
 
 async def test_maintenance_back_to_none_withdraws_the_notice(emulator: GceMetadataEmulator,

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 @pytest.mark.timeout(600)
 def test_demo_runs_the_whole_story_reports_it_and_cleans_up(tmp_path, cloud):
     directory = tmp_path / "sim"
-    run = subprocess.run([sys.executable, "-m", "spotguard", "sim", "demo", "--dir", str(directory),
+    run = subprocess.run([sys.executable, "-m", "spotguard_sim", "demo", "--dir", str(directory),
                           *([] if cloud == "gce" else ["--cloud", cloud])],
                          capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -19,7 +19,6 @@ import time
 from typing import Any, AsyncIterator
 
 import pytest
-from spotguard_sim.fake_vllm import FakeVllm
 from spotguard_sim.router import (
     DurationDistribution,
     Endpoint,
@@ -301,45 +300,51 @@ async def _all_streaming(load: LoadGenerator, *, count: int) -> bool:
 
 # --- the load generator against fake vLLM processes (no Service) --------------------------------
 
-async def test_sigterm_mid_stream_aborts_and_a_dead_or_starting_server_refuses(tmp_path):
+async def test_sigterm_mid_stream_is_lost_and_a_dead_or_draining_server_refuses(tmp_path):
     host = "127.0.0.1"
-    port = free_port(host)
+    ports = free_port(host), free_port(host)
     log = open(tmp_path / "fake-vllm.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "spotguard_sim.fake_vllm", "--listen", f"{host}:{port}"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    starting = FakeVllm(host, 0, startup_delay=600)  # answers 503 while "loading the model"
-    await starting.start()
-    live = Endpoint(address=host, port=port, pod="live")
+    aborting = subprocess.Popen([sys.executable, "-m", "spotguard_sim.fake_vllm", "--listen", f"{host}:{ports[0]}"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    draining = subprocess.Popen([sys.executable, "-m", "spotguard_sim.fake_vllm", "--listen", f"{host}:{ports[1]}",
+                                 "--shutdown-timeout", "30"], stdout=log, stderr=subprocess.STDOUT)
+    live = Endpoint(address=host, port=ports[0], pod="live")
+    drainer = Endpoint(address=host, port=ports[1], pod="draining")
     try:
         load = LoadGenerator(StaticEndpoints([live]), rate=1, duration=0, token_interval=0.05)
+        other = LoadGenerator(StaticEndpoints([drainer]), rate=1, duration=0, token_interval=0.05)
         try:
             await eventually(lambda: _serving(load), timeout=15, what="fake vLLM process serving")
+            await eventually(lambda: _serving(other), timeout=15, what="the second fake vLLM serving")
             streams = [asyncio.create_task(load.request(intended_s=15.0)) for _ in range(4)]
             await eventually(lambda: _all_streaming(load, count=4), timeout=10, what="4 streams flowing")
-            process.send_signal(signal.SIGTERM)
+            aborting.send_signal(signal.SIGTERM)
             aborted = await asyncio.gather(*streams)
-            assert process.wait(timeout=10) == 0
+            assert aborting.wait(timeout=10) == 0
             dead = await load.request(intended_s=0.5)  # same endpoint, nothing listening any more
+            kept = asyncio.create_task(other.request(intended_s=3.0))
+            await eventually(lambda: _all_streaming(other, count=1), timeout=10, what="a stream on the drainer")
+            draining.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            refused = await other.request(intended_s=0.5)   # vLLM's renderer is shut: HTTP 500
+            finished = await kept
         finally:
             await load.stop()
-        refusing = LoadGenerator(StaticEndpoints([Endpoint(address=host, port=starting.port, pod="starting")]),
-                                 rate=1, duration=0)
-        try:
-            unavailable = await refusing.request(intended_s=0.5)
-        finally:
-            await refusing.stop()
+            await other.stop()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        for process in (aborting, draining):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         log.close()
-        await starting.stop()
 
+    # vLLM's default SIGTERM: each stream gets finish_reason "abort" and [DONE]: lost, not served.
     assert all(r.outcome is Outcome.ABORTED and r.first_token is not None for r in aborted), aborted
+    assert all(r.finish_reason == "abort" and r.reason == "finish_reason_abort" for r in aborted), aborted
     assert all(r.end - r.start < 10 for r in aborted)
     assert dead.outcome is Outcome.REFUSED and dead.reason == "connection_refused" and dead.pod == "live"
-    assert unavailable.outcome is Outcome.REFUSED and unavailable.reason == "http_503"
-    assert unavailable.status == 503 and unavailable.first_token is None
+    assert refused.outcome is Outcome.REFUSED and refused.reason == "http_500" and refused.first_token is None
+    assert finished.outcome is Outcome.COMPLETED and finished.finish_reason == "length"
 
 
 async def _serving(load: LoadGenerator) -> bool:
