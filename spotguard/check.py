@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
@@ -109,20 +110,26 @@ def _check_node_and_access(api: k.Kube, config: Config, say: Callable[[str, str]
 
 def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callable[[str, str], None]) -> None:
     """RBAC says what the ServiceAccount may do; admission policies can still refuse it (the chart's
-    refuse every write by a token without a node-name claim). Dry-run writes ask the API server
-    itself: it runs admission, answers PDBs, and stores nothing."""
+    refuse every write by a token without a node-name claim, and any change spotguard does not
+    make). So the writes a notice needs are sent as the daemon sends them, through the same adapter,
+    as server-side dry runs: the API server runs every admission policy, answers PDBs, and stores
+    nothing. Each verdict is reported, with the policy's own message when it refuses."""
     dry = k.Kube(api.client, node_name=config.node_name, dry_run=True)
-    try:
-        dry.call("PATCH", f"/api/v1/nodes/{config.node_name}", query=dry.write_query,
-                 body={"metadata": {"annotations": {"spotguard.io/check": "dry-run"}}},
-                 content_type="application/merge-patch+json")
-        say("OK", f"admission: may change node {config.node_name} (dry run)")
-    except Exception as error:  # noqa: BLE001 - report, don't crash
-        say("FAIL", f"admission: changing node {config.node_name} refused: {error}")
+    now = time.time()
+    progress = lc.Progress(phase=lc.Phase.DEREGISTERING, notice_kind="preemption", deadline=now + 30,
+                           noticed_at=now, phase_since=now, cordoned_by_us=True, tainted_by_us=True)
+    _verdict(say, f"cordon, taint and annotate node {config.node_name}",
+             lambda: dry.patch_node(lc.UpdateNode(unschedulable=True, taint_value="preemption", progress=progress)))
     serving = [pod for pod in pods if k.is_serving_pod(pod)]
     if not serving:
         return
     pod = k.pod_facts(serving[0])
+    _verdict(say, f"set {lc.SERVING_CONDITION}=False on {pod.key}",
+             lambda: dry.set_serving(pod, False, reason="TerminationNotice", message="spotguard check (dry run)"))
+    node_uid = ((api.get_node() or {}).get("metadata") or {}).get("uid")
+    _verdict(say, f"record an Event about {pod.key}",
+             lambda: dry.record_event(lc.Report(lc.Reason.NOT_SERVING, "spotguard check (dry run)", pod=pod),
+                                      node_uid=node_uid))
     outcome, detail = dry.evict(pod, grace_seconds=30)
     if outcome in (lc.EvictionOutcome.EVICTED, lc.EvictionOutcome.GONE):
         say("OK", f"admission: may evict {pod.key} (dry run)")
@@ -130,6 +137,15 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
         say("OK", f"admission: may evict {pod.key} (dry run); PodDisruptionBudget {detail} blocks it right now")
     else:
         say("FAIL", f"admission: evicting {pod.key} refused: {detail}")
+
+
+def _verdict(say: Callable[[str, str], None], what: str, write: Callable[[], object]) -> None:
+    try:
+        write()
+    except Exception as error:  # noqa: BLE001 - report, don't crash
+        say("FAIL", f"admission: may not {what}: {error}")
+        return
+    say("OK", f"admission: may {what} (dry run)")
 
 
 async def _check_pods(pods: list[k.Obj], say: Callable[[str, str], None]) -> None:

@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(config: cfg.Config) -> int:
     from spotguard import kube, kubeapi, lifecycle, providers
-    from spotguard.daemon import Daemon
+    from spotguard.daemon import Daemon, ListenError
     from spotguard.observability import Metrics, configure_logging
 
     configure_logging(level=config.log_level, node=config.node_name)
@@ -94,7 +94,11 @@ def _run(config: cfg.Config) -> int:
                         metrics=metrics, timing=timing)
         await daemon.run()
 
-    asyncio.run(main_async())
+    try:
+        asyncio.run(main_async())
+    except ListenError as error:
+        print(f"spotguard: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

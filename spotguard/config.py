@@ -16,6 +16,8 @@ from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 PROVIDERS = ("auto", "gce", "aws", "azure")
+# GCE's spot notice, and the least Azure's Preempt gives: the shortest notice without --notice-seconds.
+SHORTEST_NOTICE_SECONDS = 30.0
 
 
 class ConfigError(ValueError):
@@ -142,6 +144,16 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
             gce_metadata_host_url = _root_url(f"http://{gce_host}")
         except ValueError as error:
             raise ConfigError(f"GCE_METADATA_HOST: {error}, got {gce_host!r}") from None
+    notice_seconds = parsed("notice_seconds", _positive_seconds)
+    margin = parsed("safety_margin_seconds", _non_negative_seconds)
+    # The shortest notice spotguard can meet: the one it is told, else GCE's spot and Azure's
+    # Preempt minimum (30 s). A margin that long evicts at the notice with nothing drained.
+    shortest = notice_seconds if notice_seconds is not None else SHORTEST_NOTICE_SECONDS
+    if margin >= shortest:  # type: ignore[operator]
+        told = ("--notice-seconds / SPOTGUARD_NOTICE_SECONDS" if notice_seconds is not None
+                else "the shortest a cloud gives")
+        raise ConfigError(f"--safety-margin-seconds / SPOTGUARD_SAFETY_MARGIN_SECONDS: must be shorter than the "
+                          f"notice ({shortest:g} s, {told}), got {margin:g}")
     return Config(
         node_name=node_name,  # type: ignore[arg-type]
         provider=provider,  # type: ignore[arg-type]
@@ -149,8 +161,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         listen_host=host,
         listen_port=port,
         dry_run=bool(parsed("dry_run", _boolean)),
-        notice_seconds=parsed("notice_seconds", _positive_seconds),  # type: ignore[arg-type]
-        safety_margin_seconds=parsed("safety_margin_seconds", _non_negative_seconds),  # type: ignore[arg-type]
+        notice_seconds=notice_seconds,  # type: ignore[arg-type]
+        safety_margin_seconds=margin,  # type: ignore[arg-type]
         endpoint_wait_seconds=parsed("endpoint_wait_seconds", _non_negative_seconds),  # type: ignore[arg-type]
         max_drain_seconds=parsed("max_drain_seconds", _positive_seconds),  # type: ignore[arg-type]
         drain_poll_seconds=parsed("drain_poll_seconds", _positive_seconds),  # type: ignore[arg-type]

@@ -52,6 +52,10 @@ class _Reading:
     stale_reported: bool = False
 
 
+class ListenError(Exception):
+    """The health and metrics server cannot listen where configured; one line naming the flag."""
+
+
 class Daemon:
     def __init__(self, *, config: Config, provider: Provider, kube: k.Kube, metrics: Metrics,
                  timing: lc.Timing, clock: Callable[[], float] = time.time) -> None:
@@ -72,6 +76,7 @@ class Daemon:
         self.notice_received_at: float | None = None  # monotonic, for the reaction histogram
         self.dry_run_done: set[str] = set()
         self.failed_actions = 0
+        self.node_missing = False
         self.failing_steps = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -93,7 +98,12 @@ class Daemon:
         runner = web.AppRunner(health_app(metrics=self.metrics, alive=self._alive, ready=self._ready),
                                access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, self.config.listen_host, self.config.listen_port).start()
+        try:
+            await web.TCPSite(runner, self.config.listen_host, self.config.listen_port).start()
+        except OSError as error:  # in use, not an address of this host, unresolvable
+            await runner.cleanup()
+            raise ListenError(f"--listen / SPOTGUARD_LISTEN: cannot listen on "
+                              f"{self.config.listen_host}:{self.config.listen_port}: {error.strerror or error}") from None
         self._session = aiohttp.ClientSession()
         log.info("started", listen=f"{self.config.listen_host}:{self.config.listen_port}",
                  provider=self.provider.name, dry_run=self.config.dry_run)
@@ -128,6 +138,8 @@ class Daemon:
 
     async def _ready(self) -> tuple[bool, str]:
         # From cached state only: a kubelet probing /readyz every 10 s must not become API traffic.
+        if self.node_missing:
+            return False, f"node {self.config.node_name} not found (NODE_NAME)"
         if not self._list_watches or not all(watch.healthy for watch in self._list_watches):
             return False, "kubernetes API not reachable (watch down)"
         if not self.provider_ready or not self.metrics.metadata_reachable:
@@ -146,8 +158,17 @@ class Daemon:
             except Exception as error:  # noqa: BLE001 - any failure: log, back off, retry
                 attempt += 1
                 self.metrics.kube_errors.labels(operation="get_node").inc()
-                log.warning("node not readable yet", error=str(error), attempt=attempt)
+                if isinstance(error, k.KubeError) and error.status == 404:
+                    # Not the API failing: NODE_NAME names no node. Said as such, every time.
+                    self.node_missing = True
+                    self.metrics.node_found.set(0)
+                    log.error("node not found", node=self.config.node_name, attempt=attempt,
+                              hint="NODE_NAME comes from the downward API (spec.nodeName); is it set?")
+                else:
+                    log.warning("node not readable yet", error=str(error), attempt=attempt)
                 await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=10))
+        self.node_missing = False
+        self.metrics.node_found.set(1)
         progress = k.progress_from_node(self.node)
         if progress is not None:
             log.info("resuming", phase=progress.phase.value, notice_kind=progress.notice_kind,

@@ -35,6 +35,8 @@ DRAINS_ON_SIGTERM_ANNOTATION = "spotguard.io/drains-on-sigterm"
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 # On every Eviction spotguard sends: the chart's admission policies use it to find its evictions.
 EVICTION_LABEL = "spotguard.io/evicted-by"
+# On every Event spotguard posts, for the same reason.
+EVENT_LABEL = "spotguard.io/reported-by"
 # Node annotations that hold one notice's progress (see Progress).
 PROGRESS_ANNOTATIONS = {
     "phase": "spotguard.io/phase",
@@ -165,7 +167,9 @@ class Kube(Api):
             involved = {"kind": "Node", "apiVersion": "v1", "name": self.node_name, "uid": node_uid or ""}
         now = _rfc3339(time.time())
         event = {
-            "metadata": {"generateName": f"{involved['name']}.spotguard.", "namespace": namespace},
+            # The label routes a pod's Event to the chart's policy that checks the pod's node.
+            "metadata": {"generateName": f"{involved['name']}.spotguard.", "namespace": namespace,
+                         "labels": {EVENT_LABEL: "spotguard"}},
             "involvedObject": involved, "reason": report.reason, "message": report.message[:1024],
             "type": "Warning" if report.warning else "Normal",
             "source": {"component": "spotguard", "host": self.node_name},

@@ -90,6 +90,10 @@ class Metrics:
         self.scrape_errors = Counter("spotguard_vllm_scrape_errors_total",
                                      "Failed reads of a serving pod's vLLM /metrics, by reason.",
                                      ["reason"], registry=r)
+        self.node_found = Gauge("spotguard_node_found",
+                                "0 while the API server says the node this daemon guards (NODE_NAME) does "
+                                "not exist; 1 otherwise.", registry=r)
+        self.node_found.set(1)
         self.kube_errors = Counter("spotguard_kube_api_errors_total",
                                    "Failed Kubernetes API calls (retried).", ["operation"], registry=r)
 

@@ -69,7 +69,8 @@ app.kubernetes.io/part-of: spotguard
 {{- if and .Values.listen (not (hasSuffix $port .Values.listen)) }}
 {{- fail (printf "listen %q must end in %s: the probes and the metrics port use `port`" .Values.listen $port) }}
 {{- end }}
-{{- default (printf "0.0.0.0%s" $port) .Values.listen }}
+{{- /* $(POD_IP) is expanded by the kubelet from the env var of that name (downward API). */}}
+{{- default (printf "$(POD_IP)%s" $port) .Values.listen }}
 {{- end }}
 
 {{/*
@@ -95,4 +96,21 @@ Whether the ValidatingAdmissionPolicy is rendered: "auto" follows the API server
 {{/* Namespace of an optional monitoring object: its own setting, else the release's. */}}
 {{- define "spotguard.monitoringNamespace" -}}
 {{- default .root.Release.Namespace .namespace }}
+{{- end }}
+
+{{/*
+Refuse to install where Pod Security would refuse the pods: with hostNetwork (and so a hostPort)
+the DaemonSet needs the `privileged` level, and under `baseline` or `restricted` Helm would report
+"deployed" while the DaemonSet runs no pod and no node is protected. The namespace is read with
+`lookup` (a live install or upgrade; `helm template` cannot, and NOTES says what is needed).
+*/}}
+{{- define "spotguard.podSecurityCheck" -}}
+{{- $namespace := lookup "v1" "Namespace" "" .Release.Namespace }}
+{{- if and $namespace .Values.hostNetwork }}
+{{- $labels := $namespace.metadata.labels | default dict }}
+{{- $level := get $labels "pod-security.kubernetes.io/enforce" | default "privileged" }}
+{{- if has $level (list "baseline" "restricted") }}
+{{- fail (printf "namespace %s enforces Pod Security level %q, which refuses spotguard's pods (hostNetwork: true, a hostPort): the DaemonSet would run no pod and no node would be protected. Install into a dedicated, admin-only namespace labelled pod-security.kubernetes.io/enforce=privileged (not kube-system), or set hostNetwork=false where the pods reach the metadata server without it (README.md \"hostNetwork\")" .Release.Namespace $level) }}
+{{- end }}
+{{- end }}
 {{- end }}

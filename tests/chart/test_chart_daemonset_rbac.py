@@ -11,7 +11,7 @@ import pytest
 from chartlib import VAP_API, only, render_objects
 
 from spotguard import config
-from spotguard.kube import EVICTION_LABEL
+from spotguard.kube import EVENT_LABEL, EVICTION_LABEL
 
 
 def _pod_spec(values: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def test_daemonset_is_hardened() -> None:
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert container["resources"] == {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
+    assert container["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
     assert spec["priorityClassName"] == "system-node-critical"
 
 
@@ -53,6 +53,13 @@ def test_daemonset_ports_probes_and_network() -> None:
     assert container["args"] == ["run"]
     off = _pod_spec({"hostNetwork": False})
     assert off["hostNetwork"] is False and off["dnsPolicy"] == "ClusterFirst"
+    # /metrics on the pod's (the node's) own address, not 0.0.0.0: the kubelet expands $(POD_IP)
+    # from the downward-API variable declared before it.
+    env = container["env"]
+    names = [e["name"] for e in env]
+    assert env[names.index("POD_IP")]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert names.index("POD_IP") < names.index("SPOTGUARD_LISTEN")
+    assert env[names.index("SPOTGUARD_LISTEN")]["value"] == "$(POD_IP):9101"
 
 
 def test_default_scheduling_targets_gke_gpu_spot_nodes_and_tolerates_their_taints() -> None:
@@ -63,11 +70,10 @@ def test_default_scheduling_targets_gke_gpu_spot_nodes_and_tolerates_their_taint
     assert {("cloud.google.com/gke-spot", "In", ("true",)), accelerator} in as_sets
     assert {("cloud.google.com/gke-preemptible", "In", ("true",)), accelerator} in as_sets
     assert len(as_sets) == 2
-    keys = {t["key"] for t in spec["tolerations"]}
-    assert {"nvidia.com/gpu", "cloud.google.com/gke-spot", "spotguard.io/impending-termination"} <= keys
-    # spotguard's own taint is tolerated whatever its effect, so a restarted pod comes back.
-    own = next(t for t in spec["tolerations"] if t["key"] == "spotguard.io/impending-termination")
-    assert own["operator"] == "Exists" and "effect" not in own
+    # Every taint, whatever its key or effect: the taints of a dying node (spotguard's own,
+    # cloud.google.com/impending-node-termination, ToBeDeletedByClusterAutoscaler,
+    # node.cloudprovider.kubernetes.io/shutdown) must not keep a recreated pod away from it.
+    assert spec["tolerations"] == [{"operator": "Exists"}]
     extra = {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}
     assert extra in _pod_spec({"extraTolerations": [extra]})["tolerations"]
 
@@ -142,8 +148,7 @@ EXPECTED_PERMISSIONS = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/status"): {"patch"},
     ("", "pods/eviction"): {"create"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("", "events"): {"create"},
     ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
     ("policy", "poddisruptionbudgets"): {"list", "get"},
     ("authorization.k8s.io", "selfsubjectaccessreviews"): {"create"},
@@ -185,13 +190,14 @@ def _policies(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]
 def test_admission_policies_apply_to_spotguards_service_account_only() -> None:
     policies, bindings = _policies({"serviceAccount": {"name": "guard"}})
     assert len(policies) == len(bindings) == 6
+    param_policies = ("-own-evicted-pods", "-own-pod-events")
     user = f'request.userInfo.username == "system:serviceaccount:{chartlib.NAMESPACE}:guard"'
     for policy in policies:
         spec = policy["spec"]
         assert spec["failurePolicy"] == "Fail"
         variables = {v["name"]: v["expression"] for v in spec["variables"]}
         assert "authentication.kubernetes.io/node-name" in variables["hasNodeClaim"]
-        if policy["metadata"]["name"].endswith("-own-evicted-pods"):
+        if policy["metadata"]["name"].endswith(param_policies):
             # matchConditions would be evaluated once per param: the expression checks the user.
             assert "matchConditions" not in spec
             assert variables["isSpotguard"] == user
@@ -231,9 +237,19 @@ def test_admission_policies_cover_every_write_the_role_allows() -> None:
         "matchLabels": {EVICTION_LABEL: "spotguard"}}
     binding = next(b for b in bindings if b["spec"]["policyName"] == evicted_pods["metadata"]["name"])
     assert binding["spec"]["paramRef"] == {"selector": {}, "parameterNotFoundAction": "Allow"}
-    assert all("paramRef" not in b["spec"] for b in bindings if b is not binding)
+    pod_events = next(p for p in policies if p["metadata"]["name"].endswith("-own-pod-events"))
+    assert pod_events["spec"]["matchConstraints"]["objectSelector"] == {
+        "matchLabels": {EVENT_LABEL: "spotguard"}}
+    assert "params.spec.nodeName == variables.node" in by_name["pod-events"]
+    assert all("paramRef" not in b["spec"] for b in bindings
+               if b is not binding and not b["spec"]["policyName"].endswith("-own-pod-events"))
     assert all("paramKind" not in p["spec"] and "objectSelector" not in p["spec"]["matchConstraints"]
-               for p in policies if p is not evicted_pods)
+               for p in policies if p not in (evicted_pods, pod_events))
+    # Old against new: what spotguard does not change must be as it was.
+    assert "oldObject.metadata.labels" in by_name["nodes"] and "oldObject.spec.taints" in by_name["nodes"]
+    assert "oldObject.status.podIP" in by_name["pods"] and "oldObject.status.conditions" in by_name["pods"]
+    assert "spotguard.io/cordoned-by-spotguard" in by_name["nodes"]
+    assert "lowerAscii()" in by_name["events"] and "object.source.component == 'spotguard'" in by_name["events"]
 
 
 def test_admission_policy_can_start_in_warn_mode() -> None:
@@ -244,8 +260,9 @@ def test_admission_policy_can_start_in_warn_mode() -> None:
 def test_the_eviction_node_check_can_be_turned_off_for_very_large_namespaces() -> None:
     policies, bindings = _policies({"validatingAdmissionPolicy": {"evictionNodeCheck": False}})
     names = sorted(p["metadata"]["name"].rsplit("-own-", 1)[1] for p in policies)
-    assert names == ["core-events", "events", "evictions", "nodes", "pods"]
-    assert len(bindings) == 5 and all("paramRef" not in b["spec"] for b in bindings)
+    assert names == ["events", "evictions", "nodes", "pod-events", "pods"]
+    assert len(bindings) == 5
+    assert all("paramRef" not in b["spec"] for b in bindings if not b["spec"]["policyName"].endswith("pod-events"))
     # Nor are label and uid asked for: they only route evictions to the check that is gone.
     evictions = next(p for p in policies if p["metadata"]["name"].endswith("-own-evictions"))
     assert [v["expression"] for v in evictions["spec"]["validations"]] == ["variables.hasNodeClaim"]

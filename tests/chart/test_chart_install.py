@@ -201,6 +201,14 @@ def _denied(call: Callable[[], Any], *, status: int = 403, contains: str | tuple
     return raised.value.message
 
 
+def _event(node: str, involved: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A core/v1 Event as spotguard's daemon posts it (spotguard.kube.Kube.record_event), spelled out."""
+    return {"metadata": {"generateName": "spotguard-", "labels": {"spotguard.io/reported-by": "spotguard"}},
+            "reason": "NotServing", "message": "test", "type": "Normal", "involvedObject": involved,
+            "source": {"component": "spotguard", "host": node}, "reportingComponent": "spotguard.io/spotguard",
+            "reportingInstance": node, **fields}
+
+
 def _wait_policy_active(client: Any, other_node: str) -> None:
     """Admission policies take effect a moment after they are created."""
     patch = {"metadata": {"annotations": {"spotguard.io/probe": "1"}}}
@@ -282,18 +290,15 @@ def test_spotguard_may_do_its_job_on_its_own_node(release: dict[str, Any], as_sp
           [p["metadata"]["name"] for p in _call(api_client, "GET", f"/api/v1/namespaces/{namespace}/pods")["items"]
            if not p["metadata"].get("deletionTimestamp")],
           timeout=30, what="the evicted pod to be deleted")
-    # Events about its node, in both APIs (Events about cluster-scoped objects live in "default").
-    core_event = _call(me, "POST", "/api/v1/namespaces/default/events", {
-        "metadata": {"generateName": "spotguard-"}, "reason": "PreemptionNotice", "message": "test",
-        "type": "Warning", "involvedObject": {"kind": "Node", "name": nodes["gpu_spot"], "apiVersion": "v1"},
-        "source": {"component": "spotguard"}})
+    # Events about its node (cluster-scoped objects' Events live in "default") and its pods, as
+    # spotguard posts them.
+    core_event = _call(me, "POST", "/api/v1/namespaces/default/events",
+                       _event(nodes["gpu_spot"], {"kind": "Node", "name": nodes["gpu_spot"], "apiVersion": "v1"}))
     assert core_event["involvedObject"]["name"] == nodes["gpu_spot"]
-    event = _call(me, "POST", "/apis/events.k8s.io/v1/namespaces/default/events", {
-        "metadata": {"generateName": "spotguard-"}, "reason": "PreemptionNotice", "note": "test",
-        "type": "Warning", "action": "Cordon", "reportingController": "spotguard.io/spotguard",
-        "reportingInstance": f"spotguard-{nodes['gpu_spot']}", "eventTime": "2026-01-01T00:00:00.000000Z",
-        "regarding": {"kind": "Node", "name": nodes["gpu_spot"], "apiVersion": "v1"}})
-    assert event["regarding"]["name"] == nodes["gpu_spot"]
+    own = victims["own"]
+    pod_event = _call(me, "POST", f"/api/v1/namespaces/{namespace}/events", _event(nodes["gpu_spot"], {
+        "kind": "Pod", "namespace": namespace, "name": own, "uid": _uid(me, namespace, own), "apiVersion": "v1"}))
+    assert pod_event["involvedObject"]["name"] == own
 
 
 def test_spotguard_is_refused_outside_its_node(release: dict[str, Any], as_spotguard: Callable[..., Any],
@@ -307,16 +312,16 @@ def test_spotguard_is_refused_outside_its_node(release: dict[str, Any], as_spotg
     _denied(lambda: _call(me, "PATCH", f"/api/v1/namespaces/{namespace}/pods/{victims['other']}/status",
                           {"status": {"conditions": [{"type": "spotguard.io/serving", "status": "False"}]}},
                           strategic), contains="may only modify pods on its own node")
-    _denied(lambda: _call(me, "POST", "/api/v1/namespaces/default/events", {
-        "metadata": {"generateName": "spotguard-"}, "reason": "PreemptionNotice", "message": "test",
-        "involvedObject": {"kind": "Node", "name": nodes["gpu_preemptible"], "apiVersion": "v1"}}),
+    _denied(lambda: _call(me, "POST", "/api/v1/namespaces/default/events", _event(
+        nodes["gpu_spot"], {"kind": "Node", "name": nodes["gpu_preemptible"], "apiVersion": "v1"})),
         contains="Events about its own Node")
+    # events.k8s.io is not spotguard's at all (RBAC).
     _denied(lambda: _call(me, "POST", "/apis/events.k8s.io/v1/namespaces/default/events", {
         "metadata": {"generateName": "spotguard-"}, "reason": "PreemptionNotice", "note": "test",
         "type": "Warning", "action": "Cordon", "reportingController": "spotguard.io/spotguard",
         "reportingInstance": "spotguard", "eventTime": "2026-01-01T00:00:00.000000Z",
-        "regarding": {"kind": "Node", "name": nodes["gpu_preemptible"], "apiVersion": "v1"}}),
-        contains="Events about its own Node")
+        "regarding": {"kind": "Node", "name": nodes["gpu_spot"], "apiVersion": "v1"}}),
+        contains="cannot create resource")
     # RBAC: no secrets, no deleting nodes or pods, no writing pods themselves.
     _denied(lambda: _call(me, "GET", f"/api/v1/namespaces/{namespace}/secrets"))
     _denied(lambda: _call(me, "DELETE", f"/api/v1/nodes/{nodes['gpu_preemptible']}"))
@@ -385,6 +390,88 @@ def test_eviction_on_another_node_is_refused(
                           dry_run=True), contains="may only evict pods on its own node")
     # Evicting a pod that does not exist is a 404 from the API, not a refusal by the policy.
     _denied(lambda: evict(me, "no-such-pod", _eviction(namespace, "no-such-pod", uid=other)), status=404)
+
+
+def test_on_its_own_node_a_stolen_token_can_only_do_spotguards_job(
+        release: dict[str, Any], as_spotguard: Callable[..., Any], victims: dict[str, str], api_client: Any) -> None:
+    """The attacker's view: spotguard's pod-bound token on node A, trying what spotguard never does
+    on node A itself (issue 11). Each is refused, and nothing changed."""
+    nodes, namespace = release["nodes"], release["namespace"]
+    node = nodes["gpu_spot"]
+    me = as_spotguard(node)
+    _wait_policy_active(me, nodes["gpu_preemptible"])
+    merge, strategic = "application/merge-patch+json", "application/strategic-merge-patch+json"
+    own = victims["own"]
+    status_path = f"/api/v1/namespaces/{namespace}/pods/{own}/status"
+    # pods/status: only the spotguard.io/serving condition.
+    _denied(lambda: _call(me, "PATCH", status_path, {"status": {"podIP": "10.66.6.6",
+                                                                "podIPs": [{"ip": "10.66.6.6"}]}}, strategic),
+            contains="spotguard.io/serving condition")
+    _denied(lambda: _call(me, "PATCH", status_path, {"status": {"phase": "Failed"}}, strategic),
+            contains="spotguard.io/serving condition")
+    _denied(lambda: _call(me, "PATCH", status_path, {"status": {"conditions": [
+        {"type": "Ready", "status": "True"}]}}, strategic), contains="spotguard.io/serving condition")
+    _denied(lambda: _call(me, "PATCH", status_path, {"status": {"conditions": [
+        {"type": "spotguard.io/serving", "status": "Unknown"}]}}, strategic), contains="True or False")
+    _denied(lambda: _call(me, "PATCH", status_path, {"metadata": {"labels": {"app": "hijacked"}}}, strategic),
+            contains="spotguard.io/serving condition")
+    # Its own Node: labels, foreign taints, an admin's cordon, other spec fields.
+    node_path = f"/api/v1/nodes/{node}"
+    _denied(lambda: _call(me, "PATCH", node_path, {"metadata": {"labels": {"pool": "mine"}}}, merge),
+            contains="labels, owners")
+    _denied(lambda: _call(me, "PATCH", node_path, {"metadata": {"labels": {
+        "node-restriction.kubernetes.io/trusted": "true"}}}, merge), contains="labels, owners")
+    _denied(lambda: _call(me, "PATCH", node_path, {"metadata": {"annotations": {"team": "mine"}}}, merge),
+            contains="spotguard.io/ annotations")
+    _denied(lambda: _call(me, "PATCH", node_path, {"spec": {"providerID": "gce://evil/zone/vm"}}, merge),
+            contains="other spec fields")
+    _call(api_client, "PATCH", node_path, {"spec": {"unschedulable": True, "taints": [
+        {"key": "admin/maintenance", "value": "x", "effect": "NoSchedule"}]}}, merge)
+    try:
+        current = _call(me, "GET", node_path)
+        _denied(lambda: _call(me, "PATCH", node_path, {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                                                       "spec": {"taints": []}}, merge),
+                contains="its own spotguard.io/impending-termination taint")
+        _denied(lambda: _call(me, "PATCH", node_path, {"spec": {"unschedulable": False}}, merge),
+                contains="uncordon a Node it cordoned itself")
+        _denied(lambda: _call(me, "PATCH", node_path, {"spec": {"taints": [
+            {"key": "admin/maintenance", "value": "x", "effect": "NoSchedule"},
+            {"key": "spotguard.io/impending-termination", "value": "x", "effect": "NoExecute"}]}}, merge),
+            contains="spotguard's taint is NoSchedule")
+        held = _call(api_client, "GET", node_path)
+        assert held["spec"]["unschedulable"] is True and "pool" not in held["metadata"].get("labels", {})
+        assert [t["key"] for t in held["spec"]["taints"]] == ["admin/maintenance"]
+        assert "providerID" not in held["spec"] or held["spec"]["providerID"] != "gce://evil/zone/vm"
+    finally:
+        _call(api_client, "PATCH", node_path, {"spec": {"unschedulable": None, "taints": None}}, merge)
+    # Uncordoning what spotguard itself cordoned (its annotation says so) is allowed.
+    _call(me, "PATCH", node_path, {"spec": {"unschedulable": True}, "metadata": {"annotations": {
+        "spotguard.io/cordoned-by-spotguard": "true"}}}, merge)
+    _call(me, "PATCH", node_path, {"spec": {"unschedulable": False}, "metadata": {"annotations": {
+        "spotguard.io/cordoned-by-spotguard": None}}}, merge)
+    # Events: only spotguard's own, about its node or its node's pods, whatever the kind's spelling.
+    other = victims["other"]
+    other_pod = {"kind": "Pod", "namespace": namespace, "name": other, "uid": _uid(api_client, namespace, other),
+                 "apiVersion": "v1"}
+    _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/events", _event(node, other_pod)),
+            contains="Events about pods on its own node")
+    own_pod = {"kind": "Pod", "namespace": namespace, "name": own, "uid": _uid(api_client, namespace, own),
+               "apiVersion": "v1"}
+    _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/events",
+                          _event(node, own_pod, source={"component": "kubelet", "host": node})),
+            contains="only record Events as spotguard")
+    _denied(lambda: _call(me, "POST", "/api/v1/namespaces/kube-system/events", _event(node, own_pod)),
+            contains="Events about its own Node or about pods")   # not in the pod's own namespace
+    for spelling in ("node", "NODE"):
+        _denied(lambda: _call(me, "POST", "/api/v1/namespaces/default/events", _event(
+            node, {"kind": spelling, "name": nodes["gpu_preemptible"]})), contains="Events about its own Node")
+    _denied(lambda: _call(me, "POST", "/api/v1/namespaces/default/events", _event(
+        node, {"name": nodes["gpu_preemptible"]})), contains="Events about its own Node")
+    created = _call(me, "POST", "/api/v1/namespaces/default/events",
+                    _event(node, {"kind": "node", "name": node, "apiVersion": "v1"}))
+    # RBAC: no changing Events, not even its own.
+    _denied(lambda: _call(me, "PATCH", f"/api/v1/namespaces/default/events/{created['metadata']['name']}",
+                          {"message": "edited"}, merge), contains="cannot patch resource")
 
 
 MONITORING_CRDS = {"PodMonitor": "podmonitors", "ServiceMonitor": "servicemonitors",

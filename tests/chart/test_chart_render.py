@@ -196,8 +196,14 @@ def test_prestop_helper_configmap_ships_the_script_in_each_namespace() -> None:
 
 def test_notes_name_the_policies_that_were_installed() -> None:
     notes = render({}, api_versions=[VAP_API])["spotguard/templates/NOTES.txt"]
-    assert "-own-{nodes,pods,evictions,evicted-pods,core-events,events}" in notes
+    assert "-own-{nodes,pods,evictions,evicted-pods,events,pod-events}" in notes
     notes = render({"validatingAdmissionPolicy": {"evictionNodeCheck": False}},
                    api_versions=[VAP_API])["spotguard/templates/NOTES.txt"]
-    assert "-own-{nodes,pods,evictions,core-events,events}" in notes
+    assert "-own-{nodes,pods,evictions,events,pod-events}" in notes
     assert "except evictions (evictionNodeCheck: false)" in notes
+
+
+def test_notes_say_which_pod_security_level_the_namespace_needs() -> None:
+    notes = render({})["spotguard/templates/NOTES.txt"]
+    assert "pod-security.kubernetes.io/enforce=privileged" in notes and "not kube-system" in notes
+    assert "POD SECURITY" not in render({"hostNetwork": False})["spotguard/templates/NOTES.txt"]

@@ -107,11 +107,13 @@ async def test_spotguard_check_sees_what_the_policies_refuse(world: World, relea
 
     result = await asyncio.to_thread(wait_until, refused, timeout=30, what="the policies to refuse the check")
     assert result.returncode == 1, result.stdout
-    assert f"FAIL admission: changing node {node} refused" in result.stdout and "pod-bound token" in result.stdout
+    assert f"FAIL admission: may not cordon, taint and annotate node {node}" in result.stdout
+    assert "pod-bound token" in result.stdout
     assert "OK   RBAC patch nodes" in result.stdout      # what RBAC alone would have said
 
     result = await asyncio.to_thread(as_spotguard(bound).check)
-    assert f"OK   admission: may change node {node} (dry run)" in result.stdout.splitlines(), result.stdout
+    assert f"OK   admission: may cordon, taint and annotate node {node} (dry run)" in result.stdout.splitlines(), \
+        result.stdout
     assert "FAIL admission" not in result.stdout
 
 

@@ -23,10 +23,15 @@ async def test_check_says_a_guarded_node_with_a_wired_vllm_pod_is_protected(worl
     assert lines[-1].startswith("PROTECTED: 0 failed")
     assert any(line.startswith("OK") and "RBAC create pods/eviction" in line for line in lines)
     # Dry-run writes: admission was asked, nothing changed.
-    assert f"OK   admission: may change node {node} (dry run)" in lines
-    assert any(line.startswith("OK") and f"may evict {world.namespace}/{pod['metadata']['name']} (dry run)" in line
-               for line in lines)
-    assert "spotguard.io/check" not in (world.node(node)["metadata"].get("annotations") or {})
+    key = f"{world.namespace}/{pod['metadata']['name']}"
+    assert f"OK   admission: may cordon, taint and annotate node {node} (dry run)" in lines
+    assert f"OK   admission: may set spotguard.io/serving=False on {key} (dry run)" in lines
+    assert f"OK   admission: may record an Event about {key} (dry run)" in lines
+    assert any(line.startswith("OK") and f"may evict {key} (dry run)" in line for line in lines)
+    # Dry runs: the node is neither cordoned nor annotated, the pod still serving, no Event stored.
+    held = world.node(node)
+    assert not held["spec"].get("unschedulable") and "spotguard.io/phase" not in (held["metadata"].get("annotations") or {})
+    assert not [e for e in world.events(reason="NotServing") if e["involvedObject"]["name"] == pod["metadata"]["name"]]
     assert pod["metadata"]["name"] in {p["metadata"]["name"] for p in world.pods("app=vllm")
                                        if not p["metadata"].get("deletionTimestamp")}
     assert any(line.startswith("OK") and pod["metadata"]["name"] in line and "vLLM metrics" in line for line in lines)

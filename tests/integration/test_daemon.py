@@ -9,6 +9,8 @@ alone; tests/e2e runs the whole preemption with GKE's node shutdown.
 from __future__ import annotations
 
 import asyncio
+import urllib.error
+import urllib.request
 import time
 import uuid
 
@@ -387,3 +389,31 @@ async def test_auto_provider_waits_for_a_metadata_server_that_starts_late(world)
                             what="node cordoned")
     text = await asyncio.to_thread(daemon.metrics)
     assert metric(text, "spotguard_notices_total", provider="gce", kind="preemption") == 1
+
+
+async def test_a_node_that_does_not_exist_is_said_so_not_blamed_on_the_api(world, tmp_path):
+    from spotguard_sim.gce_metadata import GceMetadataEmulator
+    from spotguard_sim.world import DaemonProcess
+
+    metadata = GceMetadataEmulator(instance_name="ghost")
+    await metadata.start()
+    daemon = DaemonProcess(node="no-such-node-here", kubeconfig=world.kubeconfig, metadata_url=metadata.url,
+                           log_path=tmp_path / "ghost.log")
+    daemon.start()
+    try:
+        def readyz() -> str | None:
+            try:
+                with urllib.request.urlopen(f"{daemon.url}/readyz", timeout=1):
+                    return None
+            except urllib.error.HTTPError as error:
+                return error.read().decode()
+            except OSError:
+                return None
+
+        said = await asyncio.to_thread(wait_until, readyz, timeout=30, what="/readyz answering 503")
+        assert said.strip() == "node no-such-node-here not found (NODE_NAME)"
+        assert metric(await asyncio.to_thread(daemon.metrics), "spotguard_node_found") == 0
+        assert '"event": "node not found"' in daemon.log_path.read_text()
+    finally:
+        await asyncio.to_thread(daemon.stop)
+        await metadata.stop()

@@ -110,7 +110,8 @@ def test_any_value_for_any_setting_loads_or_fails_with_a_config_error(dest, valu
     try:
         config = load(env=env)
     except cfg.ConfigError as error:
-        assert str(error).startswith(f"{dest.flag} / {dest.env}:") or str(error).startswith("GCE_METADATA_HOST")
+        # The flag at fault is named; a margin longer than the notice names both of them.
+        assert f"{dest.flag} / {dest.env}" in str(error) or str(error).startswith("GCE_METADATA_HOST")
     else:
         assert isinstance(config, cfg.Config)
 
@@ -138,3 +139,47 @@ def test_any_gce_metadata_host_loads_or_fails_with_a_config_error(host):
     else:
         url = config.gce_metadata_host_url
         assert url is None if not host.strip() else url.startswith("http://")
+
+
+@pytest.mark.parametrize(("argv", "shortest"), [(["--safety-margin-seconds", "30"], "30 s, the shortest a cloud gives"),
+                                                (["--safety-margin-seconds", "45", "--notice-seconds", "40"],
+                                                 "40 s, --notice-seconds / SPOTGUARD_NOTICE_SECONDS")])
+def test_a_safety_margin_as_long_as_the_notice_is_refused(argv: list[str], shortest: str) -> None:
+    with pytest.raises(cfg.ConfigError) as raised:
+        load(argv, env={"NODE_NAME": "n"})
+    message = str(raised.value)
+    assert message.startswith("--safety-margin-seconds / SPOTGUARD_SAFETY_MARGIN_SECONDS: must be shorter")
+    assert shortest in message and "\n" not in message
+    assert load(["--safety-margin-seconds", "60", "--notice-seconds", "120"], env={"NODE_NAME": "n"})
+
+
+def _run_daemon(*flags: str, tmp_path) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    # A kubeconfig that parses (no API server is ever reached: listening comes first).
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text('{"apiVersion": "v1", "kind": "Config", "current-context": "c", '
+                          '"clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:1"}}], '
+                          '"users": [{"name": "u", "user": {"token": "t"}}], '
+                          '"contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}')
+    return subprocess.run([sys.executable, "-m", "spotguard", "run", "--node-name", "n", "--provider", "gce",
+                           "--metadata-url", "http://127.0.0.1:1", *flags], capture_output=True, text=True,
+                          timeout=60, env={"KUBECONFIG": str(kubeconfig), "PATH": "/usr/bin:/bin"})
+
+
+def test_a_listen_address_in_use_is_one_line_and_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run_daemon("--listen", f"127.0.0.1:{port}", tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"spotguard: error: --listen / SPOTGUARD_LISTEN: cannot listen on 127.0.0.1:{port}")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_listen_host_that_does_not_resolve_is_one_line_and_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = _run_daemon("--listen", "no-such-host.invalid:9101", tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--listen / SPOTGUARD_LISTEN: cannot listen on no-such-host.invalid:9101" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
