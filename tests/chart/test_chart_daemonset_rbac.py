@@ -249,7 +249,7 @@ def test_admission_policies_cover_every_write_the_role_allows() -> None:
     assert "oldObject.metadata.labels" in by_name["nodes"] and "oldObject.spec.taints" in by_name["nodes"]
     assert "oldObject.status.podIP" in by_name["pods"] and "oldObject.status.conditions" in by_name["pods"]
     assert "spotguard.io/cordoned-by-spotguard" in by_name["nodes"]
-    assert "lowerAscii()" in by_name["events"] and "object.source.component == 'spotguard'" in by_name["events"]
+    assert "lowerAscii()" in by_name["events"] and "dyn(object).source.component == 'spotguard'" in by_name["events"]
 
 
 def test_admission_policy_can_start_in_warn_mode() -> None:

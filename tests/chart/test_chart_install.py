@@ -90,6 +90,9 @@ def release(cluster: Any, api_client: Any) -> Iterator[dict[str, Any]]:
         "gpu_on_demand": (f"gpu-od-{suffix}", {"cloud.google.com/gke-accelerator": "nvidia-l4"}),
     }
     _call(api_client, "POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
+    # Pods can be created once the controller-manager has given the namespace its default account.
+    _wait(lambda: _call(api_client, "GET", f"/api/v1/namespaces/{namespace}/serviceaccounts/default"),
+          timeout=30, what="the namespace's default ServiceAccount")
     for node_name, labels in nodes.values():
         _call(api_client, "POST", "/api/v1/nodes", _node(node_name, labels))
     helm_config = helm.Config(kubeconfig_path=cluster.kubeconfig, namespace=namespace)
@@ -405,12 +408,13 @@ def test_on_its_own_node_a_stolen_token_can_only_do_spotguards_job(
     status_path = f"/api/v1/namespaces/{namespace}/pods/{own}/status"
     # pods/status: only the spotguard.io/serving condition.
     _denied(lambda: _call(me, "PATCH", status_path, {"status": {"podIP": "10.66.6.6",
-                                                                "podIPs": [{"ip": "10.66.6.6"}]}}, strategic),
+                                                                "podIPs": [{"ip": "10.66.6.6"}]}}, merge),
             contains="spotguard.io/serving condition")
     _denied(lambda: _call(me, "PATCH", status_path, {"status": {"phase": "Failed"}}, strategic),
             contains="spotguard.io/serving condition")
     _denied(lambda: _call(me, "PATCH", status_path, {"status": {"conditions": [
-        {"type": "Ready", "status": "True"}]}}, strategic), contains="spotguard.io/serving condition")
+        {"type": "Ready", "status": "False", "reason": "Hijacked"}]}}, strategic),
+        contains="spotguard.io/serving condition")
     _denied(lambda: _call(me, "PATCH", status_path, {"status": {"conditions": [
         {"type": "spotguard.io/serving", "status": "Unknown"}]}}, strategic), contains="True or False")
     _denied(lambda: _call(me, "PATCH", status_path, {"metadata": {"labels": {"app": "hijacked"}}}, strategic),
@@ -428,19 +432,18 @@ def test_on_its_own_node_a_stolen_token_can_only_do_spotguards_job(
     _call(api_client, "PATCH", node_path, {"spec": {"unschedulable": True, "taints": [
         {"key": "admin/maintenance", "value": "x", "effect": "NoSchedule"}]}}, merge)
     try:
-        current = _call(me, "GET", node_path)
-        _denied(lambda: _call(me, "PATCH", node_path, {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
-                                                       "spec": {"taints": []}}, merge),
+        _denied(lambda: _call(me, "PATCH", node_path, {"spec": {"taints": []}}, merge),
                 contains="its own spotguard.io/impending-termination taint")
         _denied(lambda: _call(me, "PATCH", node_path, {"spec": {"unschedulable": False}}, merge),
                 contains="uncordon a Node it cordoned itself")
         _denied(lambda: _call(me, "PATCH", node_path, {"spec": {"taints": [
             {"key": "admin/maintenance", "value": "x", "effect": "NoSchedule"},
             {"key": "spotguard.io/impending-termination", "value": "x", "effect": "NoExecute"}]}}, merge),
-            contains="spotguard's taint is NoSchedule")
+            contains=("spotguard's taint is NoSchedule", "only add or remove its own"))
         held = _call(api_client, "GET", node_path)
         assert held["spec"]["unschedulable"] is True and "pool" not in held["metadata"].get("labels", {})
-        assert [t["key"] for t in held["spec"]["taints"]] == ["admin/maintenance"]
+        keys = [t["key"] for t in held["spec"]["taints"]]
+        assert "admin/maintenance" in keys and "spotguard.io/impending-termination" not in keys
         assert "providerID" not in held["spec"] or held["spec"]["providerID"] != "gce://evil/zone/vm"
     finally:
         _call(api_client, "PATCH", node_path, {"spec": {"unschedulable": None, "taints": None}}, merge)
@@ -460,8 +463,9 @@ def test_on_its_own_node_a_stolen_token_can_only_do_spotguards_job(
     _denied(lambda: _call(me, "POST", f"/api/v1/namespaces/{namespace}/events",
                           _event(node, own_pod, source={"component": "kubelet", "host": node})),
             contains="only record Events as spotguard")
+    # Not in the pod's own namespace: the API server's validation refuses that for anyone.
     _denied(lambda: _call(me, "POST", "/api/v1/namespaces/kube-system/events", _event(node, own_pod)),
-            contains="Events about its own Node or about pods")   # not in the pod's own namespace
+            status=422, contains="does not match event.namespace")
     for spelling in ("node", "NODE"):
         _denied(lambda: _call(me, "POST", "/api/v1/namespaces/default/events", _event(
             node, {"kind": spelling, "name": nodes["gpu_preemptible"]})), contains="Events about its own Node")
@@ -527,3 +531,29 @@ def test_monitoring_objects_install_against_the_operators_kinds(cluster: Any, ap
             _call(api_client, "DELETE", f"/api/v1/namespaces/{namespace}")
             for crd in created:
                 _call(api_client, "DELETE", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
+
+
+def test_install_into_a_namespace_that_would_refuse_the_pods_is_refused(cluster: Any, api_client: Any) -> None:
+    """Pod Security `baseline` refuses hostNetwork pods: Helm would say "deployed" while the
+    DaemonSet runs none. The chart reads the namespace's level and refuses to install there."""
+    suffix = uuid.uuid4().hex[:6]
+    namespace, name = f"sg-psa-{suffix}", f"sgp-{suffix}"
+    _call(api_client, "POST", "/api/v1/namespaces", {"metadata": {
+        "name": namespace, "labels": {"pod-security.kubernetes.io/enforce": "baseline"}}})
+    helm_config = helm.Config(kubeconfig_path=cluster.kubeconfig, namespace=namespace)
+    try:
+        with pytest.raises(Exception) as raised:
+            helm_config.install(chartlib.CHART_DIR, name, {}, namespace=namespace, timeout=60)
+        assert 'enforces Pod Security level "baseline"' in str(raised.value)
+        assert "pod-security.kubernetes.io/enforce=privileged" in str(raised.value)
+        # Nothing of the release was created.
+        assert not _call(api_client, "GET", f"/apis/apps/v1/namespaces/{namespace}/daemonsets")["items"]
+        # Without hostNetwork the pods fit `baseline`: the same namespace takes them.
+        helm_config.install(chartlib.CHART_DIR, name, {"hostNetwork": False}, namespace=namespace, timeout=60)
+        assert _call(api_client, "GET", f"/apis/apps/v1/namespaces/{namespace}/daemonsets")["items"]
+    finally:
+        try:
+            helm_config.uninstall(name, ignore_not_found=True, timeout=60)
+        finally:
+            helm_config.close()
+            _call(api_client, "DELETE", f"/api/v1/namespaces/{namespace}")
