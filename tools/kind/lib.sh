@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables are used by the scripts sourcing this
 # Shared by tools/kind/setup.sh and tools/kind/cluster.sh: versions, names, paths, helpers.
 
 # Every version here is served by the Go module proxy and builds with the local Go toolchain.

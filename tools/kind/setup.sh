@@ -126,8 +126,7 @@ EOF
             say "starting dockerd in the background (log: $CACHE/dockerd.log)"
             (cd / && setsid dockerd >>"$CACHE/dockerd.log" 2>&1 </dev/null &)
         fi
-        local i
-        for i in $(seq 60); do
+        for _ in $(seq 60); do
             docker info >/dev/null 2>&1 && break
             sleep 1
         done
@@ -320,6 +319,7 @@ image_size() {
 retag() {
     local tag=$1 parent=$2 entrypoint=$3 context
     context=$(stage "retag-${tag//[\/:]/_}")
+    # shellcheck disable=SC2016  # ${PARENT} is for docker build
     printf 'ARG PARENT\nFROM ${PARENT}\nENTRYPOINT %s\n' "$entrypoint" >"$context/Dockerfile"
     build_image "$tag" "$context" --parent "$parent" --build-arg "PARENT=$parent"
 }
@@ -513,6 +513,7 @@ build_node_image() {
     mkdir -p "$dir/tmp"
     run_logged "$CACHE/logs/node-image.log" env TMPDIR="$dir/tmp" "${BUILT[kind]}/kind" build node-image --type file \
         --base-image "$BASE_IMAGE" --image "$NODE_IMAGE-unlabelled" "$dir/kubernetes-server-linux-amd64.tar.gz"
+    # shellcheck disable=SC2016  # ${PARENT} is for docker build
     printf 'ARG PARENT\nFROM ${PARENT}\n' | run_logged "$CACHE/logs/node-image.log" \
         docker build --label "$INPUTS_LABEL=$key" --build-arg "PARENT=$NODE_IMAGE-unlabelled" -t "$NODE_IMAGE" -
     docker rmi "$NODE_IMAGE-unlabelled" >/dev/null
