@@ -128,7 +128,12 @@ up() {
 }
 
 down() {
+    local server
     if cluster_exists; then
+        # kubectl's discovery cache for this API server (a directory named after host and port)
+        server=$("$KUBECTL" config view -o jsonpath="{.clusters[?(@.name==\"$CONTEXT\")].cluster.server}" 2>/dev/null || true)
+        server=${server#https://}
+        [[ -z $server ]] || rm -rf "$HOME/.kube/cache/discovery/${server/:/_}"
         say "deleting kind cluster $CLUSTER_NAME"
         "$KIND" delete cluster --name "$CLUSTER_NAME"
     else
