@@ -78,6 +78,20 @@ host_lacks_capabilities() {
     (((16#$bounding & ((1 << (last + 1)) - 1)) != ((1 << (last + 1)) - 1)))
 }
 
+# start_dockerd: dockerd in its own session, detached, holding none of this script's descriptors
+# (the setup lock, the caller's pipes): nothing waits for it and it keeps no one waiting.
+start_dockerd() {
+    (
+        cd /
+        local fd
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            if ((fd > 2)); then eval "exec $fd>&-" 2>/dev/null || true; fi
+        done
+        exec setsid -f dockerd >>"$CACHE/dockerd.log" 2>&1 </dev/null
+    )
+}
+
 ensure_docker() {
     local wrapper="" mtu="" iface changed
     if host_lacks_capabilities; then
@@ -124,7 +138,7 @@ EOF
             systemctl start docker
         else
             say "starting dockerd in the background (log: $CACHE/dockerd.log)"
-            (cd / && setsid dockerd >>"$CACHE/dockerd.log" 2>&1 </dev/null &)
+            start_dockerd
         fi
         for _ in $(seq 60); do
             docker info >/dev/null 2>&1 && break
