@@ -11,6 +11,8 @@
 # work. No image build runs in CI (no Docker engine there).
 
 # Pinned by full version: the final stage's venv links to this exact interpreter.
+# Where no registry is reachable, tools/kind/setup.sh builds a local stand-in (Debian bookworm's
+# Python 3.11): docker build --build-arg PYTHON_IMAGE=spotguard-python:3.11-bookworm -t spotguard:dev .
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
