@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "of one, after a provisioning delay.")
     autoscaler.add_autoscaler_arguments(autoscaler_parser)
 
+    from spotguard_sim import load
+
+    load_parser = commands.add_parser("load", help="send streaming completions to one address (a Service); print "
+                                                   "every request's outcome as JSON",
+                                      description=load.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    load.add_load_arguments(load_parser)
+
     from spotguard_sim import demo
 
     demo_parser = commands.add_parser("demo", help="the preemption demo: load, a preemption, a timeline and a table",
@@ -135,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
         from spotguard_sim.autoscaler import run_autoscaler_from_args
 
         return run_autoscaler_from_args(args)
+    if args.sim_command == "load":
+        from spotguard_sim.load import run_load_from_args
+
+        return run_load_from_args(args)
     if args.sim_command == "demo":
         from spotguard_sim.demo import run_demo_from_args
 

@@ -408,8 +408,10 @@ class LoadGenerator:
     Open loop: request i is sent at start + i / rate whatever happened to earlier ones, as users'
     traffic does. Each request's duration comes from `durations` with a seeded RNG (the same seed
     gives the same sequence of durations), and is made exact by `max_tokens` x `sim_token_interval`
-    with an interval near `token_interval`. One aiohttp session (unlimited connections, keep-alive)
-    carries every stream; the client reads the SSE events and decodes only those that end the
+    with an interval near `token_interval`. One aiohttp session (unlimited connections) carries
+    every stream, reusing idle keep-alive connections unless `new_connection_per_request` (through a
+    Service's ClusterIP, kube-proxy balances connections, not requests: a reused connection stays
+    with the pod it first reached, in or out of the endpoints); the client reads the SSE events and decodes only those that end the
     answer (a non-null finish_reason, an error, `[DONE]`), so hundreds of concurrent streams cost
     little. A request counts as completed only when its answer is whole: a normal finish_reason
     ("length" or "stop") followed by `[DONE]`. vLLM ends an aborted stream with finish_reason
@@ -421,6 +423,7 @@ class LoadGenerator:
                  token_interval: float = 0.1, model: str | None = None, path: str = "/v1/completions",
                  session: aiohttp.ClientSession | None = None, clock: Clock = time.time,
                  connect_timeout: float = 2.0, timeout_slack: float = 30.0,
+                 new_connection_per_request: bool = False,
                  on_record: Callable[[RequestRecord], None] | None = None) -> None:
         if rate <= 0 or duration < 0:
             raise ValueError("rate must be > 0 requests/s and duration >= 0 s")
@@ -437,6 +440,7 @@ class LoadGenerator:
         self.clock = clock
         self.connect_timeout = connect_timeout
         self.timeout_slack = timeout_slack
+        self.new_connection_per_request = new_connection_per_request
         self.on_record = on_record
         self.records: list[RequestRecord] = []
         self._rng = random.Random(seed)
@@ -523,8 +527,8 @@ class LoadGenerator:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             # limit=0: no cap on connections, so hundreds of streams never queue client-side.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-                                                  timeout=aiohttp.ClientTimeout(total=None))
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=self.new_connection_per_request)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
     async def _send(self, record: RequestRecord) -> RequestRecord:

@@ -391,3 +391,57 @@ async def test_wait_routable_touches_the_service_while_waiting_and_says_what_it_
             await world.wait_routable(tracker, 1, service="nobody", timeout=7)
     touched = await call(world.api, "GET", f"{path}/nobody")
     assert "sim.spotguard.io/resync" in touched["metadata"].get("annotations", {})
+
+
+async def _answering_server(peers: list[int]) -> tuple[Any, int]:
+    """A server that answers every completion at once (length, then [DONE]) and notes each request's
+    client port: one port per TCP connection."""
+    from aiohttp import web
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername")[1])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"finish_reason": "length"}]}\n\ndata: [DONE]\n\n')
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port("127.0.0.1")
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+@pytest.mark.parametrize("per_request", [False, True])
+async def test_the_load_command_reuses_connections_unless_told_to_open_one_per_request(per_request):
+    """Through a ClusterIP a reused connection stays with its first pod; `--new-connection-per-request`
+    is the client that lets kube-proxy pick again every time."""
+    peers: list[int] = []
+    runner, port = await _answering_server(peers)
+    flags = ["--new-connection-per-request"] if per_request else []
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "spotguard_sim", "load", "--url", f"http://127.0.0.1:{port}", "--rate", "10",
+            "--duration", "1", *flags, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    finally:
+        await runner.cleanup()
+    summary = json.loads(out.decode().strip().splitlines()[-1])["summary"]
+    assert process.returncode == 0 and summary["requests"] == summary["completed"] == len(peers) == 10
+    if per_request:
+        assert len(set(peers)) == 10
+    else:
+        assert len(set(peers)) < 10   # requests 100 ms apart, each answered at once: the idle one is reused
+
+
+def test_the_load_command_refuses_a_url_it_cannot_use():
+    result = subprocess.run([sys.executable, "-m", "spotguard_sim", "load", "--url", "https://vllm:8000/v1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip() == "spotguard-sim load: --url must be http://HOST:PORT"

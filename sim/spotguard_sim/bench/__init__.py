@@ -8,14 +8,16 @@ What is measured (docs/BENCHMARKS.md has the method and the results):
 
 - **Scenarios.** The same vLLM Deployment (two replicas, one per spot GPU node), the same load (open
   loop, steady rate, request lengths from one seeded distribution) and the same preemption of one
-  node, handled five ways, each in a fresh namespace on fresh nodes:
-  `kubelet_only` (no handler), `evict_immediately` (a re-implementation of AWS NTH's behaviour:
-  poll every 2 s, cordon and evict every pod at once), `spotguard` (vLLM's default abort on
-  SIGTERM), `spotguard_drain` (vLLM `--shutdown-timeout`) and a control, `kubelet_only_drain`
-  (no handler, vLLM `--shutdown-timeout`), which separates what spotguard adds from what vLLM's own
-  drain gives. Two notice profiles: GCE's default 30 s spot notice, where GKE's graceful node
-  shutdown SIGTERMs the pods at the notice, and a 120 s notice (`preemptionNoticeDuration`), where
-  the shutdown begins 30 s before the end.
+  node, handled six ways, each in a fresh namespace on fresh nodes: `kubelet_only` (no handler),
+  `evict_immediately` (a re-implementation of AWS NTH's behaviour: poll every 2 s, cordon and evict
+  every pod at once) and `spotguard`, each with vLLM's default SIGTERM (in-flight requests aborted)
+  and each again as `..._drain` with vLLM `--shutdown-timeout` (vLLM finishes what it has);
+  `spotguard_drain` pods are annotated drains-on-sigterm, so spotguard evicts them at the notice.
+  The `_drain` controls separate what spotguard adds from what vLLM's own drain gives. Five notice
+  profiles (config.PROFILES): GKE spot with the default 30 s shutdown and with 120 s, GCE's 120 s
+  `preemptionNoticeDuration`, EC2's two-minute warning and a (time-compressed) maintenance window;
+  each says when the kubelet's graceful node shutdown starts and how long it lasts. Counted: requests
+  lost, and when the replacement pod was Ready (the capacity gap).
 - **Reaction.** Notice -> node cordoned and the serving pod not-ready, watched from outside, many
   repetitions; compared with the daemon's own `spotguard_reaction_duration_seconds`. For GCE
   (hanging GETs), and for AWS and Azure (polled once a second, notices spread over the cycle).
