@@ -10,10 +10,11 @@ function), never a silent default.
 from __future__ import annotations
 
 import enum
-from typing import Any, assert_never
+from typing import Any, Mapping, assert_never
 
 from spotguard import kube as k
 from spotguard import lifecycle as lc
+from spotguard import placeholder
 
 
 class ActionName(enum.StrEnum):
@@ -25,6 +26,8 @@ class ActionName(enum.StrEnum):
     SET_NOT_SERVING = "set_not_serving"
     SET_SERVING = "set_serving"
     EVICT = "evict"
+    CREATE_PLACEHOLDER = "create_placeholder"
+    DELETE_PLACEHOLDER = "delete_placeholder"
     UNCORDON = "uncordon"
     UNTAINT = "untaint"
     EVENT = "event"
@@ -48,6 +51,10 @@ def names(action: lc.Action) -> list[ActionName]:
             return [ActionName.SET_SERVING if action.value else ActionName.SET_NOT_SERVING]
         case lc.Evict():
             return [ActionName.EVICT]
+        case lc.CreatePlaceholder():
+            return [ActionName.CREATE_PLACEHOLDER]
+        case lc.DeletePlaceholder():
+            return [ActionName.DELETE_PLACEHOLDER]
         case lc.Report():
             return [ActionName.EVENT]
         case _:
@@ -66,6 +73,10 @@ def dry_run_key(action: lc.Action) -> tuple[Any, ...]:
             return ("serving", action.pod.uid, action.value)
         case lc.Evict():
             return ("evict", action.pod.uid)
+        case lc.CreatePlaceholder():
+            return ("placeholder", action.pod.uid)
+        case lc.DeletePlaceholder():
+            return ("delete-placeholder", action.placeholder.namespace, action.placeholder.name)
         case lc.Report():
             return ("event", action.reason, action.pod.uid if action.pod else None)
         case _:
@@ -88,6 +99,10 @@ def log_fields(action: lc.Action, progress: lc.Progress | None, now: float) -> d
             if action.pod.serving:
                 # Why now: the pod drains itself on SIGTERM, or spotguard's drain is over.
                 fields["drain"] = "in-pod" if action.pod.drains_itself else "spotguard"
+        case lc.CreatePlaceholder():
+            fields["pod"] = action.pod.key
+        case lc.DeletePlaceholder():
+            fields["placeholder"] = f"{action.placeholder.namespace}/{action.placeholder.name}"
         case lc.Report():
             if action.pod is not None:
                 fields["pod"] = action.pod.key
@@ -96,12 +111,21 @@ def log_fields(action: lc.Action, progress: lc.Progress | None, now: float) -> d
     return fields
 
 
-def perform(action: lc.Action, kube: k.Kube, *, node: k.Obj | None) -> Any:
+# A placeholder the API server refuses for good (a ResourceQuota, an admission policy, an invalid
+# spec): asking again would not help. Other failures (429, 5xx, timeouts) are asked again.
+_REFUSALS = (400, 403, 422)
+
+
+def perform(action: lc.Action, kube: k.Kube, *, node: k.Obj | None, pods: Mapping[str, k.Obj],
+            surge: placeholder.Settings) -> Any:
     """The blocking API call for one action (the daemon runs it in a worker thread). `node` is the
-    node as last seen (a PATCH of its taints is made against its resourceVersion).
+    node as last seen (a PATCH of its taints is made against its resourceVersion); `pods` the pods
+    on it by uid, as last seen (a placeholder is shaped like its pod).
 
     Returns, by action: UpdateNode -> the node as the API server now has it; SetServing -> None;
-    Evict -> (EvictionOutcome, detail); Report -> True. Raises on failure.
+    Evict -> (EvictionOutcome, detail); CreatePlaceholder -> True (created), False (there already,
+    or the pod is gone) or the API server's refusal as a string; DeletePlaceholder -> None;
+    Report -> True. Raises on failure.
     """
     match action:
         case lc.UpdateNode():
@@ -114,6 +138,19 @@ def perform(action: lc.Action, kube: k.Kube, *, node: k.Obj | None) -> Any:
             return None
         case lc.Evict():
             return kube.evict(action.pod, grace_seconds=action.grace_seconds)
+        case lc.CreatePlaceholder():
+            pod = pods.get(action.pod.uid)
+            if pod is None:
+                return False
+            try:
+                return kube.create_placeholder(placeholder.manifest(pod, node_name=kube.node_name, settings=surge))
+            except k.KubeError as error:
+                if error.status in _REFUSALS:
+                    return str(error)[:300]
+                raise
+        case lc.DeletePlaceholder():
+            kube.delete_placeholder(action.placeholder)
+            return None
         case lc.Report():
             kube.record_event(action, node_uid=(node or {}).get("metadata", {}).get("uid"))
             return True

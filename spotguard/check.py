@@ -16,7 +16,7 @@ import aiohttp
 from spotguard import kube as k
 from spotguard import kubeapi
 from spotguard import lifecycle as lc
-from spotguard import providers, vllm
+from spotguard import placeholder, providers, vllm
 from spotguard.config import Config
 
 # (verb, resource, group, subresource): every call the daemon makes.
@@ -34,6 +34,8 @@ REQUIRED_ACCESS = (
     ("list", "endpointslices", "discovery.k8s.io", ""),
     ("list", "poddisruptionbudgets", "policy", ""),
 )
+# With the surge on: its placeholders.
+SURGE_ACCESS = (("create", "pods", "", ""), ("delete", "pods", "", ""))
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def _check_node_and_access(api: k.Kube, config: Config, say: Callable[[str, str]
     progress = k.progress_from_node(node)
     if progress is not None:
         say("WARN", f"node is in the middle of a drain (phase {progress.phase.value}, {progress.notice_kind})")
-    for verb, resource, group, subresource in REQUIRED_ACCESS:
+    for verb, resource, group, subresource in REQUIRED_ACCESS + (SURGE_ACCESS if config.surge_min_notice_seconds else ()):
         what = f"{verb} {resource}{'/' + subresource if subresource else ''}"
         try:
             allowed, reason = api.can_i(verb=verb, resource=resource, group=group, subresource=subresource)
@@ -121,6 +123,7 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
     _verdict(say, f"cordon, taint and annotate node {config.node_name}",
              lambda: dry.patch_node(lc.UpdateNode(unschedulable=True, taint_value="preemption", progress=progress)))
     serving = [pod for pod in pods if k.is_serving_pod(pod)]
+    _check_surge(dry, config, serving, say)
     if not serving:
         return
     pod = k.pod_facts(serving[0])
@@ -137,6 +140,23 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
         say("OK", f"admission: may evict {pod.key} (dry run); PodDisruptionBudget {detail} blocks it right now")
     else:
         say("FAIL", f"admission: evicting {pod.key} refused: {detail}")
+
+
+def _check_surge(dry: k.Kube, config: Config, serving: list[k.Obj], say: Callable[[str, str], None]) -> None:
+    """Whether a long notice would surge here: on or off, and a placeholder of the first opted-in
+    pod sent as a dry run (the API server checks the PriorityClass, quotas and the chart's policy)."""
+    if not config.surge_min_notice_seconds:
+        say("OK", "surge: off (--surge-min-notice-seconds 0): long notices drain without bringing capacity first")
+        return
+    surging = [pod for pod in serving if placeholder.wants_surge(pod)]
+    if not surging:
+        say("OK", f"surge: on for notices of {config.surge_min_notice_seconds:g} s or more; no serving pod here is "
+                  f"annotated {placeholder.SURGE_ANNOTATION}: \"true\" (and owned by a ReplicaSet or StatefulSet)")
+        return
+    settings = placeholder.Settings(priority_class=config.surge_priority_class, image=config.surge_placeholder_image)
+    manifest = placeholder.manifest(surging[0], node_name=config.node_name, settings=settings)
+    _verdict(say, f"create the surge placeholder of {_key(surging[0])} at PriorityClass "
+                  f"{config.surge_priority_class}", lambda: dry.create_placeholder(manifest))
 
 
 def _verdict(say: Callable[[str, str], None], what: str, write: Callable[[], object]) -> None:

@@ -88,7 +88,9 @@ def _run(config: cfg.Config) -> int:
                                            on_detected=metrics.use_provider)
         timing = lifecycle.Timing(safety_margin_seconds=config.safety_margin_seconds,
                                   endpoint_wait_seconds=config.endpoint_wait_seconds,
-                                  max_drain_seconds=config.max_drain_seconds)
+                                  max_drain_seconds=config.max_drain_seconds,
+                                  surge_min_notice_seconds=config.surge_min_notice_seconds,
+                                  surge_drain_reserve_seconds=config.surge_drain_reserve_seconds)
         daemon = Daemon(config=config, provider=provider,
                         kube=kube.Kube(api_client, node_name=config.node_name, dry_run=config.dry_run),
                         metrics=metrics, timing=timing)

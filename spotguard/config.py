@@ -44,6 +44,13 @@ class Config:
     # How often in-flight requests are read from vLLM while draining.
     drain_poll_seconds: float
     log_level: str
+    # Surge (spotguard.placeholder): on notices at least this long (0: never), placeholders for the
+    # pods annotated spotguard.io/surge bring up capacity first; the surge ends at the latest
+    # `surge_drain_reserve_seconds` (+ the safety margin) before the deadline.
+    surge_min_notice_seconds: float = 600.0
+    surge_drain_reserve_seconds: float = 120.0
+    surge_priority_class: str = "spotguard-placeholder"
+    surge_placeholder_image: str = "registry.k8s.io/pause:3.10.2"
     # Where Google's GCE_METADATA_HOST says GCE's server is (root URL): used by the GCE provider
     # when --metadata-url is not given, never by another cloud's (so `auto` on AWS ignores it).
     gce_metadata_host_url: str | None = None
@@ -93,6 +100,19 @@ SETTINGS: tuple[_Setting, ...] = (
              "how often vLLM /metrics is read while draining", default="0.5", metavar="SECONDS"),
     _Setting("log_level", "--log-level", "SPOTGUARD_LOG_LEVEL",
              "debug, info, warning or error", default="info"),
+    _Setting("surge_min_notice_seconds", "--surge-min-notice-seconds", "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS",
+             "surge on notices at least this long (0: never): pods annotated spotguard.io/surge=true keep "
+             "serving while a placeholder pod shaped like each makes the node-pool autoscaler add capacity "
+             "for its replacement; then they are drained as usual", default="600", metavar="SECONDS"),
+    _Setting("surge_drain_reserve_seconds", "--surge-drain-reserve-seconds", "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS",
+             "time kept for the drain after a surge: the surge is given up this long (plus the safety "
+             "margin) before the deadline", default="120", metavar="SECONDS"),
+    _Setting("surge_priority_class", "--surge-priority-class", "SPOTGUARD_SURGE_PRIORITY_CLASS",
+             "PriorityClass of the placeholders (the chart's: negative, preemptionPolicy Never)",
+             default="spotguard-placeholder", metavar="NAME"),
+    _Setting("surge_placeholder_image", "--surge-placeholder-image", "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE",
+             "image the placeholders run (a pause image: they only hold resources)",
+             default="registry.k8s.io/pause:3.10.2", metavar="IMAGE"),
 )
 
 
@@ -167,6 +187,10 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         max_drain_seconds=parsed("max_drain_seconds", _positive_seconds),  # type: ignore[arg-type]
         drain_poll_seconds=parsed("drain_poll_seconds", _positive_seconds),  # type: ignore[arg-type]
         log_level=parsed("log_level", _log_level),  # type: ignore[arg-type]
+        surge_min_notice_seconds=parsed("surge_min_notice_seconds", _non_negative_seconds),  # type: ignore[arg-type]
+        surge_drain_reserve_seconds=parsed("surge_drain_reserve_seconds", _non_negative_seconds),  # type: ignore[arg-type]
+        surge_priority_class=parsed("surge_priority_class", _object_name),  # type: ignore[arg-type]
+        surge_placeholder_image=parsed("surge_placeholder_image", _image),  # type: ignore[arg-type]
         gce_metadata_host_url=gce_metadata_host_url,
     )
 
@@ -177,6 +201,18 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 def _node_name(value: str) -> str:
     if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValueError("must be a Kubernetes node name (lower-case DNS subdomain)")
+    return value
+
+
+def _object_name(value: str) -> str:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise ValueError("must be a Kubernetes object name (lower-case DNS subdomain)")
+    return value
+
+
+def _image(value: str) -> str:
+    if any(c.isspace() for c in value) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*", value):
+        raise ValueError("must be an image reference like registry.k8s.io/pause:3.10.2")
     return value
 
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from spotguard import actions
 from spotguard import kube as k
 from spotguard import lifecycle as lc
-from spotguard import vllm
+from spotguard import placeholder, vllm
 from spotguard.backoff import backoff_delay
 from spotguard.config import Config
 from spotguard.notice import Notice, NoticeKind
@@ -68,6 +68,13 @@ class Daemon:
         self.state = lc.State()
         self.node: k.Obj | None = None
         self.pods: dict[str, k.Obj] = {}
+        # Surge placeholders made for this node's pods (they run elsewhere), by uid; watched only
+        # when surging is on.
+        self.surging_on = timing.surge_min_notice_seconds > 0
+        self.placeholders: dict[str, k.Obj] = {}
+        self.placeholders_synced = not self.surging_on
+        self.surge = placeholder.Settings(priority_class=config.surge_priority_class,
+                                          image=config.surge_placeholder_image)
         self.notice: Notice | None = None
         self.provider_ready = False
         self.pods_synced = False
@@ -190,7 +197,8 @@ class Daemon:
             self._wake.set()
 
     def _watches(self) -> list[k.ListWatch]:
-        """This node and the pods bound to it, kept current by two watches (the only idle traffic)."""
+        """This node, the pods bound to it and (surge on) its placeholders, kept current by watches
+        (the only idle traffic)."""
 
         def count_error(operation: str) -> Callable[[Exception], None]:
             return lambda _: self.metrics.kube_errors.labels(operation=operation).inc()
@@ -202,6 +210,10 @@ class Daemon:
             return wrapped
 
         node_name = self.config.node_name
+        path, query = self.kube.placeholders_path()
+        placeholders = [k.ListWatch(self.kube.client, path, query=query, on_sync=then_wake(self._set_placeholders),
+                                    on_event=then_wake(self._apply_placeholder_event), name="placeholders",
+                                    timeout_seconds=WATCH_TIMEOUT_SECONDS, on_error=count_error("watch_placeholders"))]
         return [
             k.ListWatch(self.kube.client, "/api/v1/nodes", query={"fieldSelector": f"metadata.name={node_name}"},
                         on_sync=then_wake(lambda items: self._set_node(items[0] if items else None)),
@@ -210,6 +222,7 @@ class Daemon:
             k.ListWatch(self.kube.client, "/api/v1/pods", query={"fieldSelector": f"spec.nodeName={node_name}"},
                         on_sync=then_wake(self._set_pods), on_event=then_wake(self._apply_pod_event), name="pods",
                         timeout_seconds=WATCH_TIMEOUT_SECONDS, on_error=count_error("watch_pods")),
+            *(placeholders if self.surging_on else []),
         ]
 
     def _set_node(self, node: k.Obj | None) -> None:
@@ -235,6 +248,17 @@ class Daemon:
         elif uid not in self.pods or not _older(pod, than=self.pods[uid]):
             self.pods[uid] = pod
 
+    def _set_placeholders(self, items: list[k.Obj]) -> None:
+        self.placeholders = {pod["metadata"]["uid"]: pod for pod in items}
+        self.placeholders_synced = True
+
+    def _apply_placeholder_event(self, kind: str, pod: k.Obj) -> None:
+        uid = pod["metadata"]["uid"]
+        if kind == "DELETED":
+            self.placeholders.pop(uid, None)
+        elif uid not in self.placeholders or not _older(pod, than=self.placeholders[uid]):
+            self.placeholders[uid] = pod
+
     # -- deciding ----------------------------------------------------------------------------
 
     async def _decide_loop(self) -> None:
@@ -249,7 +273,7 @@ class Daemon:
             # Nothing is decided on a partial picture: a drain resumed before the pods are listed
             # would see "no serving pods" and evict at once. The metadata server's first answer is
             # not waited for (see `_current_notice`).
-            if not self.pods_synced or self.node is None:
+            if not self.pods_synced or not self.placeholders_synced or self.node is None:
                 continue
             try:
                 failures_before = self.failed_actions
@@ -359,7 +383,8 @@ class Daemon:
                                      metrics_unreadable=reading.unreadable))
         return lc.Seen(notice=self._current_notice(), node_unschedulable=k.node_unschedulable(self.node),
                        node_has_taint=k.node_has_taint(self.node), pods=tuple(facts),
-                       stored_progress=k.progress_from_node(self.node))
+                       stored_progress=k.progress_from_node(self.node),
+                       placeholders=tuple(k.placeholder_facts(p) for p in self.placeholders.values()))
 
     # -- acting ------------------------------------------------------------------------------
 
@@ -374,6 +399,12 @@ class Daemon:
             log.info("reacted", reaction_ms=round(reaction * 1000, 1))
             self.notice_received_at = None
         reports = [a for a in planned if isinstance(a, lc.Report)]
+        await asyncio.gather(*(self._do(a) for a in planned if isinstance(a, lc.DeletePlaceholder)))
+        creations = [a for a in planned if isinstance(a, lc.CreatePlaceholder)]
+        for create, result in zip(creations, await asyncio.gather(*(self._do(a) for a in creations))):
+            if isinstance(result, str):  # refused for good: the surge goes on without this pod
+                self.state, follow = lc.record_placeholder_refused(self.state, create.pod, result)
+                reports.extend(follow)
         evictions = [a for a in planned if isinstance(a, lc.Evict)]
         results = await asyncio.gather(*(self._do(action) for action in evictions))
         for evict, result in zip(evictions, results):
@@ -435,7 +466,7 @@ class Daemon:
 
     def _call(self, action: lc.Action) -> Any:
         """The blocking API call for one action (runs in a worker thread)."""
-        result = actions.perform(action, self.kube, node=self.node)
+        result = actions.perform(action, self.kube, node=self.node, pods=self.pods, surge=self.surge)
         if isinstance(action, lc.UpdateNode):
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._set_node, result)
@@ -456,6 +487,8 @@ class Daemon:
     def _count_report(self, report: lc.Report) -> None:
         if report.reason is lc.Reason.DEADLINE_MISSED:
             self.metrics.drain_missed_deadline.inc()
+        if report.reason is lc.Reason.SURGE_GIVEN_UP:
+            self.metrics.surge_given_up.inc()
         if report.reason is lc.Reason.DRAIN_BUDGET_SPENT:
             self.metrics.abandoned_requests.inc(sum(r.in_flight or 0 for uid, r in self.readings.items()
                                                     if uid in self.pods))

@@ -13,6 +13,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
+from spotguard import placeholder
 from spotguard.kubeapi import USER_AGENT, Api, KubeError, ListWatch, Obj  # noqa: F401 - re-exported
 from spotguard.lifecycle import (
     SERVING_CONDITION,
@@ -20,6 +21,7 @@ from spotguard.lifecycle import (
     EvictionOutcome,
     NotEvictable,
     Phase,
+    PlaceholderFacts,
     PodFacts,
     Progress,
     Report,
@@ -46,6 +48,7 @@ PROGRESS_ANNOTATIONS = {
     "phase_since": "spotguard.io/phase-since",
     "cordoned_by_us": "spotguard.io/cordoned-by-spotguard",
     "tainted_by_us": "spotguard.io/tainted-by-spotguard",
+    "drain_from": "spotguard.io/drain-from",
 }
 _SMP = "application/strategic-merge-patch+json"
 _MERGE_PATCH = "application/merge-patch+json"
@@ -101,6 +104,29 @@ class Kube(Api):
         # pod that declares the gate would never become Ready while spotguard is being tried out.
         self.call("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status", body=body,
                   content_type=_SMP, query={} if value else self.write_query)
+
+    # -- surge placeholders (spotguard.placeholder) -------------------------------------------
+
+    def placeholders_path(self) -> tuple[str, dict[str, str]]:
+        return "/api/v1/pods", {"labelSelector": f"{placeholder.NODE_LABEL}={self.node_name}"}
+
+    def create_placeholder(self, manifest: Obj) -> bool:
+        """POST a placeholder; False when it exists already (a retry, or a restarted daemon)."""
+        namespace = manifest["metadata"]["namespace"]
+        try:
+            self.call("POST", f"/api/v1/namespaces/{namespace}/pods", body=manifest, query=self.write_query)
+        except KubeError as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    def delete_placeholder(self, found: PlaceholderFacts) -> None:
+        try:
+            self.call("DELETE", f"/api/v1/namespaces/{found.namespace}/pods/{found.name}", query=self.write_query)
+        except KubeError as error:
+            if error.status != 404:
+                raise
 
     def endpoints_ready(self, namespaces: set[str]) -> dict[str, bool]:
         """Pod UID -> does any EndpointSlice in these namespaces list it as ready?"""
@@ -240,7 +266,16 @@ def pod_facts(pod: Obj, *, endpoints_ready: bool | None = None, in_flight: int |
         in_flight=in_flight,
         metrics_unreadable=metrics_unreadable,
         drains_itself=drains_on_sigterm(pod),
+        surge=placeholder.wants_surge(pod),
     )
+
+
+def placeholder_facts(pod: Obj) -> PlaceholderFacts:
+    metadata = pod.get("metadata") or {}
+    running = bool((pod.get("spec") or {}).get("nodeName")) and (pod.get("status") or {}).get("phase") == "Running"
+    return PlaceholderFacts(namespace=metadata.get("namespace", ""), name=metadata.get("name", ""),
+                            for_uid=(metadata.get("labels") or {}).get(placeholder.FOR_LABEL, ""),
+                            running=running and metadata.get("deletionTimestamp") is None)
 
 
 def drains_on_sigterm(pod: Obj) -> bool:
@@ -291,6 +326,7 @@ def progress_from_node(node: Obj) -> Progress | None:
             phase_since=_parse_rfc3339(values["phase_since"]),
             cordoned_by_us=values["cordoned_by_us"] == "true",
             tainted_by_us=values["tainted_by_us"] == "true",
+            drain_from=None if values["drain_from"] is None else _parse_rfc3339(values["drain_from"]),
         )
     except (ValueError, TypeError):
         return None
@@ -322,6 +358,7 @@ def node_patch(update: UpdateNode, node: Obj) -> Obj:
             PROGRESS_ANNOTATIONS["phase_since"]: _rfc3339(progress.phase_since),
             PROGRESS_ANNOTATIONS["cordoned_by_us"]: "true" if progress.cordoned_by_us else "false",
             PROGRESS_ANNOTATIONS["tainted_by_us"]: "true" if progress.tainted_by_us else "false",
+            PROGRESS_ANNOTATIONS["drain_from"]: None if progress.drain_from is None else _rfc3339(progress.drain_from),
         }
     elif update.clear_progress:
         metadata["annotations"] = {key: None for key in PROGRESS_ANNOTATIONS.values()}

@@ -1,4 +1,4 @@
-"""The decision state machine: what to do next, given what the daemon sees. Pure: no I/O, no clock.
+r"""The decision state machine: what to do next, given what the daemon sees. Pure: no I/O, no clock.
 
 The daemon calls `decide(state, seen, now=...)` every time something changes (a notice, a pod or
 node update, a vLLM reading, a timer while draining) and carries out the returned actions. It is
@@ -9,9 +9,19 @@ restarted daemon picks up where the node annotations (`Progress`) say it was.
 The path of one notice:
 
     guarding --notice--> deregistering --endpoints not-ready--> draining --in-flight 0--> evicting
-        ^                  (cordon, taint,      (or wait bounded)          (or budget spent)    |
-        |                   serving=False)                                                      v
-        +--------------- notice withdrawn: undo only what spotguard did ------------------- drained
+        ^    \             (cordon, taint,      (or wait bounded)          (or budget spent)    |
+        |     \             serving=False)                                                     v
+        |      long notice, pods opted in: surging --placeholders run--^                     drained
+        |      (cordon, taint, placeholders;       (or the surge's time is up)                  |
+        |       the pods keep serving)                                                          |
+        +--------------- notice withdrawn: undo only what spotguard did ------------------------+
+
+Surging: on a notice long enough (--surge-min-notice-seconds), each serving pod annotated
+spotguard.io/surge: "true" gets a placeholder pod shaped like it (same requests, selectors,
+tolerations, never on this node) at a low priority: the node-pool autoscaler adds a node for it
+while the pod keeps serving. Once every placeholder runs (or the surge's time is up, keeping
+--surge-drain-reserve-seconds for the drain), the pods are deregistered, drained and evicted as
+usual; their replacements preempt the placeholders on the new capacity.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ TAINT_KEY = "spotguard.io/impending-termination"
 
 class Phase(enum.StrEnum):
     GUARDING = "guarding"
+    SURGING = "surging"  # cordoned; the pods keep serving while placeholders bring new capacity
     DEREGISTERING = "deregistering"  # cordoned, pods set not-ready; waiting for endpoints to follow
     DRAINING = "draining"  # waiting for vLLM's in-flight requests to finish
     EVICTING = "evicting"  # Eviction API calls, retried while a PDB refuses
@@ -47,12 +58,15 @@ class Reason(enum.StrEnum):
     DEADLINE_MISSED = "DeadlineMissed"  # node: the VM's time came with pods not evicted
     NODE_DRAINED = "NodeDrained"  # node: every evictable pod evicted or terminating
     NOTICE_CANCELLED = "NoticeCancelled"  # node: the notice was withdrawn; spotguard undid its part
+    SURGE_STARTED = "SurgeStarted"  # node: placeholders created; the pods serve until they run
+    SURGE_READY = "SurgeReady"  # node: the surge is over (placeholders running, or its time up)
     NOT_SERVING = "NotServing"  # pod: spotguard.io/serving=False
     SERVING_RESTORED = "ServingRestored"  # pod: spotguard.io/serving=True again after a cancellation
     METRICS_UNAVAILABLE = "MetricsUnavailable"  # pod: vLLM /metrics unreadable; the time budget decides
     EVICTED = "Evicted"  # pod: the Eviction API accepted it
     EVICTION_BLOCKED = "EvictionBlocked"  # pod: a PodDisruptionBudget refused; retried
     EVICTION_FAILED = "EvictionFailed"  # pod: the Eviction API failed otherwise; retried
+    SURGE_GIVEN_UP = "SurgeGivenUp"  # pod: its placeholder was refused or did not run in time
 
 
 class NotEvictable(enum.StrEnum):
@@ -92,10 +106,23 @@ class PodFacts:
     # evicted as soon as it is out of its Services' endpoints, so its replacement starts at once
     # while it drains; other serving pods are drained first, then evicted.
     drains_itself: bool = False
+    # Annotated spotguard.io/surge: "true" and owned by a ReplicaSet or StatefulSet (something
+    # that replaces it): on a long notice, capacity for its replacement is brought up first.
+    surge: bool = False
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class PlaceholderFacts:
+    """A surge placeholder spotguard made for one of this node's pods (it runs elsewhere)."""
+
+    namespace: str
+    name: str
+    for_uid: str  # the serving pod it makes room for
+    running: bool  # bound to a node, and Running there
 
 
 @dataclass(frozen=True)
@@ -106,6 +133,7 @@ class Seen:
     pods: tuple[PodFacts, ...]
     # What the node's annotations hold now (lags `State.progress` when a PATCH failed).
     stored_progress: Progress | None = None
+    placeholders: tuple[PlaceholderFacts, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +148,10 @@ class Timing:
     # Retrying an eviction refused by a PDB: exponential from base to cap.
     eviction_retry_base_seconds: float = 0.5
     eviction_retry_cap_seconds: float = 5.0
+    # Surge only on notices at least this long (0: never); the surge ends at the latest this long
+    # before the deadline (minus the safety margin), which is what is left for the drain.
+    surge_min_notice_seconds: float = 600.0
+    surge_drain_reserve_seconds: float = 120.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +170,8 @@ class Progress:
     # Ownership: undo on cancellation only what spotguard itself did.
     cordoned_by_us: bool
     tainted_by_us: bool
+    # When the drain's time budget (--max-drain-seconds) starts: the notice, or the surge's end.
+    drain_from: float | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +188,8 @@ class State:
     attempts: Mapping[str, EvictionAttempt] = field(default_factory=dict)
     # Events already recorded for this notice, so a level-triggered loop reports each thing once.
     reported: frozenset[str] = frozenset()
+    # Pods whose placeholder the API server refused (quota, policy): the surge goes on without them.
+    surge_refused: frozenset[str] = frozenset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +221,16 @@ class Evict:
 
 
 @dataclass(frozen=True)
+class CreatePlaceholder:
+    pod: PodFacts
+
+
+@dataclass(frozen=True)
+class DeletePlaceholder:
+    placeholder: PlaceholderFacts
+
+
+@dataclass(frozen=True)
 class Report:
     """A Kubernetes Event (on the pod when given, else the node) and a log line."""
 
@@ -194,7 +240,7 @@ class Report:
     warning: bool = False
 
 
-Action = Union[UpdateNode, SetServing, Evict, Report]
+Action = Union[UpdateNode, SetServing, Evict, CreatePlaceholder, DeletePlaceholder, Report]
 
 
 @dataclass(frozen=True)
@@ -214,16 +260,18 @@ def decide(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
             # An undo that did not land, or a notice withdrawn while the daemon was down.
             return _cancel(replace(state, progress=seen.stored_progress), seen)
         if progress is None:
-            return Decision(state, _keep_serving(seen.pods))
+            # Placeholders with no notice behind them: left by a daemon that stopped mid-surge.
+            return Decision(state, (*_keep_serving(seen.pods), *map(DeletePlaceholder, seen.placeholders)))
         return _cancel(state, seen)
     if progress is None:
-        return _start(state, seen, now=now)
+        return _start(state, seen, now=now, timing=timing)
     # A second notice can only bring the deadline closer (maintenance, then preempted).
     if seen.notice.deadline < progress.deadline:
         progress = replace(progress, deadline=_stored_time(seen.notice.deadline),
                            notice_kind=seen.notice.kind.value)
         state = replace(state, progress=progress)
     step = {
+        Phase.SURGING: _surging,
         Phase.DEREGISTERING: _deregistering,
         Phase.DRAINING: _draining,
         Phase.EVICTING: _evicting,
@@ -251,11 +299,12 @@ def _keep_serving(pods: tuple[PodFacts, ...]) -> tuple[Action, ...]:
                  if pod.serving and not pod.terminating and pod.serving_condition is not True)
 
 
-def _start(state: State, seen: Seen, *, now: float) -> Decision:
+def _start(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
     notice = seen.notice
     assert notice is not None
+    surge = _surge_pods(seen.pods) if _surge_fits(notice.deadline, now=now, timing=timing) else []
     progress = Progress(
-        phase=Phase.DEREGISTERING,
+        phase=Phase.SURGING if surge else Phase.DEREGISTERING,
         notice_kind=notice.kind.value,
         deadline=_stored_time(notice.deadline),
         noticed_at=_stored_time(now),
@@ -272,16 +321,29 @@ def _start(state: State, seen: Seen, *, now: float) -> Decision:
         taint_value=notice.kind.value if progress.tainted_by_us else None,
         progress=progress,
     )
+    state = replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset(),
+                    surge_refused=frozenset())
+    if surge:
+        until = _surge_until(progress, timing)
+        report = Report(Reason.SURGE_STARTED,
+                        f"{notice.kind.value} notice from {notice.source} ({notice.detail}); the VM goes in "
+                        f"{notice.deadline - now:.0f}s: cordoned, tainted; {len(surge)} placeholder(s) bring up "
+                        f"capacity for the replacements while the pods keep serving (for at most "
+                        f"{until - now:.0f}s)", warning=True)
+        return Decision(state, (node_update, *map(CreatePlaceholder, surge), report))
     not_serving = _not_serving(seen.pods)
     report = Report(Reason.TERMINATION_NOTICE,
                     f"{notice.kind.value} notice from {notice.source} ({notice.detail}); the VM goes in "
                     f"{max(0.0, notice.deadline - now):.0f}s: cordoned, tainted, {len(not_serving)} "
                     f"serving pod(s) set not-ready", warning=True)
-    per_pod = tuple(Report(Reason.NOT_SERVING, "termination notice: spotguard.io/serving=False, so the pod leaves its "
-                                         "Services' endpoints before it is drained and evicted", pod=action.pod)
-                    for action in not_serving)
-    return Decision(replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset()),
-                    (node_update, *not_serving, report, *per_pod))
+    per_pod = _not_serving_reports(not_serving)
+    return Decision(state, (node_update, *not_serving, report, *per_pod))
+
+
+def _not_serving_reports(actions: tuple[SetServing, ...]) -> tuple[Report, ...]:
+    return tuple(Report(Reason.NOT_SERVING, "termination notice: spotguard.io/serving=False, so the pod leaves its "
+                                            "Services' endpoints before it is drained and evicted", pod=action.pod)
+                 for action in actions)
 
 
 def _not_serving(pods: tuple[PodFacts, ...]) -> tuple[SetServing, ...]:
@@ -299,6 +361,58 @@ def _move(state: State, phase: Phase, *, now: float) -> tuple[State, UpdateNode]
     assert state.progress is not None
     progress = replace(state.progress, phase=phase, phase_since=_stored_time(now))
     return replace(state, progress=progress), UpdateNode(progress=progress)
+
+
+# -- surging ------------------------------------------------------------------------------------
+
+def _surge_pods(pods: tuple[PodFacts, ...]) -> list[PodFacts]:
+    return [pod for pod in _live_serving(pods) if pod.surge]
+
+
+def _surge_until(progress: Progress, timing: Timing) -> float:
+    return progress.deadline - timing.safety_margin_seconds - timing.surge_drain_reserve_seconds
+
+
+def _surge_fits(deadline: float, *, now: float, timing: Timing) -> bool:
+    """The notice is long enough to surge, and leaves the surge some time before the drain's reserve."""
+    return (timing.surge_min_notice_seconds > 0 and deadline - now >= timing.surge_min_notice_seconds
+            and deadline - timing.safety_margin_seconds - timing.surge_drain_reserve_seconds > now)
+
+
+def _surging(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
+    """Wait until every opted-in pod's placeholder runs (creating missing ones), or the surge's
+    time is up; then take the pods out of rotation and go on as after any notice."""
+    assert state.progress is not None
+    placeholders = {placeholder.for_uid: placeholder for placeholder in seen.placeholders}
+    pods = _surge_pods(seen.pods)
+    waiting = [pod for pod in pods if pod.uid not in state.surge_refused
+               and not (pod.uid in placeholders and placeholders[pod.uid].running)]
+    if waiting and now < _surge_until(state.progress, timing):
+        return Decision(state, tuple(CreatePlaceholder(pod) for pod in waiting if pod.uid not in placeholders))
+    actions: list[Action] = []
+    for pod in waiting:  # the surge's time is up: drain without them, and leave nothing behind
+        state, first = _report_once(state, Report(
+            Reason.SURGE_GIVEN_UP, "its placeholder did not run on new capacity in time; draining without it",
+            pod=pod, warning=True))
+        actions += first
+        if pod.uid in placeholders:
+            actions.append(DeletePlaceholder(placeholders[pod.uid]))
+    ready = len(pods) - len(waiting)
+    actions.append(Report(Reason.SURGE_READY, f"{ready} of {len(pods)} placeholder(s) running on new capacity; "
+                                              "taking the pods out of rotation"))
+    state = replace(state, progress=replace(state.progress, drain_from=_stored_time(now)))
+    state, node_update = _move(state, Phase.DEREGISTERING, now=now)
+    not_serving = _not_serving(seen.pods)
+    return Decision(state, (*actions, node_update, *not_serving, *_not_serving_reports(not_serving)))
+
+
+def record_placeholder_refused(state: State, pod: PodFacts, detail: str) -> tuple[State, tuple[Report, ...]]:
+    """The API server refused a placeholder (a ResourceQuota, a policy): the surge goes on without it."""
+    state = replace(state, surge_refused=state.surge_refused | {pod.uid})
+    state, reports = _report_once(state, Report(
+        Reason.SURGE_GIVEN_UP, f"its placeholder was refused ({detail}); it will be drained without one",
+        pod=pod, warning=True))
+    return state, tuple(reports)
 
 
 def _deregistering(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
@@ -335,8 +449,8 @@ def _live_serving(pods: tuple[PodFacts, ...]) -> list[PodFacts]:
 
 
 def _drain_until(progress: Progress, timing: Timing) -> float:
-    return min(progress.deadline - timing.safety_margin_seconds,
-               progress.noticed_at + timing.max_drain_seconds)
+    started = progress.noticed_at if progress.drain_from is None else progress.drain_from
+    return min(progress.deadline - timing.safety_margin_seconds, started + timing.max_drain_seconds)
 
 
 def _draining(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
@@ -436,7 +550,8 @@ def _cancel(state: State, seen: Seen) -> Decision:
                                        f"spotguard's cordon and taint{kept}{gone}")
     per_pod = tuple(Report(Reason.SERVING_RESTORED, "the termination notice was withdrawn: spotguard.io/serving=True",
                            pod=action.pod) for action in restored)
-    return Decision(State(), (undo, *restored, report, *per_pod))
+    dropped = tuple(map(DeletePlaceholder, seen.placeholders))
+    return Decision(State(), (undo, *restored, *dropped, report, *per_pod))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ class Metrics:
         self.drain_missed_deadline = Counter("spotguard_drain_missed_deadline_total",
                                              "Drains that had not evicted every pod when the deadline passed.",
                                              registry=r)
+        self.surge_given_up = Counter("spotguard_surge_given_up_total",
+                                      "Pods drained without the replacement capacity a surge was to bring "
+                                      "(placeholder refused, or not running in time).", registry=r)
         self.reaction = Histogram("spotguard_reaction_duration_seconds",
                                   "Notice received -> node cordoned and every serving pod not-ready.",
                                   buckets=_REACTION_BUCKETS, registry=r)

@@ -49,6 +49,21 @@ alert templating, passed through untouched.
           (lower max tokens or enable surge), or a safetyMarginSeconds too small for the
           pods' shutdown. The notice is 30 s on GCE spot: check preemptionNoticeDuration.
         {{- with include "spotguard.runbookUrl" (dict "root" $ "alert" "SpotguardDrainMissedDeadline") }}{{ . | nindent 8 }}{{ end }}
+    - alert: SpotguardSurgeGivenUp
+      expr: increase(spotguard_surge_given_up_total[{{ $rule.incidentWindow }}]) > 0
+      labels:
+        {{- toYaml (merge (dict "severity" "warning") $extra) | nindent 8 }}
+      annotations:
+        summary: {{ `spotguard on node {{ $labels.node }} drained a pod without the capacity its surge was to bring.` | quote }}
+        description: {{ printf `In the last %s a long notice on node {{ $labels.node }} had a serving pod whose surge placeholder was refused or did not run in time: the pod was drained anyway and its replacement waits for a node like after a short notice.` $rule.incidentWindow | quote }}
+        runbook: >-
+          The SurgeGivenUp Event on the pod says why. "was refused": a ResourceQuota (GPUs) or
+          the admission policy refused the placeholder; raise the quota or check the PriorityClass
+          exists (spotguard check). "did not run in time": the node-pool autoscaler did not bring
+          a node before the surge's time was up; check its events on the placeholder
+          (NotTriggerScaleUp: pool at its maximum, no matching pool, or the PriorityClass below
+          --expendable-pods-priority-cutoff) and the pool's provisioning time.
+        {{- with include "spotguard.runbookUrl" (dict "root" $ "alert" "SpotguardSurgeGivenUp") }}{{ . | nindent 8 }}{{ end }}
     - alert: SpotguardEvictionBlockedByPDB
       expr: spotguard_eviction_blocked == 1
       for: {{ $rule.evictionBlockedFor }}

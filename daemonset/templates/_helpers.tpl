@@ -93,6 +93,16 @@ Whether the ValidatingAdmissionPolicy is rendered: "auto" follows the API server
 {{- end }}
 {{- end }}
 
+{{/* Surge: on only with the admission policies that keep its pod-create permission to placeholders. */}}
+{{- define "spotguard.surgeEnabled" -}}
+{{- if and .Values.surge.enabled (include "spotguard.vapEnabled" .) }}true{{ end }}
+{{- end }}
+
+{{/* The surge placeholders' PriorityClass. */}}
+{{- define "spotguard.placeholderPriorityClass" -}}
+{{- default (printf "%s-placeholder" (include "spotguard.fullname" .)) .Values.surge.priorityClass.name }}
+{{- end }}
+
 {{/* Namespace of an optional monitoring object: its own setting, else the release's. */}}
 {{- define "spotguard.monitoringNamespace" -}}
 {{- default .root.Release.Namespace .namespace }}

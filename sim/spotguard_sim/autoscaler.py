@@ -18,6 +18,11 @@ delay a new VM joins the pool. Here:
   on `kubernetes.io/hostname` is honoured while packing (one vLLM replica per GPU node).
 - After `provisioning_delay` the Node `<pool>-<n>` is created with the pool's labels, taints and
   annotations and no `spec.unschedulable`; the simulated kubelet then makes it Ready.
+- As the cluster autoscaler (`--expendable-pods-priority-cutoff`, default -10): a pod whose
+  priority is below -10 is expendable and never triggers a scale-up, and neither does a pod the
+  scheduler has nominated to a node (it is waiting for lower-priority pods to be preempted
+  there). So spotguard's surge placeholders (priority -1) bring a node, and the replacement that
+  preempts one does not bring another.
 - A pool never grows beyond `max_nodes_per_pool` nodes (provisioning ones included). Pods that fit
   no pool are logged once and ignored, as the real autoscaler's NotTriggerScaleUp.
 
@@ -52,6 +57,7 @@ POOL_LABEL = "sim.spotguard.io/pool"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 DEFAULT_PROVISIONING_DELAY = 10.0
 DEFAULT_MAX_NODES_PER_POOL = 10
+EXPENDABLE_PODS_PRIORITY_CUTOFF = -10  # the cluster autoscaler's default
 # Taints that belong to one node's life, not to its pool: never copied into a learned template.
 _NODE_STATE_TAINT_PREFIXES = ("node.kubernetes.io/", "node.cloudprovider.kubernetes.io/", "spotguard.io/",
                               "ToBeDeletedByClusterAutoscaler", "DeletionCandidateOfClusterAutoscaler",
@@ -109,9 +115,12 @@ class PoolTemplate:
 
 
 def is_unschedulable(pod: Obj) -> bool:
-    """Pending, not bound, not being deleted, and the scheduler said Unschedulable."""
+    """Pending, not bound, not being deleted, and the scheduler said Unschedulable; neither
+    expendable (priority below the cutoff) nor nominated to a node where it preempts others."""
     metadata, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
     if metadata.get("deletionTimestamp") or spec.get("nodeName") or status.get("phase", "Pending") != "Pending":
+        return False
+    if int(spec.get("priority") or 0) < EXPENDABLE_PODS_PRIORITY_CUTOFF or status.get("nominatedNodeName"):
         return False
     return any(c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
                for c in status.get("conditions") or [])

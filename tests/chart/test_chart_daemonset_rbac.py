@@ -97,6 +97,12 @@ SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "SPOTGUARD_MAX_DRAIN_SECONDS": ({"maxDrainSeconds": 900}, "900"),
     "SPOTGUARD_DRAIN_POLL_SECONDS": ({"drainPollSeconds": 0.25}, "0.25"),
     "SPOTGUARD_LOG_LEVEL": ({"logLevel": "debug"}, "debug"),
+    "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": ({"surge": {"minNoticeSeconds": 900},
+                                            "validatingAdmissionPolicy": {"enabled": True}}, "900"),
+    "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": ({"surge": {"drainReserveSeconds": 90}}, "90"),
+    "SPOTGUARD_SURGE_PRIORITY_CLASS": ({"surge": {"priorityClass": {"name": "hold"}}}, "hold"),
+    "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE": ({"surge": {"placeholderImage": "mirror.example/pause:3.10.2"}},
+                                          "mirror.example/pause:3.10.2"),
 }
 
 
@@ -120,13 +126,26 @@ def test_rendered_environment_is_accepted_by_the_daemon() -> None:
             defaults.drain_poll_seconds) == (5, 10, 300, 0.5)
     everything: dict[str, Any] = {}
     for values, _ in SETTING_VALUES.values():
-        everything.update(values)
+        everything = chartlib.deep_merge(everything, values)
     loaded = config.load(argparse.Namespace(), {**_env(everything), "NODE_NAME": "gpu-node-1"})
     assert loaded == config.Config(
         node_name="gpu-node-1", provider="gce", metadata_url="http://127.0.0.1:8080",
         listen_host="127.0.0.1", listen_port=9200, dry_run=True, notice_seconds=120.0,
         safety_margin_seconds=7.5, endpoint_wait_seconds=3.0, max_drain_seconds=900.0,
-        drain_poll_seconds=0.25, log_level="debug")
+        drain_poll_seconds=0.25, log_level="debug", surge_min_notice_seconds=900.0,
+        surge_drain_reserve_seconds=90.0, surge_priority_class="hold",
+        surge_placeholder_image="mirror.example/pause:3.10.2")
+
+
+def test_without_the_admission_policies_there_is_no_surge_and_no_pod_create() -> None:
+    """RBAC cannot keep "create pods" to placeholders; only the policy can, so no policy, no surge."""
+    assert _env({"validatingAdmissionPolicy": {"enabled": False}})["SPOTGUARD_SURGE_MIN_NOTICE_SECONDS"] == "0"
+    assert _env({"surge": {"enabled": False}, "validatingAdmissionPolicy": {"enabled": True}})[
+        "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS"] == "0"
+    assert _env({"validatingAdmissionPolicy": {"enabled": True}})["SPOTGUARD_SURGE_MIN_NOTICE_SECONDS"] == "600"
+    objs = render_objects({"validatingAdmissionPolicy": {"enabled": False}})
+    assert not any(r["resources"] == ["pods"] and "create" in r["verbs"] for r in only(objs, "ClusterRole")["rules"])
+    assert "PriorityClass" not in chartlib.kinds(objs)
 
 
 def test_optional_settings_are_left_to_the_daemon_when_unset() -> None:
@@ -189,7 +208,7 @@ def _policies(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]
 
 def test_admission_policies_apply_to_spotguards_service_account_only() -> None:
     policies, bindings = _policies({"serviceAccount": {"name": "guard"}})
-    assert len(policies) == len(bindings) == 6
+    assert len(policies) == len(bindings) == 7
     param_policies = ("-own-evicted-pods", "-own-pod-events")
     user = f'request.userInfo.username == "system:serviceaccount:{chartlib.NAMESPACE}:guard"'
     for policy in policies:
@@ -211,16 +230,36 @@ def test_admission_policies_apply_to_spotguards_service_account_only() -> None:
     assert all(b["spec"]["validationActions"] == ["Deny"] for b in bindings)
 
 
+def test_with_the_policies_the_surge_may_create_and_delete_pods_and_nothing_else_is_added() -> None:
+    role = only(render_objects(api_versions=[VAP_API]), "ClusterRole")
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    pods = granted.pop(("", "pods"))
+    assert pods == {"get", "list", "watch", "create", "delete"}
+    assert granted == {key: verbs for key, verbs in EXPECTED_PERMISSIONS.items() if key != ("", "pods")}
+    priority_class = only(render_objects(api_versions=[VAP_API]), "PriorityClass")
+    assert priority_class["metadata"]["name"] == "spotguard-placeholder"   # <fullname>-placeholder
+    assert _env({"validatingAdmissionPolicy": {"enabled": True}})["SPOTGUARD_SURGE_PRIORITY_CLASS"] == \
+        "spotguard-placeholder"
+    assert (priority_class["value"], priority_class["preemptionPolicy"], priority_class["globalDefault"]) == \
+        (-1, "Never", False)
+
+
 def test_admission_policies_cover_every_write_the_role_allows() -> None:
     policies, bindings = _policies()
     covered = {(group, resource, op)
                for policy in policies
                for rule in policy["spec"]["matchConstraints"]["resourceRules"]
                for group in rule["apiGroups"] for resource in rule["resources"] for op in rule["operations"]}
-    # patch arrives at admission as UPDATE; create as CREATE.
-    writes = {(g, r, "UPDATE" if v == "patch" else "CREATE")
-              for (g, r), verbs in EXPECTED_PERMISSIONS.items() for v in verbs
-              if v in ("patch", "create") and r != "selfsubjectaccessreviews"}
+    # patch arrives at admission as UPDATE; create as CREATE, delete as DELETE.
+    role = only(render_objects(api_versions=[VAP_API]), "ClusterRole")
+    admitted = {"patch": "UPDATE", "create": "CREATE", "delete": "DELETE"}
+    writes = {(g, r, admitted[v]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+              for v in rule["verbs"] if v in admitted and r != "selfsubjectaccessreviews"}
+    assert ("", "pods", "CREATE") in writes and ("", "pods", "DELETE") in writes
     assert writes <= covered
     by_name = {policy["metadata"]["name"].rsplit("-own-", 1)[1]:
                " ".join(v["expression"] for v in policy["spec"]["validations"]) for policy in policies}
@@ -260,8 +299,8 @@ def test_admission_policy_can_start_in_warn_mode() -> None:
 def test_the_eviction_node_check_can_be_turned_off_for_very_large_namespaces() -> None:
     policies, bindings = _policies({"validatingAdmissionPolicy": {"evictionNodeCheck": False}})
     names = sorted(p["metadata"]["name"].rsplit("-own-", 1)[1] for p in policies)
-    assert names == ["events", "evictions", "nodes", "pod-events", "pods"]
-    assert len(bindings) == 5
+    assert names == ["events", "evictions", "nodes", "placeholders", "pod-events", "pods"]
+    assert len(bindings) == 6
     assert all("paramRef" not in b["spec"] for b in bindings if not b["spec"]["policyName"].endswith("pod-events"))
     # Nor are label and uid asked for: they only route evictions to the check that is gone.
     evictions = next(p for p in policies if p["metadata"]["name"].endswith("-own-evictions"))

@@ -19,6 +19,7 @@ import helm_python as helm
 import pytest
 from kubernetes import config as kube_config
 
+from spotguard import placeholder
 from spotguard.kube import EVICTION_LABEL
 
 pytestmark = pytest.mark.cluster
@@ -117,11 +118,11 @@ def test_install_creates_every_object(release: dict[str, Any], api_client: Any) 
     kinds = {doc["kind"] for doc in chartlib.objects({"manifest": release["manifest"]})}
     # The real API server serves admissionregistration.k8s.io/v1, so `auto` installs the policy.
     assert {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= kinds
+            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "PriorityClass"} <= kinds
     base = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies"
     names = [p["metadata"]["name"] for p in _call(api_client, "GET", base)["items"]
              if p["metadata"]["name"].startswith(release["name"] + "-spotguard-own-")]
-    assert len(names) == 6, names
+    assert len(names) == 7, names
 
     def type_checked(name: str) -> dict[str, Any] | None:
         policy = _call(api_client, "GET", f"{base}/{name}")
@@ -480,6 +481,63 @@ def test_on_its_own_node_a_stolen_token_can_only_do_spotguards_job(
 
 MONITORING_CRDS = {"PodMonitor": "podmonitors", "ServiceMonitor": "servicemonitors",
                    "PrometheusRule": "prometheusrules"}
+
+
+def test_spotguard_may_create_and_delete_only_placeholders_of_its_own_node(
+        release: dict[str, Any], as_spotguard: Callable[..., Any], victims: dict[str, str], api_client: Any) -> None:
+    """RBAC lets spotguard create and delete any pod (it cannot say "placeholders"); the -own-placeholders
+    policy keeps that to a pause pod at the placeholder priority, labelled with its node."""
+    nodes, namespace = release["nodes"], release["namespace"]
+    me = as_spotguard(nodes["gpu_spot"])
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    shape = _call(api_client, "GET", f"{pods}/{victims['own']}")
+    settings = placeholder.Settings(priority_class=f"{release['name']}-spotguard-placeholder",
+                                    image="registry.k8s.io/pause:3.10.2")
+    good = placeholder.manifest(shape, node_name=nodes["gpu_spot"], settings=settings)
+
+    def variant(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        made = json.loads(json.dumps(good))
+        change(made)
+        return made
+
+    bad = {
+        "another node's label": variant(lambda m: m["metadata"]["labels"].update(
+            {"spotguard.io/placeholder-node": nodes["gpu_preemptible"]})),
+        "a higher priority": variant(lambda m: m["spec"].update(priorityClassName="system-node-critical")),
+        "another image": variant(lambda m: m["spec"]["containers"][0].update(image="attacker/miner:latest")),
+        "a hostPath volume": variant(lambda m: m["spec"].update(
+            volumes=[{"name": "root", "hostPath": {"path": "/"}}])),
+        "the host network": variant(lambda m: m["spec"].update(hostNetwork=True)),
+        "a privileged container": variant(lambda m: m["spec"]["containers"][0].update(
+            securityContext={"privileged": True})),
+        "a service-account token": variant(lambda m: m["spec"].update(automountServiceAccountToken=True)),
+        "a node of its choosing": variant(lambda m: m["spec"].update(nodeName=nodes["gpu_preemptible"])),
+        "an init container": variant(lambda m: m["spec"].update(
+            initContainers=[{"name": "x", "image": "registry.k8s.io/pause:3.10.2"}])),
+    }
+
+    def refused_probe() -> bool:   # policies take effect a moment after they are created
+        try:
+            _call(me, "POST", f"{pods}?dryRun=All", bad["a higher priority"])
+        except ApiError as error:
+            return error.status == 403 and "placeholder" in error.message
+        return False
+
+    _wait(refused_probe, timeout=30, what="the placeholder policy to refuse a high-priority pod")
+    for what, body in bad.items():
+        print(f"a placeholder with {what}: refused?")   # shown if the next line fails
+        _denied(lambda: _call(me, "POST", f"{pods}?dryRun=All", body),
+                contains=("surge placeholder", "placeholders labelled"))
+    # The placeholder the daemon makes is admitted, and spotguard may delete it again, but not a
+    # workload's pod and not another node's placeholder.
+    created = _call(me, "POST", pods, good)
+    assert created["spec"]["priority"] == -1 and created["spec"]["preemptionPolicy"] == "Never"
+    _denied(lambda: _call(me, "DELETE", f"{pods}/{victims['own']}?dryRun=All"),
+            contains="may only delete its own surge placeholders")
+    other_node = as_spotguard(nodes["gpu_preemptible"])
+    _denied(lambda: _call(other_node, "DELETE", f"{pods}/{created['metadata']['name']}?dryRun=All"),
+            contains="may only delete its own surge placeholders")
+    _call(me, "DELETE", f"{pods}/{created['metadata']['name']}")
 
 
 def _minimal_crd(kind: str, plural: str) -> dict[str, Any]:

@@ -55,7 +55,8 @@ def test_alerts_cover_the_agreed_conditions() -> None:
     alerts = {rule["alert"]: rule for group in ALERT_GROUPS for rule in group["rules"]}
     assert set(alerts) == {
         "SpotguardPreemptionInProgress", "SpotguardDrainMissedDeadline", "SpotguardEvictionBlockedByPDB",
-        "SpotguardRequestsAborted", "SpotguardMetadataUnreachable", "SpotguardMissingOnGpuNode"}
+        "SpotguardRequestsAborted", "SpotguardMetadataUnreachable", "SpotguardMissingOnGpuNode",
+        "SpotguardSurgeGivenUp"}
     for name, rule in alerts.items():
         assert {"summary", "description", "runbook"} <= set(rule["annotations"]), name
         assert rule["labels"]["severity"] in ("info", "warning", "critical"), name

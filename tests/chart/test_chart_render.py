@@ -19,7 +19,8 @@ MONITORING_ON = {
 }
 CORE_KINDS = ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
 # One policy (and binding) per kind of object: nodes, pods, evictions, core and events.k8s.io Events.
-VAP_KINDS = ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 6
+# With the policies, the surge is on: its policy and PriorityClass come with them.
+VAP_KINDS = ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 7 + ["PriorityClass"]
 MONITORING_KINDS = ["ConfigMap", "PodMonitor", "PrometheusRule", "Service", "ServiceMonitor"]
 
 
@@ -46,6 +47,10 @@ MATRIX: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {
     "no-rbac-no-sa": ({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "mine"}},
                       [], ["DaemonSet"]),
     "gke-quota": ({"criticalPodsQuota": {"enabled": True}}, [], sorted(CORE_KINDS + ["ResourceQuota"])),
+    "surge-off": ({"surge": {"enabled": False}}, [VAP_API],
+                  sorted(CORE_KINDS + ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 6)),
+    "surge-own-priority-class": ({"surge": {"priorityClass": {"create": False, "name": "mine"}}}, [VAP_API],
+                                 sorted(CORE_KINDS + VAP_KINDS[:-1])),
 }
 for _example in chartlib.EXAMPLES:
     MATRIX[_example.stem] = (example_values(_example), [VAP_API], None)  # type: ignore[assignment]
@@ -58,7 +63,7 @@ def test_render_matrix(case: str) -> None:
     objs = chartlib.objects(rendered)
     for obj in objs:
         assert obj.get("apiVersion") and obj.get("kind") and obj["metadata"].get("name"), obj
-        cluster_scoped = obj["kind"].startswith(("Cluster", "ValidatingAdmission"))
+        cluster_scoped = obj["kind"].startswith(("Cluster", "ValidatingAdmission", "PriorityClass"))
         assert ("namespace" in obj["metadata"]) != cluster_scoped, obj["metadata"]
     if expected is not None:
         assert kinds(objs) == expected

@@ -46,3 +46,27 @@ async def test_check_fails_with_reasons_for_a_missing_node_and_unreachable_metad
     assert any("metadata" in line for line in failures)
     assert any("node no-such-node" in line and "404" in line for line in failures)
     assert result.stdout.splitlines()[-1].startswith("NOT PROTECTED")
+
+
+async def test_check_tries_the_surge_placeholder_of_an_opted_in_pod_as_a_dry_run(world, cluster):
+    world.ensure_placeholder_priority_class()
+    node = f"gpu-{uuid.uuid4().hex[:8]}"
+    vm = await world.add_vm(node, labels={"sim.spotguard.io/gpus": "1"})
+    world.deploy_vllm(replicas=1, surge=True, gpus=1)
+    pod = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
+    key = f"{world.namespace}/{pod['metadata']['name']}"
+    result = await asyncio.to_thread(vm.daemon.check)
+    lines = result.stdout.splitlines()
+    assert f"OK   admission: may create the surge placeholder of {key} at PriorityClass spotguard-placeholder " \
+           "(dry run)" in lines, result.stdout
+    assert any(line.startswith("OK") and "RBAC create pods" == line[5:] for line in lines)
+    assert not world.pods("spotguard.io/placeholder-node"), "a dry run stores nothing"
+    # A PriorityClass that does not exist (the chart's not installed) is what the API server says.
+    vm.daemon.extra_env = {**vm.daemon.extra_env, "SPOTGUARD_SURGE_PRIORITY_CLASS": "no-such-class"}
+    result = await asyncio.to_thread(vm.daemon.check)
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert result.returncode == 1 and len(failed) == 1 and "no-such-class" in failed[0], result.stdout
+    # Surge off: said so, nothing tried.
+    vm.daemon.extra_env = {**vm.daemon.extra_env, "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": "0"}
+    result = await asyncio.to_thread(vm.daemon.check)
+    assert result.returncode == 0 and any(line.startswith("OK   surge: off") for line in result.stdout.splitlines())

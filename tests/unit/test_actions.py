@@ -7,7 +7,9 @@ import typing
 import pytest
 
 from spotguard import actions
+from spotguard import kube as k
 from spotguard import lifecycle as lc
+from spotguard import placeholder
 from spotguard.observability import ACTIONS
 
 POD = lc.PodFacts(namespace="ml", name="vllm-0", uid="uid-0", serving=True, serving_condition=True,
@@ -20,15 +22,23 @@ EXAMPLES: dict[type, lc.Action] = {
     lc.UpdateNode: lc.UpdateNode(unschedulable=True, taint_value="preemption", progress=PROGRESS),
     lc.SetServing: lc.SetServing(POD, False),
     lc.Evict: lc.Evict(POD, 25),
+    lc.CreatePlaceholder: lc.CreatePlaceholder(POD),
+    lc.DeletePlaceholder: lc.DeletePlaceholder(lc.PlaceholderFacts("ml", "vllm-0-surge-uid-0", "uid-0", True)),
     lc.Report: lc.Report(lc.Reason.EVICTED, "evicted", pod=POD),
 }
+PODS = {"uid-0": {"metadata": {"name": "vllm-0", "namespace": "ml", "uid": "uid-0"},
+                  "spec": {"containers": [{"name": "vllm", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}}
+SURGE = placeholder.Settings(priority_class="spotguard-placeholder", image="pause:1")
 
 
 class RecordingKube:
     """Records which adapter call an action became (spelling the calls out, not importing them)."""
 
-    def __init__(self) -> None:
+    node_name = "gpu-1"
+
+    def __init__(self, *, refuse: int | None = None) -> None:
         self.calls: list[str] = []
+        self.refuse = refuse
 
     def patch_node(self, update, *, current):  # type: ignore[no-untyped-def]
         self.calls.append("patch_node")
@@ -41,8 +51,21 @@ class RecordingKube:
         self.calls.append(f"evict:{grace_seconds}")
         return lc.EvictionOutcome.EVICTED, None
 
+    def create_placeholder(self, manifest):  # type: ignore[no-untyped-def]
+        self.calls.append(f"create_placeholder:{manifest['metadata']['name']}:{manifest['spec']['priorityClassName']}")
+        if self.refuse:
+            raise k.KubeError(self.refuse, "exceeded quota: gpu")
+        return True
+
+    def delete_placeholder(self, found):  # type: ignore[no-untyped-def]
+        self.calls.append(f"delete_placeholder:{found.name}")
+
     def record_event(self, report, *, node_uid):  # type: ignore[no-untyped-def]
         self.calls.append(f"event:{report.reason}:{node_uid}")
+
+
+def perform(action, kube):  # type: ignore[no-untyped-def]
+    return actions.perform(action, kube, node={"metadata": {"uid": "node-uid"}}, pods=PODS, surge=SURGE)
 
 
 def test_examples_cover_the_whole_action_union() -> None:
@@ -56,16 +79,28 @@ def test_every_action_has_names_a_key_log_fields_and_an_effect(kind: type) -> No
     assert actions.dry_run_key(action)
     assert actions.log_fields(action, PROGRESS, now=110.0)["seconds_to_deadline"] == 20.0
     kube = RecordingKube()
-    actions.perform(action, kube, node={"metadata": {"uid": "node-uid"}})  # type: ignore[arg-type]
+    perform(action, kube)
     assert len(kube.calls) == 1
 
 
 def test_effects_are_the_adapter_calls_the_contract_names() -> None:
     kube = RecordingKube()
     for action in EXAMPLES.values():
-        actions.perform(action, kube, node={"metadata": {"uid": "node-uid"}})  # type: ignore[arg-type]
+        perform(action, kube)
     assert kube.calls == ["patch_node", "set_serving:False:TerminationNotice", "evict:25",
-                          "event:Evicted:node-uid"]
+                          "create_placeholder:vllm-0-surge-uid-0:spotguard-placeholder",
+                          "delete_placeholder:vllm-0-surge-uid-0", "event:Evicted:node-uid"]
+
+
+def test_a_placeholder_refused_for_good_comes_back_as_the_reason_others_raise() -> None:
+    create = EXAMPLES[lc.CreatePlaceholder]
+    assert perform(create, RecordingKube(refuse=403)) == "HTTP 403: exceeded quota: gpu"
+    with pytest.raises(k.KubeError):
+        perform(create, RecordingKube(refuse=503))   # asked for again by the next decision
+    gone = lc.CreatePlaceholder(lc.PodFacts(namespace="ml", name="x", uid="gone", serving=True,
+                                            serving_condition=True, not_evictable=None, terminating=False))
+    kube = RecordingKube()
+    assert perform(gone, kube) is False and kube.calls == []
 
 
 def test_one_node_patch_counts_as_each_thing_it_does() -> None:
@@ -78,4 +113,4 @@ def test_an_unknown_action_fails_loudly() -> None:
     with pytest.raises(AssertionError):
         actions.names("not an action")  # type: ignore[arg-type]
     with pytest.raises(AssertionError):
-        actions.perform("not an action", RecordingKube(), node=None)  # type: ignore[arg-type]
+        perform("not an action", RecordingKube())

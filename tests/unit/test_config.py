@@ -38,13 +38,28 @@ def test_every_setting_reads_its_environment_variable():
            "SPOTGUARD_LISTEN": "127.0.0.1:9200", "SPOTGUARD_DRY_RUN": "true", "SPOTGUARD_NOTICE_SECONDS": "90",
            "SPOTGUARD_SAFETY_MARGIN_SECONDS": "3", "SPOTGUARD_ENDPOINT_WAIT_SECONDS": "4",
            "SPOTGUARD_MAX_DRAIN_SECONDS": "60", "SPOTGUARD_DRAIN_POLL_SECONDS": "0.25",
-           "SPOTGUARD_LOG_LEVEL": "debug"}
+           "SPOTGUARD_LOG_LEVEL": "debug", "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": "900",
+           "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": "90", "SPOTGUARD_SURGE_PRIORITY_CLASS": "hold",
+           "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE": "registry.example/pause:3@sha256:abc"}
     assert set(env) == {s.env for s in cfg.SETTINGS}
     config = load(env=env)
     assert (config.provider, config.metadata_url, config.listen_port, config.dry_run) == \
            ("gce", "http://127.0.0.1:8089", 9200, True)
     assert (config.notice_seconds, config.safety_margin_seconds, config.endpoint_wait_seconds,
             config.max_drain_seconds, config.drain_poll_seconds, config.log_level) == (90, 3, 4, 60, 0.25, "debug")
+    assert (config.surge_min_notice_seconds, config.surge_drain_reserve_seconds, config.surge_priority_class,
+            config.surge_placeholder_image) == (900, 90, "hold", "registry.example/pause:3@sha256:abc")
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--surge-min-notice-seconds", "-1", "--surge-min-notice-seconds / SPOTGUARD_SURGE_MIN_NOTICE_SECONDS: must be a number of seconds >= 0, got '-1'"),
+    ("--surge-priority-class", "Low Priority", "--surge-priority-class / SPOTGUARD_SURGE_PRIORITY_CLASS: must be a Kubernetes object name (lower-case DNS subdomain), got 'Low Priority'"),
+    ("--surge-placeholder-image", "pause 3", "--surge-placeholder-image / SPOTGUARD_SURGE_PLACEHOLDER_IMAGE: must be an image reference like registry.k8s.io/pause:3.10.2, got 'pause 3'"),
+])
+def test_bad_surge_settings_name_their_flag(flag: str, value: str, says: str):
+    with pytest.raises(cfg.ConfigError) as error:
+        load([flag, value], {"NODE_NAME": "n"})
+    assert str(error.value) == says
 
 
 def test_gce_metadata_host_is_honoured_when_no_url_is_given():

@@ -49,7 +49,7 @@ def progress_annotations(draw: st.DrawFn) -> dict[str, str]:
             good = st.sampled_from([p.value for p in lc.Phase])
         elif field == "notice_kind":
             good = st.sampled_from([kind.value for kind in NoticeKind])
-        elif field in ("deadline", "noticed_at", "phase_since"):
+        elif field in ("deadline", "noticed_at", "phase_since", "drain_from"):
             good = _times
         else:
             good = st.sampled_from(["true", "false"])
@@ -82,15 +82,16 @@ def test_any_progress_annotations_give_a_progress_the_lifecycle_can_resume_or_no
 @FUZZ
 @given(phase=st.sampled_from([p for p in lc.Phase if p is not lc.Phase.GUARDING]),
        kind=st.sampled_from(list(NoticeKind)), deadline=_recent, noticed=_recent, since=_recent,
-       cordoned=st.booleans(), tainted=st.booleans())
+       cordoned=st.booleans(), tainted=st.booleans(), drain_from=st.none() | _recent)
 def test_progress_written_to_the_node_reads_back_equal(phase: lc.Phase, kind: NoticeKind, deadline: float,
                                                        noticed: float, since: float, cordoned: bool,
-                                                       tainted: bool) -> None:
+                                                       tainted: bool, drain_from: float | None) -> None:
     # The lifecycle compares what it stored with what it reads back; a difference would make it
     # rewrite the node at every step.
     progress = lc.Progress(phase=phase, notice_kind=kind.value, deadline=round(deadline, 3),
                            noticed_at=round(noticed, 3), phase_since=round(since, 3),
-                           cordoned_by_us=cordoned, tainted_by_us=tainted)
+                           cordoned_by_us=cordoned, tainted_by_us=tainted,
+                           drain_from=None if drain_from is None else round(drain_from, 3))
     patch = k.node_patch(lc.UpdateNode(progress=progress), {"metadata": {}})
     assert k.progress_from_node(patch) == progress
 

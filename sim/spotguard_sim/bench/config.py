@@ -49,6 +49,11 @@ class Profile:
         return self.shutdown_at_s + self.shutdown_grace_s - self.critical_grace_s
 
     @property
+    def long_notice(self) -> bool:
+        """Long enough to surge: host maintenance (the surge scenario runs on these profiles only)."""
+        return self.notice == "maintenance"
+
+    @property
     def daemon_env(self) -> dict[str, str]:
         """What an operator configures for this profile: GCE's preempted=TRUE carries no deadline,
         so the notice length is told (--notice-seconds); EC2 and GCE maintenance carry their own."""
@@ -87,10 +92,20 @@ class Scenario:
     shutdown_timeout: bool  # vLLM --shutdown-timeout (drain on SIGTERM) instead of abort
     description: str
     control: bool = False
+    surge: bool = False  # pods annotated spotguard.io/surge (long-notice profiles only)
 
     @property
     def spotguard(self) -> bool:
         return self.handler == "spotguard"
+
+    def daemon_env(self, profile: Profile) -> dict[str, str]:
+        """spotguard's surge settings: off, except in the surge scenario, where the time-compressed
+        window (180 s instead of 60 min) leaves the surge 115 s and the drain 60 s."""
+        if not self.surge:
+            return {"SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": "0"}
+        # Half the notice: the notice is seen a few milliseconds after it was given.
+        return {"SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": f"{profile.deadline_s / 2:g}",
+                "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": "60"}
 
 
 SCENARIOS = {
@@ -108,6 +123,10 @@ SCENARIOS = {
         Scenario("spotguard", "spotguard", False, "spotguard; vLLM default SIGTERM (abort)"),
         Scenario("spotguard_drain", "spotguard", True,
                  "spotguard; vLLM --shutdown-timeout and the pod annotated drains-on-sigterm (evicted at the notice)"),
+        Scenario("spotguard_surge", "spotguard", True,
+                 "spotguard_drain with the pod annotated spotguard.io/surge: a placeholder brings a node first, "
+                 "the pod serves until it runs, then leaves and its replacement preempts the placeholder "
+                 "(long notices only)", surge=True),
     )
 }
 
@@ -125,6 +144,7 @@ class BenchConfig:
     vllm_shutdown_timeout_s: int = 25  # the longest request: "let every request finish" (vLLM takes whole seconds)
     grace_seconds: int = 30  # terminationGracePeriodSeconds of the vLLM pods
     probe_period_s: int = 5  # the vLLM container's readinessProbe periodSeconds (GET /health, 3 misses)
+    gpus_per_node: int = 1  # nvidia.com/gpu per node, and per vLLM pod (so a replacement preempts a placeholder)
     provisioning_delay_s: float = 10.0  # the autoscaler's time to bring a replacement node
     replacement_timeout_s: float = 60.0  # after the VM is gone, stop waiting for the replacement
     nth_poll_s: float = 2.0  # AWS NTH polls IMDS every 2 s

@@ -14,6 +14,7 @@ from typing import Any
 from spotguard.kubeapi import Api, KubeError, Obj
 from spotguard_sim.bench.config import BENCH_LABEL, BenchConfig, Profile, Say
 from spotguard_sim.kubelet import reclaim
+from spotguard_sim.kubelet.nodes import GPUS_KEY
 from spotguard_sim.support import USER_AGENT
 from spotguard_sim.world import POOL_LABEL, World
 
@@ -76,9 +77,9 @@ def cleanup_leftovers(ctx: Context) -> None:
             ctx._delete(f"/api/v1/namespaces/{namespace['metadata']['name']}")
 
 
-async def add_vm(world: World, name: str, *, spotguard: bool) -> Any:
-    vm = await world.add_vm(name, spotguard=spotguard, labels={BENCH_LABEL: "true"})
-    return vm
+async def add_vm(world: World, name: str, *, spotguard: bool, gpus: int = 0) -> Any:
+    labels = {BENCH_LABEL: "true", **({GPUS_KEY: str(gpus)} if gpus else {})}
+    return await world.add_vm(name, spotguard=spotguard, labels=labels)
 
 
 async def preempt(world: World, node: str, profile: Profile) -> float:

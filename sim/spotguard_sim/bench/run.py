@@ -84,6 +84,8 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
             summaries = {}
             for scenario_name in cfg.scenarios:
                 scenario = SCENARIOS[scenario_name]
+                if scenario.surge and not profile.long_notice:
+                    continue  # a surge needs a notice long enough to bring a node
                 runs = []
                 for rep in range(cfg.runs):
                     ctx.say(f"  {scenario.name} run {rep + 1}/{cfg.runs}")

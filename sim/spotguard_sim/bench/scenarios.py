@@ -20,8 +20,8 @@ from spotguard_sim.support import metric_value, quantile
 async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: int) -> dict[str, Any]:
     """One preemption under load, handled the scenario's way. Returns the run's measurements."""
     cfg = ctx.config
-    world = ctx.new_world(f"{profile.name}-{scenario.name}-{rep}", daemon_env=profile.daemon_env,
-                          cloud=profile.cloud)
+    world = ctx.new_world(f"{profile.name}-{scenario.name}-{rep}",
+                          daemon_env={**profile.daemon_env, **scenario.daemon_env(profile)}, cloud=profile.cloud)
     tasks: list[asyncio.Task[Any]] = []
     tracker: EndpointTracker | None = None
     observer: Observer | None = None
@@ -29,8 +29,10 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
     generator: LoadGenerator | None = None
     handlers: dict[str, EvictImmediately] = {}
     try:
-        vms = await asyncio.gather(*(add_vm(world, f"{world.pool}-{n}", spotguard=scenario.spotguard)
-                                     for n in ("a", "b")))
+        vms = await asyncio.gather(*(add_vm(world, f"{world.pool}-{n}", spotguard=scenario.spotguard,
+                                            gpus=cfg.gpus_per_node) for n in ("a", "b")))
+        if scenario.surge:
+            await asyncio.to_thread(world.ensure_placeholder_priority_class)
         if scenario.handler == "evict_immediately":
             for vm in vms:
                 handlers[vm.name] = EvictImmediately(world, node=vm.name, metadata_url=vm.metadata.url,
@@ -40,7 +42,7 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
                           else None, grace_seconds=cfg.grace_seconds, token_interval=cfg.token_interval,
                           readiness_gate=scenario.spotguard, probe_period=cfg.probe_period_s,
                           drains_on_sigterm=scenario.spotguard and scenario.shutdown_timeout,
-                          real_vllm=cfg.vllm == "real")
+                          real_vllm=cfg.vllm == "real", surge=scenario.surge, gpus=cfg.gpus_per_node)
         # Real vLLM loads for 25-45 s on this machine (more with two at once).
         pods = await asyncio.to_thread(world.wait_ready_pods, 2, timeout=300 if cfg.vllm == "real" else 90)
         # The preempted pod is the one the router's round-robin (pods in name order) serves first, so

@@ -1,0 +1,169 @@
+"""Surge before the drain, on the real control plane: the real scheduler (preemption included), the
+real garbage collector, the autoscaler emulator and real `spotguard run` processes.
+
+A pool of GPU nodes (one nvidia.com/gpu each, as `sim.spotguard.io/gpus` makes the simulated kubelet
+report), a vLLM Deployment of one pod per node asking for that GPU and annotated
+spotguard.io/surge, and a GCE host-maintenance notice whose window starts 90 s later. With
+--surge-min-notice-seconds 60 and --surge-drain-reserve-seconds 30, the surge may last until 55 s
+after the notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+from spotguard_sim.support import wait_until
+from spotguard_sim.world import World
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
+
+GPU_NODE = {"sim.spotguard.io/gpus": "1"}
+SURGE_ENV = {"SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": "60", "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": "30"}
+WINDOW_S = 90.0
+PLACEHOLDER = "spotguard.io/placeholder-node"
+
+
+async def surge_pool(world: World, *, nodes: int = 2, autoscaler_max: int | None = 3) -> list[str]:
+    """`nodes` GPU nodes with spotguard, a vLLM pod on each (1 GPU, surge), and (unless
+    `autoscaler_max` is None) the autoscaler, allowed that many nodes in the pool."""
+    world.daemon_env.update(SURGE_ENV)
+    world.ensure_placeholder_priority_class()
+    names = [f"gpu-{uuid.uuid4().hex[:8]}" for _ in range(nodes)]
+    await asyncio.gather(*(world.add_vm(name, labels=GPU_NODE) for name in names))
+    world.deploy_vllm(replicas=nodes, shutdown_timeout=10, drains_on_sigterm=True, surge=True, gpus=1)
+    await asyncio.to_thread(world.wait_ready_pods, nodes)
+    if autoscaler_max is not None:
+        await world.start_autoscaler(provisioning_delay=3.0, max_nodes=autoscaler_max)
+    return names
+
+
+def placeholders(world: World, node: str) -> list[dict[str, Any]]:
+    return world.pods(f"{PLACEHOLDER}={node}")
+
+
+def victim_on(world: World, node: str) -> dict[str, Any]:
+    return next(p for p in world.pods("app=vllm") if p["spec"].get("nodeName") == node)
+
+
+def serving(pod: dict[str, Any]) -> str | None:
+    return next((c["status"] for c in pod.get("status", {}).get("conditions", [])
+                 if c["type"] == "spotguard.io/serving"), None)
+
+
+def event_time(world: World, reason: str, name: str) -> float:
+    from spotguard.providers.http import parse_rfc3339
+
+    found = [e for e in world.events(reason=reason) if e["involvedObject"]["name"] == name]
+    assert found, f"no {reason} Event about {name}"
+    return min(parse_rfc3339(e.get("firstTimestamp") or e["eventTime"]) for e in found)
+
+
+async def test_the_replacement_lands_on_capacity_the_placeholder_brought_while_the_pod_served(world):
+    victim_node, _ = await surge_pool(world)
+    victim = victim_on(world, victim_node)
+    world.maintenance(victim_node, in_seconds=WINDOW_S)
+
+    # The placeholder: pending for a GPU, then Running on a node the autoscaler added for it.
+    def running_placeholder() -> dict[str, Any] | None:
+        found = [p for p in placeholders(world, victim_node) if p.get("status", {}).get("phase") == "Running"]
+        return found[0] if found else None
+
+    placeholder = await asyncio.to_thread(wait_until, running_placeholder, timeout=60,
+                                          what="the placeholder running on new capacity")
+    new_node = placeholder["spec"]["nodeName"]
+    assert new_node not in (victim_node,) and new_node in world.autoscaler.nodes_added
+    assert placeholder["spec"]["priority"] == -1
+    assert placeholder["metadata"]["ownerReferences"][0]["uid"] == victim["metadata"]["uid"]
+
+    # Only then does the pod leave rotation (and, draining itself, get evicted); its replacement
+    # preempts the placeholder on the new node.
+    def replacement() -> dict[str, Any] | None:
+        found = [p for p in world.pods("app=vllm") if p["metadata"]["name"] != victim["metadata"]["name"]
+                 and p["spec"].get("nodeName") == new_node and serving(p) == "True"]
+        return found[0] if found else None
+
+    await asyncio.to_thread(wait_until, replacement, timeout=60, what="the replacement serving on the new node")
+    assert event_time(world, "SurgeStarted", victim_node) <= event_time(world, "SurgeReady", victim_node) <= \
+        event_time(world, "NotServing", victim["metadata"]["name"])
+    await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=30,
+                            what="the placeholder gone (preempted)")
+    # One node for the surge and no second one for the replacement (it was nominated, not pending).
+    assert len(world.autoscaler.nodes_added) == 1
+    assert not world.events(reason="SurgeGivenUp")
+
+
+async def test_a_withdrawn_notice_deletes_the_placeholder_and_the_pods_never_stopped_serving(world):
+    victim_node, _ = await surge_pool(world, autoscaler_max=None)   # no capacity comes: it stays pending
+    vm = world.vms[victim_node]
+    world.maintenance(victim_node, in_seconds=WINDOW_S)
+    await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=15,
+                            what="the placeholder created")
+    vm.metadata.set_maintenance("NONE")
+    await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=15,
+                            what="the placeholder deleted")
+    node = world.node(victim_node)
+    assert not node["spec"].get("unschedulable") and not node["spec"].get("taints")
+    assert serving(victim_on(world, victim_node)) == "True"
+    assert not world.events(reason="NotServing")
+
+
+async def test_a_daemon_killed_mid_surge_resumes_it_without_a_second_placeholder(world):
+    victim_node, _ = await surge_pool(world, autoscaler_max=None)
+    vm = world.vms[victim_node]
+    world.maintenance(victim_node, in_seconds=WINDOW_S)
+    await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=15,
+                            what="the placeholder created")
+    first = placeholders(world, victim_node)[0]["metadata"]["uid"]
+    vm.daemon.kill()
+    world.start_daemon(vm)
+    await asyncio.to_thread(vm.daemon.wait_ready)
+    await asyncio.sleep(3)   # a few decision steps of the new daemon
+    assert [p["metadata"]["uid"] for p in placeholders(world, victim_node)] == [first]
+    assert world.node(victim_node)["metadata"]["annotations"]["spotguard.io/phase"] == "surging"
+    assert serving(victim_on(world, victim_node)) == "True"
+
+
+async def test_a_placeholder_with_no_capacity_in_time_is_given_up_and_the_drain_goes_on(world):
+    # The pool may not grow: the placeholder stays Pending until the surge's time is up.
+    victim_node, _ = await surge_pool(world, autoscaler_max=2)
+    victim = victim_on(world, victim_node)
+    noticed = world.maintenance(victim_node, in_seconds=WINDOW_S)
+
+    def given_up() -> list[dict[str, Any]]:
+        return [e for e in world.events(reason="SurgeGivenUp") if e["involvedObject"]["name"] == victim["metadata"]["name"]]
+
+    await asyncio.to_thread(wait_until, given_up, timeout=WINDOW_S, what="the surge given up")
+    # 90 s window - 5 s safety margin - 30 s reserve: not before 55 s after the notice.
+    assert event_time(world, "SurgeGivenUp", victim["metadata"]["name"]) >= noticed + 54
+    await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=15,
+                            what="the pending placeholder deleted")
+    await asyncio.to_thread(wait_until, lambda: world.events(reason="Evicted"), timeout=20,
+                            what="the pod evicted without the surge")
+    assert world.vms[victim_node].daemon.metric("spotguard_surge_given_up_total") == 1
+
+
+async def test_a_placeholder_refused_by_a_resource_quota_is_given_up_at_once(world):
+    victim_node, _ = await surge_pool(world)
+    victim = victim_on(world, victim_node)
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "gpus", "namespace": world.namespace},
+             "spec": {"hard": {"requests.nvidia.com/gpu": "2"}}}
+    world.api.call("POST", f"/api/v1/namespaces/{world.namespace}/resourcequotas", body=quota)
+
+    def quota_counted() -> bool:
+        used = world.api.call("GET", f"/api/v1/namespaces/{world.namespace}/resourcequotas/gpus")
+        return used.get("status", {}).get("used", {}).get("requests.nvidia.com/gpu") == "2"
+
+    await asyncio.to_thread(wait_until, quota_counted, timeout=30, what="the quota counting both GPUs")
+    noticed = world.maintenance(victim_node, in_seconds=WINDOW_S)
+    await asyncio.to_thread(wait_until, lambda: world.events(reason="SurgeGivenUp"), timeout=15,
+                            what="the surge given up")
+    event = world.events(reason="SurgeGivenUp")[0]
+    assert event["involvedObject"]["name"] == victim["metadata"]["name"] and "exceeded quota" in event["message"]
+    # Given up at once, not at the end of the surge's time: the pod is out of rotation and evicted.
+    await asyncio.to_thread(wait_until, lambda: world.events(reason="Evicted"), timeout=20,
+                            what="the pod evicted")
+    assert time.time() - noticed < 30 and not placeholders(world, victim_node)
