@@ -51,6 +51,8 @@ class Config:
     surge_drain_reserve_seconds: float = 120.0
     surge_priority_class: str = "spotguard-placeholder"
     surge_placeholder_image: str = "registry.k8s.io/pause:3.10.2"
+    # Where notifications are POSTed (spotguard.webhooks); none by default.
+    webhook_urls: tuple[str, ...] = ()
     # Where Google's GCE_METADATA_HOST says GCE's server is (root URL): used by the GCE provider
     # when --metadata-url is not given, never by another cloud's (so `auto` on AWS ignores it).
     gce_metadata_host_url: str | None = None
@@ -65,6 +67,10 @@ class _Setting:
     default: str | None = None
     is_switch: bool = False
     metavar: str | None = None
+    # The flag may be repeated; its environment variable holds the values comma-separated.
+    is_list: bool = False
+    # Never echoed in an error (a webhook URL carries its token).
+    secret: bool = False
 
 
 SETTINGS: tuple[_Setting, ...] = (
@@ -113,6 +119,11 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("surge_placeholder_image", "--surge-placeholder-image", "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE",
              "image the placeholders run (a pause image: they only hold resources)",
              default="registry.k8s.io/pause:3.10.2", metavar="IMAGE"),
+    _Setting("webhook_urls", "--webhook-url", "SPOTGUARD_WEBHOOK_URLS",
+             "POST a JSON notification here on a notice, an eviction, a PDB blocking one, the node "
+             "drained, a surge given up, a withdrawn notice, a missed deadline (Slack incoming-webhook "
+             "URLs get Slack's format); repeat the flag for more URLs, comma-separate them in the env",
+             metavar="URL", is_list=True, secret=True),
 )
 
 
@@ -124,6 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if setting.is_switch:
             parser.add_argument(setting.flag, dest=setting.dest, action="store_const", const="true",
                                 default=None, help=help_text)
+        elif setting.is_list:
+            parser.add_argument(setting.flag, dest=setting.dest, action="append", default=None,
+                                metavar=setting.metavar, help=help_text)
         else:
             parser.add_argument(setting.flag, dest=setting.dest, default=None,
                                 metavar=setting.metavar or setting.dest.upper(), help=help_text)
@@ -134,6 +148,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
 
     def raw(setting: _Setting) -> str | None:
         value = getattr(args, setting.dest, None)
+        if isinstance(value, list):  # a repeated flag: one comma-separated value, like its env
+            value = ",".join(value)
         if value is None:
             value = environ.get(setting.env)
         if value is None or value.strip() == "":
@@ -148,7 +164,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         try:
             return parse(value)
         except ValueError as error:
-            raise ConfigError(f"{setting.flag} / {setting.env}: {error}, got {value!r}") from None
+            got = "" if setting.secret else f", got {value!r}"
+            raise ConfigError(f"{setting.flag} / {setting.env}: {error}{got}") from None
 
     node_name = parsed("node_name", _node_name)
     if node_name is None:
@@ -191,6 +208,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         surge_drain_reserve_seconds=parsed("surge_drain_reserve_seconds", _non_negative_seconds),  # type: ignore[arg-type]
         surge_priority_class=parsed("surge_priority_class", _object_name),  # type: ignore[arg-type]
         surge_placeholder_image=parsed("surge_placeholder_image", _image),  # type: ignore[arg-type]
+        webhook_urls=parsed("webhook_urls", _urls) or (),  # type: ignore[arg-type]
         gce_metadata_host_url=gce_metadata_host_url,
     )
 
@@ -202,6 +220,17 @@ def _node_name(value: str) -> str:
     if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValueError("must be a Kubernetes node name (lower-case DNS subdomain)")
     return value
+
+
+def _urls(value: str) -> tuple[str, ...]:
+    urls = tuple(url.strip() for url in value.split(",") if url.strip())
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+            # Not the URL itself: a webhook URL is often a secret (Slack's path is its token).
+            raise ValueError(f"each must be an http(s) URL; {parts.scheme or 'no scheme'}://"
+                             f"{parts.hostname or '?'}/... is not")
+    return urls
 
 
 def _object_name(value: str) -> str:

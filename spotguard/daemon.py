@@ -27,7 +27,7 @@ from aiohttp import web
 from spotguard import actions
 from spotguard import kube as k
 from spotguard import lifecycle as lc
-from spotguard import placeholder, vllm
+from spotguard import placeholder, vllm, webhooks
 from spotguard.backoff import backoff_delay
 from spotguard.config import Config
 from spotguard.notice import Notice, NoticeKind
@@ -75,6 +75,8 @@ class Daemon:
         self.placeholders_synced = not self.surging_on
         self.surge = placeholder.Settings(priority_class=config.surge_priority_class,
                                           image=config.surge_placeholder_image)
+        self.notifier = webhooks.Notifier(config.webhook_urls, dry_run=config.dry_run,
+                                          count=lambda result: metrics.webhooks.labels(result=result).inc())
         self.notice: Notice | None = None
         self.provider_ready = False
         self.pods_synced = False
@@ -112,6 +114,7 @@ class Daemon:
             raise ListenError(f"--listen / SPOTGUARD_LISTEN: cannot listen on "
                               f"{self.config.listen_host}:{self.config.listen_port}: {error.strerror or error}") from None
         self._session = aiohttp.ClientSession()
+        self.notifier.start()
         log.info("started", listen=f"{self.config.listen_host}:{self.config.listen_port}",
                  provider=self.provider.name, dry_run=self.config.dry_run)
         try:
@@ -130,6 +133,7 @@ class Daemon:
             await asyncio.gather(*self._tasks, *self._event_retries, return_exceptions=True)
             for watch in self._list_watches:
                 await watch.stop()
+            await self.notifier.stop()
             await self._session.close()
             await runner.cleanup()
             log.info("stopped")
@@ -417,6 +421,7 @@ class Daemon:
             self._count_eviction(evict.pod, outcome, detail)
         for report in reports:
             self._count_report(report)
+            self.notifier.send(report, node=self.config.node_name, progress=self.state.progress)
         posted = await asyncio.gather(*(self._do(report) for report in reports))
         for report, ok in zip(reports, posted):
             if not ok:

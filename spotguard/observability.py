@@ -74,6 +74,9 @@ class Metrics:
         self.surge_given_up = Counter("spotguard_surge_given_up_total",
                                       "Pods drained without the replacement capacity a surge was to bring "
                                       "(placeholder refused, or not running in time).", registry=r)
+        self.webhooks = Counter("spotguard_webhook_deliveries_total",
+                                "Webhook notifications, by result: ok, error (every attempt failed), "
+                                "dropped (the queue was full).", ["result"], registry=r)
         self.reaction = Histogram("spotguard_reaction_duration_seconds",
                                   "Notice received -> node cordoned and every serving pod not-ready.",
                                   buckets=_REACTION_BUCKETS, registry=r)
@@ -106,6 +109,8 @@ class Metrics:
                 self.actions.labels(action=action, result=result)
         for result in EVICTION_RESULTS:
             self.evictions.labels(result=result)
+        for result in ("ok", "error", "dropped"):
+            self.webhooks.labels(result=result)
         for reason in SCRAPE_ERRORS:
             self.scrape_errors.labels(reason=reason)
         self.set_phase("guarding")

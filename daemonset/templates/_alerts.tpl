@@ -64,6 +64,19 @@ alert templating, passed through untouched.
           (NotTriggerScaleUp: pool at its maximum, no matching pool, or the PriorityClass below
           --expendable-pods-priority-cutoff) and the pool's provisioning time.
         {{- with include "spotguard.runbookUrl" (dict "root" $ "alert" "SpotguardSurgeGivenUp") }}{{ . | nindent 8 }}{{ end }}
+    - alert: SpotguardWebhookFailing
+      expr: increase(spotguard_webhook_deliveries_total{result=~"error|dropped"}[{{ $rule.incidentWindow }}]) > 0
+      labels:
+        {{- toYaml (merge (dict "severity" "warning") $extra) | nindent 8 }}
+      annotations:
+        summary: {{ `spotguard on node {{ $labels.node }} could not deliver webhook notifications.` | quote }}
+        description: {{ printf `In the last %s spotguard on node {{ $labels.node }} gave up on webhook notifications ({{ $labels.result }}): a channel did not hear about a notice, an eviction or a blocked drain. Drains are not affected.` $rule.incidentWindow | quote }}
+        runbook: >-
+          spotguard's log on that node has "webhook not delivered" with the receiver's host and
+          the error (timeout, HTTP status). Check the URL in the webhook Secret, the receiver,
+          and egress from the node (a proxy goes in extraEnv: HTTPS_PROXY, NO_PROXY). "dropped"
+          means more than 200 messages waited for one slow receiver.
+        {{- with include "spotguard.runbookUrl" (dict "root" $ "alert" "SpotguardWebhookFailing") }}{{ . | nindent 8 }}{{ end }}
     - alert: SpotguardEvictionBlockedByPDB
       expr: spotguard_eviction_blocked == 1
       for: {{ $rule.evictionBlockedFor }}

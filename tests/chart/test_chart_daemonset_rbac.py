@@ -108,8 +108,26 @@ SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
 
 def test_every_daemon_setting_has_a_chart_value() -> None:
     envs = {s.env for s in config.SETTINGS}
-    # NODE_NAME is not a value: it always comes from the downward API.
-    assert envs - {"NODE_NAME"} == set(SETTING_VALUES)
+    # NODE_NAME is not a value: it always comes from the downward API; the webhook URLs come from a
+    # Secret (test_webhook_urls_come_from_a_secret).
+    assert envs - {"NODE_NAME", "SPOTGUARD_WEBHOOK_URLS"} == set(SETTING_VALUES)
+
+
+def test_webhook_urls_come_from_a_secret_never_from_a_plain_value() -> None:
+    assert "SPOTGUARD_WEBHOOK_URLS" not in {e["name"] for e in _container()["env"]}
+    urls = ["https://hooks.slack.com/services/T/B/token", "https://alerts.example/hook"]
+    objs = render_objects({"webhooks": {"urls": urls}})
+    secret = only(objs, "Secret")
+    assert secret["metadata"]["name"] == "spotguard-webhooks" and secret["stringData"] == {"urls": ",".join(urls)}
+    env = {e["name"]: e for e in only(objs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SPOTGUARD_WEBHOOK_URLS"] == {"name": "SPOTGUARD_WEBHOOK_URLS", "valueFrom": {
+        "secretKeyRef": {"name": "spotguard-webhooks", "key": "urls"}}}
+    assert config.load(argparse.Namespace(), {"NODE_NAME": "n", "SPOTGUARD_WEBHOOK_URLS": secret["stringData"]["urls"]}
+                       ).webhook_urls == tuple(urls)
+    mine = render_objects({"webhooks": {"existingSecret": "chat", "existingSecretKey": "hooks"}})
+    assert "Secret" not in chartlib.kinds(mine)
+    env = {e["name"]: e for e in only(mine, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SPOTGUARD_WEBHOOK_URLS"]["valueFrom"] == {"secretKeyRef": {"name": "chat", "key": "hooks"}}
 
 
 @pytest.mark.parametrize("env_name", sorted(SETTING_VALUES))

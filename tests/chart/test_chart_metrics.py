@@ -56,7 +56,7 @@ def test_alerts_cover_the_agreed_conditions() -> None:
     assert set(alerts) == {
         "SpotguardPreemptionInProgress", "SpotguardDrainMissedDeadline", "SpotguardEvictionBlockedByPDB",
         "SpotguardRequestsAborted", "SpotguardMetadataUnreachable", "SpotguardMissingOnGpuNode",
-        "SpotguardSurgeGivenUp"}
+        "SpotguardSurgeGivenUp", "SpotguardWebhookFailing"}
     for name, rule in alerts.items():
         assert {"summary", "description", "runbook"} <= set(rule["annotations"]), name
         assert rule["labels"]["severity"] in ("info", "warning", "critical"), name

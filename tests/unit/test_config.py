@@ -40,7 +40,8 @@ def test_every_setting_reads_its_environment_variable():
            "SPOTGUARD_MAX_DRAIN_SECONDS": "60", "SPOTGUARD_DRAIN_POLL_SECONDS": "0.25",
            "SPOTGUARD_LOG_LEVEL": "debug", "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": "900",
            "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": "90", "SPOTGUARD_SURGE_PRIORITY_CLASS": "hold",
-           "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE": "registry.example/pause:3@sha256:abc"}
+           "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE": "registry.example/pause:3@sha256:abc",
+           "SPOTGUARD_WEBHOOK_URLS": "https://hooks.slack.com/services/T/B/s, http://127.0.0.1:8080/hook"}
     assert set(env) == {s.env for s in cfg.SETTINGS}
     config = load(env=env)
     assert (config.provider, config.metadata_url, config.listen_port, config.dry_run) == \
@@ -49,6 +50,18 @@ def test_every_setting_reads_its_environment_variable():
             config.max_drain_seconds, config.drain_poll_seconds, config.log_level) == (90, 3, 4, 60, 0.25, "debug")
     assert (config.surge_min_notice_seconds, config.surge_drain_reserve_seconds, config.surge_priority_class,
             config.surge_placeholder_image) == (900, 90, "hold", "registry.example/pause:3@sha256:abc")
+    assert config.webhook_urls == ("https://hooks.slack.com/services/T/B/s", "http://127.0.0.1:8080/hook")
+
+
+def test_webhook_urls_repeat_as_flags_and_a_bad_one_is_named_without_its_secret():
+    config = load(["--webhook-url", "https://a.example/x", "--webhook-url", "https://b.example/y"], {"NODE_NAME": "n"})
+    assert config.webhook_urls == ("https://a.example/x", "https://b.example/y")
+    assert load([], {"NODE_NAME": "n"}).webhook_urls == ()
+    with pytest.raises(cfg.ConfigError) as error:
+        load([], {"NODE_NAME": "n", "SPOTGUARD_WEBHOOK_URLS": "https://ok.example/x,hooks.slack.com/services/T/B/s3cr3t"})
+    assert str(error.value) == ("--webhook-url / SPOTGUARD_WEBHOOK_URLS: each must be an http(s) URL; "
+                                "no scheme://?/... is not")
+    assert "s3cr3t" not in str(error.value)
 
 
 @pytest.mark.parametrize("flag,value,says", [
