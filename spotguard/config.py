@@ -51,6 +51,8 @@ class Config:
     surge_drain_reserve_seconds: float = 120.0
     surge_priority_class: str = "spotguard-placeholder"
     surge_placeholder_image: str = "registry.k8s.io/pause:3.10.2"
+    # Seconds between reads of a polled metadata server (AWS, Azure); None: the provider's default.
+    poll_seconds: float | None = None
     # Where notifications are POSTed (spotguard.webhooks); none by default.
     webhook_urls: tuple[str, ...] = ()
     # Where Google's GCE_METADATA_HOST says GCE's server is (root URL): used by the GCE provider
@@ -119,6 +121,10 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("surge_placeholder_image", "--surge-placeholder-image", "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE",
              "image the placeholders run (a pause image: they only hold resources)",
              default="registry.k8s.io/pause:3.10.2", metavar="IMAGE"),
+    _Setting("poll_seconds", "--poll-seconds", "SPOTGUARD_POLL_SECONDS",
+             "how often AWS's IMDS (default 0.25) or Azure's Scheduled Events (default 1, a per-VM "
+             "throttled service other pods share) are read; GCE needs none (hanging GETs)",
+             metavar="SECONDS"),
     _Setting("webhook_urls", "--webhook-url", "SPOTGUARD_WEBHOOK_URLS",
              "POST a JSON notification here on a notice, an eviction, a PDB blocking one, the node "
              "drained, a surge given up, a withdrawn notice, a missed deadline (Slack incoming-webhook "
@@ -209,6 +215,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         surge_priority_class=parsed("surge_priority_class", _object_name),  # type: ignore[arg-type]
         surge_placeholder_image=parsed("surge_placeholder_image", _image),  # type: ignore[arg-type]
         webhook_urls=parsed("webhook_urls", _urls) or (),  # type: ignore[arg-type]
+        poll_seconds=parsed("poll_seconds", _poll_seconds),  # type: ignore[arg-type]
         gce_metadata_host_url=gce_metadata_host_url,
     )
 
@@ -220,6 +227,13 @@ def _node_name(value: str) -> str:
     if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValueError("must be a Kubernetes node name (lower-case DNS subdomain)")
     return value
+
+
+def _poll_seconds(value: str) -> float:
+    seconds = _positive_seconds(value)
+    if not 0.05 <= seconds <= 10:
+        raise ValueError("must be between 0.05 and 10 seconds")
+    return seconds
 
 
 def _urls(value: str) -> tuple[str, ...]:

@@ -155,6 +155,9 @@ class AzureProvider(PolledProvider[tuple[str, list[ScheduledEvent]]]):
 
     name = "azure"
     headers = METADATA_HEADER
+    # Once a second, as Microsoft suggests for Scheduled Events: IMDS is throttled per VM (HTTP 429)
+    # and every pod on the VM that asks it for tokens shares that budget.
+    default_poll_seconds = 1.0
 
     def __init__(self, *, root_url: str = DEFAULT_ROOT_URL,
                  first_request_timeout_seconds: float = FIRST_REQUEST_TIMEOUT_SECONDS, **options: Any) -> None:
@@ -205,5 +208,5 @@ class AzureProvider(PolledProvider[tuple[str, list[ScheduledEvent]]]):
 def from_config(config: Config, *, on_error: Callable[[str], None], on_ok: Callable[[], None],
                 clock: Callable[[], float]) -> AzureProvider:
     """The registry's factory (`providers.REGISTRY["azure"]`)."""
-    return AzureProvider(root_url=config.metadata_url or DEFAULT_ROOT_URL,
-                 notice_seconds=config.notice_seconds, on_error=on_error, on_ok=on_ok, clock=clock)
+    return AzureProvider(root_url=config.metadata_url or DEFAULT_ROOT_URL, notice_seconds=config.notice_seconds,
+                         poll_seconds=config.poll_seconds, on_error=on_error, on_ok=on_ok, clock=clock)

@@ -1,5 +1,5 @@
-"""What the clouds without hanging GETs (AWS, Azure) share: read the metadata every second, judge
-what it amounts to, and yield the notice only when it changes.
+"""What the clouds without hanging GETs (AWS, Azure) share: read the metadata every
+`--poll-seconds`, judge what it amounts to, and yield the notice only when it changes.
 
 A provider subclasses `PolledProvider`, reads its cloud in `read(http)` and turns that into
 `Notice | None` in `judge(value)` (pure, or keeping the little state it needs).
@@ -23,10 +23,10 @@ from spotguard.providers.http import MetadataBodyError, RequestFailed, session
 
 T = TypeVar("T")
 
-# Once a second: a spot notice lasts 30 s (Azure) to 2 min (AWS), and every second not knowing is
-# a second routers keep sending work to a VM that is going away. AWS suggests 5 s and NTH polls
-# every 2 s; Microsoft asks for once a second. Either server is on the VM and answers in a
-# millisecond.
+# The default when a provider names none: a spot notice lasts 30 s (Azure) to 2 min (AWS), and
+# every second not knowing is a second routers keep sending work to a VM that is going away.
+# Either server is on the VM and answers in a millisecond. AwsProvider and AzureProvider set their
+# own defaults from their clouds' limits.
 POLL_SECONDS = 1.0
 
 
@@ -67,12 +67,14 @@ class PolledProvider(ABC, Generic[T]):
     name = "polled"
     # Sent with every request (Azure's `Metadata: true`).
     headers: dict[str, str] = {}
+    # Seconds between reads when --poll-seconds does not say.
+    default_poll_seconds = POLL_SECONDS
 
     def __init__(self, *, root_url: str, notice_seconds: float | None = None,
                  on_error: Callable[[str], None] = unheard,
                  on_ok: Callable[[], None] = unheard,
                  clock: Callable[[], float] = time.time,
-                 poll_seconds: float = POLL_SECONDS,
+                 poll_seconds: float | None = None,
                  request_timeout_seconds: float = 2.0,
                  backoff_base_seconds: float = 0.5,
                  backoff_cap_seconds: float = 2.0) -> None:
@@ -81,7 +83,7 @@ class PolledProvider(ABC, Generic[T]):
         self._on_error = on_error
         self._on_ok = on_ok
         self._clock = clock
-        self._poll_seconds = poll_seconds
+        self._poll_seconds = self.default_poll_seconds if poll_seconds is None else poll_seconds
         self._request_timeout = request_timeout_seconds
         self._backoff_base = backoff_base_seconds
         self._backoff_cap = backoff_cap_seconds
@@ -112,10 +114,18 @@ class PolledProvider(ABC, Generic[T]):
             async with aclosing(polls):
                 async for value in polls:
                     notice = self.judge(value)
-                    if started and notice == last:
+                    if started and (notice == last or _only_later(notice, last)):
                         continue
                     started, last = True, notice
                     self._log.info(f"{self.name}_notice_state", notice_kind=notice.kind.value if notice else None,
                                    deadline=notice.deadline if notice else None,
                                    detail=notice.detail if notice else None)
                     yield notice
+
+
+def _only_later(notice: Notice | None, last: Notice | None) -> bool:
+    """The same notice with a later deadline: nothing to act on (a deadline only ever moves
+    closer for spotguard), and nothing to log. Some metadata servers (AWS's metadata mock with its
+    defaults) move the time forward on every read; without this, one log line per poll."""
+    return (notice is not None and last is not None and notice.kind == last.kind
+            and notice.deadline >= last.deadline)

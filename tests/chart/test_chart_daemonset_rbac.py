@@ -97,6 +97,7 @@ SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "SPOTGUARD_MAX_DRAIN_SECONDS": ({"maxDrainSeconds": 900}, "900"),
     "SPOTGUARD_DRAIN_POLL_SECONDS": ({"drainPollSeconds": 0.25}, "0.25"),
     "SPOTGUARD_LOG_LEVEL": ({"logLevel": "debug"}, "debug"),
+    "SPOTGUARD_POLL_SECONDS": ({"pollSeconds": 0.5}, "0.5"),
     "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": ({"surge": {"minNoticeSeconds": 900},
                                             "validatingAdmissionPolicy": {"enabled": True}}, "900"),
     "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": ({"surge": {"drainReserveSeconds": 90}}, "90"),
@@ -152,7 +153,7 @@ def test_rendered_environment_is_accepted_by_the_daemon() -> None:
         safety_margin_seconds=7.5, endpoint_wait_seconds=3.0, max_drain_seconds=900.0,
         drain_poll_seconds=0.25, log_level="debug", surge_min_notice_seconds=900.0,
         surge_drain_reserve_seconds=90.0, surge_priority_class="hold",
-        surge_placeholder_image="mirror.example/pause:3.10.2")
+        surge_placeholder_image="mirror.example/pause:3.10.2", poll_seconds=0.5)
 
 
 def test_without_the_admission_policies_there_is_no_surge_and_no_pod_create() -> None:
@@ -169,6 +170,7 @@ def test_without_the_admission_policies_there_is_no_surge_and_no_pod_create() ->
 def test_optional_settings_are_left_to_the_daemon_when_unset() -> None:
     env = _env()
     assert "SPOTGUARD_METADATA_URL" not in env and "SPOTGUARD_NOTICE_SECONDS" not in env
+    assert "SPOTGUARD_POLL_SECONDS" not in env
 
 
 def test_extra_env_is_appended() -> None:

@@ -41,7 +41,8 @@ def test_every_setting_reads_its_environment_variable():
            "SPOTGUARD_LOG_LEVEL": "debug", "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": "900",
            "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": "90", "SPOTGUARD_SURGE_PRIORITY_CLASS": "hold",
            "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE": "registry.example/pause:3@sha256:abc",
-           "SPOTGUARD_WEBHOOK_URLS": "https://hooks.slack.com/services/T/B/s, http://127.0.0.1:8080/hook"}
+           "SPOTGUARD_WEBHOOK_URLS": "https://hooks.slack.com/services/T/B/s, http://127.0.0.1:8080/hook",
+           "SPOTGUARD_POLL_SECONDS": "0.5"}
     assert set(env) == {s.env for s in cfg.SETTINGS}
     config = load(env=env)
     assert (config.provider, config.metadata_url, config.listen_port, config.dry_run) == \
@@ -51,6 +52,7 @@ def test_every_setting_reads_its_environment_variable():
     assert (config.surge_min_notice_seconds, config.surge_drain_reserve_seconds, config.surge_priority_class,
             config.surge_placeholder_image) == (900, 90, "hold", "registry.example/pause:3@sha256:abc")
     assert config.webhook_urls == ("https://hooks.slack.com/services/T/B/s", "http://127.0.0.1:8080/hook")
+    assert config.poll_seconds == 0.5 and load([], {"NODE_NAME": "n"}).poll_seconds is None
 
 
 def test_webhook_urls_repeat_as_flags_and_a_bad_one_is_named_without_its_secret():

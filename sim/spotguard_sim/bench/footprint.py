@@ -17,10 +17,12 @@ _IDLE_WITH_IMPORTS = ("import kubernetes, aiohttp, structlog, prometheus_client\
                       "import time\nwhile True:\n    time.sleep(3600)\n")
 
 
-async def bench_footprint(ctx: Context, seconds: float) -> dict[str, Any]:
+async def bench_footprint(ctx: Context, seconds: float, *, cloud: str = "gce") -> dict[str, Any]:
     """One daemon guarding one node with one serving pod, idle for `seconds`: RSS and CPU from
-    /proc, API requests from the audit log. Two idle Python processes alongside give the scale."""
-    world = ctx.new_world("footprint")
+    /proc, API requests from the audit log. Two idle Python processes alongside give the scale.
+    `cloud` says whose metadata server it watches: GCE's hanging GETs, or AWS's and Azure's polls
+    (their default --poll-seconds), which cost CPU while idle."""
+    world = ctx.new_world(f"footprint-{cloud}", cloud=cloud)
     baselines: dict[str, subprocess.Popen[bytes]] = {}
     try:
         vm = await add_vm(world, f"{world.pool}-f", spotguard=True)
@@ -51,7 +53,7 @@ async def bench_footprint(ctx: Context, seconds: float) -> dict[str, Any]:
         daemon = processes["spotguard"]
         minutes = (t1 - t0) / 60
         return {
-            "window_s": round(t1 - t0, 1), "loadavg_1m": round(os.getloadavg()[0], 2),
+            "cloud": cloud, "window_s": round(t1 - t0, 1), "loadavg_1m": round(os.getloadavg()[0], 2),
             "rss_mb": daemon["rss_mib"], "rss_mb_max": daemon["rss_mib_max"],
             "cpu_millicores_idle": daemon["cpu_millicores"],
             "api_requests_per_min_idle": None if requests is None else round(len(requests) / minutes, 2),

@@ -8,7 +8,11 @@ import random
 import time
 from typing import Any
 
-from spotguard.providers.polled import POLL_SECONDS
+from spotguard.providers.aws import AwsProvider
+from spotguard.providers.azure import AzureProvider
+
+# How long a polling provider's cycle is (its default --poll-seconds): notices are spread over it.
+POLL_CYCLE_SECONDS = {"aws": AwsProvider.default_poll_seconds, "azure": AzureProvider.default_poll_seconds}
 from spotguard_sim.bench.context import Context, add_vm, daemon_metrics
 from spotguard_sim.bench.measure import ms, quantiles_ms
 from spotguard_sim.bench.observe import Observer
@@ -46,10 +50,10 @@ async def bench_reaction(ctx: Context, reps: int, *, cloud: str = "gce") -> dict
 
         for rep in range(reps):
             await observer.wait_for(guarding, timeout=30)
-            # A real notice comes at any moment of a polling provider's 1 s cycle. The harness re-arms
+            # A real notice comes at any moment of a polling provider's cycle. The harness re-arms
             # right after a poll saw the withdrawal, so without a delay spread over a whole cycle
             # every notice would land at about the same phase (it did: p50 604 ms, p99 701 ms).
-            await asyncio.sleep(0.3 + random.random() * (0.2 if cloud == "gce" else POLL_SECONDS))
+            await asyncio.sleep(0.3 + random.random() * POLL_CYCLE_SECONDS.get(cloud, 0.2))
             before = await daemon_metrics(vm.daemon) or ""
             notice = time.time()
             vm.metadata.preempt()

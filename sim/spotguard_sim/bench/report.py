@@ -24,7 +24,26 @@ def evaluate_targets(report: dict[str, Any]) -> dict[str, Any]:
             "spotguard_drain_replacement_s": ours, "evict_immediately_replacement_s": theirs,
             "met": drain["lost"] == 0 and drain["lost"] < control["lost"]
             and ours is not None and theirs is not None and ours <= theirs + 1.0}
+        surge = scenarios.get("spotguard_surge")
+        if surge is not None:
+            others = {n: scenarios[n]["capacity_gap_s"] for n in ("kubelet_only", "evict_immediately", "spotguard")
+                      if n in scenarios}
+            provisioning = report["config"]["provisioning_delay_s"]
+            targets[f"surge_{name}"] = {
+                "target": "spotguard_surge: capacity gap 0 s and 0 lost; kubelet_only, evict_immediately and "
+                          "spotguard: a gap of at least one node provisioning",
+                "spotguard_surge_gap_s": surge["capacity_gap_s"], "spotguard_surge_lost": surge["lost"],
+                "others_gap_s": others, "provisioning_delay_s": provisioning,
+                "met": surge["capacity_gap_s"] == 0 and surge["lost"] == 0
+                and all(gap is not None and gap >= provisioning for gap in others.values())}
     reaction = report.get("reaction") or {}
+    aws = (report.get("reaction_polled") or {}).get("aws")
+    if aws:
+        p99 = aws["external_ms"]["p99"]
+        targets["reaction_p99_aws"] = {"target_ms": 300, "measured_ms": p99, "met": p99 is not None and p99 <= 300}
+    for cloud, polled in (report.get("footprint_polled") or {}).items():
+        targets[f"idle_cpu_{cloud}"] = {"target_millicores": 2, "measured_millicores": polled["cpu_millicores_idle"],
+                                        "met": polled["cpu_millicores_idle"] <= 2}
     if reaction:
         p99 = reaction["external_ms"]["p99"]
         targets["reaction_p99"] = {"target_ms": 100, "measured_ms": p99, "met": p99 is not None and p99 <= 100,

@@ -65,9 +65,12 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
     if "footprint" in parts:
         ctx.say(f"footprint: one idle daemon for {cfg.footprint_s:g} s")
         report["footprint"] = await bench_footprint(ctx, cfg.footprint_s)
-        f = report["footprint"]
-        ctx.say(f"  RSS {f['rss_mb']} MiB, {f['cpu_millicores_idle']} mCPU, "
-                f"{f['api_requests_per_min_idle']} API requests/min")
+        # The polled clouds too: their reads every --poll-seconds are idle CPU that GCE does not spend.
+        report["footprint_polled"] = {cloud: await bench_footprint(ctx, cfg.footprint_s, cloud=cloud)
+                                      for cloud in ("aws", "azure")}
+        for f in (report["footprint"], *report["footprint_polled"].values()):
+            ctx.say(f"  {f['cloud']}: RSS {f['rss_mb']} MiB, {f['cpu_millicores_idle']} mCPU, "
+                    f"{f['api_requests_per_min_idle']} API requests/min")
     if "reaction" in parts:
         ctx.say(f"reaction: {cfg.reaction_reps} notices on one guarded node")
         report["reaction"] = await bench_reaction(ctx, cfg.reaction_reps)
