@@ -1,6 +1,6 @@
 """AWS notices: the EC2 spot instance-action, read through IMDSv2.
 
-EC2 has no hanging GET, so this polls once a second (see `providers.polled`).
+EC2 has no hanging GET, so this polls, every 0.25 s by default (`--poll-seconds`; see `providers.polled`).
 
 Three layers, like the GCE provider:
 - parsers (`parse_instance_action`, `parse_rebalance`): bytes in, value out, `MetadataBodyError`

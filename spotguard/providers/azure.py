@@ -1,5 +1,5 @@
-"""Azure notices: Scheduled Events from the Instance Metadata Service, polled once a second
-(see `providers.polled`).
+"""Azure notices: Scheduled Events from the Instance Metadata Service, polled once a second by default
+(`--poll-seconds`; see `providers.polled`).
 
 Three layers, like the other providers:
 - parsers (`parse_compute`, `parse_scheduled_events`): bytes in, value out, `MetadataBodyError`

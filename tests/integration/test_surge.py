@@ -100,10 +100,10 @@ async def test_a_withdrawn_notice_deletes_the_placeholder_and_the_pods_never_sto
     victim_node, _ = await surge_pool(world, autoscaler_max=None)   # no capacity comes: it stays pending
     vm = world.vms[victim_node]
     world.maintenance(victim_node, in_seconds=WINDOW_S)
-    await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=15,
+    await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=30,
                             what="the placeholder created")
     vm.metadata.set_maintenance("NONE")
-    await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=15,
+    await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=30,
                             what="the placeholder deleted")
     node = world.node(victim_node)
     assert not node["spec"].get("unschedulable") and not node["spec"].get("taints")
@@ -115,7 +115,7 @@ async def test_a_daemon_killed_mid_surge_resumes_it_without_a_second_placeholder
     victim_node, _ = await surge_pool(world, autoscaler_max=None)
     vm = world.vms[victim_node]
     world.maintenance(victim_node, in_seconds=WINDOW_S)
-    await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=15,
+    await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=30,
                             what="the placeholder created")
     first = placeholders(world, victim_node)[0]["metadata"]["uid"]
     vm.daemon.kill()
@@ -139,7 +139,7 @@ async def test_a_placeholder_with_no_capacity_in_time_is_given_up_and_the_drain_
     await asyncio.to_thread(wait_until, given_up, timeout=WINDOW_S, what="the surge given up")
     # 90 s window - 5 s safety margin - 30 s reserve: not before 55 s after the notice.
     assert event_time(world, "SurgeGivenUp", victim["metadata"]["name"]) >= noticed + 54
-    await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=15,
+    await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=30,
                             what="the pending placeholder deleted")
     await asyncio.to_thread(wait_until, lambda: world.events(reason="Evicted"), timeout=20,
                             what="the pod evicted without the surge")
@@ -159,7 +159,7 @@ async def test_a_placeholder_refused_by_a_resource_quota_is_given_up_at_once(wor
 
     await asyncio.to_thread(wait_until, quota_counted, timeout=30, what="the quota counting both GPUs")
     noticed = world.maintenance(victim_node, in_seconds=WINDOW_S)
-    await asyncio.to_thread(wait_until, lambda: world.events(reason="SurgeGivenUp"), timeout=15,
+    await asyncio.to_thread(wait_until, lambda: world.events(reason="SurgeGivenUp"), timeout=30,
                             what="the surge given up")
     event = world.events(reason="SurgeGivenUp")[0]
     assert event["involvedObject"]["name"] == victim["metadata"]["name"] and "exceeded quota" in event["message"]

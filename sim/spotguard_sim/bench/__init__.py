@@ -20,7 +20,7 @@ What is measured (docs/BENCHMARKS.md has the method and the results):
   lost, and when the replacement pod was Ready (the capacity gap).
 - **Reaction.** Notice -> node cordoned and the serving pod not-ready, watched from outside, many
   repetitions; compared with the daemon's own `spotguard_reaction_duration_seconds`. For GCE
-  (hanging GETs), and for AWS and Azure (polled once a second, notices spread over the cycle).
+  (hanging GETs), and for AWS and Azure (polled every 0.25 s and 1 s, notices spread over the cycle).
 - **Footprint.** One idle daemon: RSS and CPU from /proc, API requests from the API server's audit
   log (user agent `spotguard/...`), next to idle Python processes for scale.
 - **Storm.** As many nodes (one daemon process each) preempted at once as this machine holds.
