@@ -53,6 +53,8 @@ class Config:
     surge_placeholder_image: str = "registry.k8s.io/pause:3.10.2"
     # Seconds between reads of a polled metadata server (AWS, Azure); None: the provider's default.
     poll_seconds: float | None = None
+    # AWS: act on an EC2 scheduled event this long before its NotBefore (0: ignore them).
+    scheduled_event_lead_seconds: float = 3600.0
     # Where notifications are POSTed (spotguard.webhooks); none by default.
     webhook_urls: tuple[str, ...] = ()
     # Where Google's GCE_METADATA_HOST says GCE's server is (root URL): used by the GCE provider
@@ -124,6 +126,11 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("poll_seconds", "--poll-seconds", "SPOTGUARD_POLL_SECONDS",
              "how often AWS's IMDS (default 0.25) or Azure's Scheduled Events (default 1, a per-VM "
              "throttled service other pods share) are read; GCE needs none (hanging GETs)",
+             metavar="SECONDS"),
+    _Setting("scheduled_event_lead_seconds", "--scheduled-event-lead-seconds",
+             "SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS",
+             "AWS: act on an EC2 scheduled event (reboot, stop, retirement, maintenance) this long before "
+             "its NotBefore, as on a notice that long (0: ignore scheduled events)", default="3600",
              metavar="SECONDS"),
     _Setting("webhook_urls", "--webhook-url", "SPOTGUARD_WEBHOOK_URLS",
              "POST a JSON notification here on a notice, an eviction, a PDB blocking one, the node "
@@ -216,6 +223,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         surge_placeholder_image=parsed("surge_placeholder_image", _image),  # type: ignore[arg-type]
         webhook_urls=parsed("webhook_urls", _urls) or (),  # type: ignore[arg-type]
         poll_seconds=parsed("poll_seconds", _poll_seconds),  # type: ignore[arg-type]
+        scheduled_event_lead_seconds=parsed("scheduled_event_lead_seconds", _non_negative_seconds),  # type: ignore[arg-type]
         gce_metadata_host_url=gce_metadata_host_url,
     )
 

@@ -11,7 +11,8 @@ class NoticeKind(enum.StrEnum):
     # Azure Preempt. Short notice (30 s to 2 min).
     PREEMPTION = "preemption"
     # The host goes into maintenance and this VM cannot live-migrate (GPU VMs):
-    # GCE TERMINATE_ON_HOST_MAINTENANCE. Long notice (GCE: 60 min for GPUs).
+    # GCE TERMINATE_ON_HOST_MAINTENANCE, Azure Terminate/Redeploy/Reboot, an EC2 scheduled event.
+    # Long notice (GCE: 60 min for GPUs; Azure 5-15 min; EC2: acted on an hour ahead by default).
     HOST_MAINTENANCE = "host-maintenance"
 
 

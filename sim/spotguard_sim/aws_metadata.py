@@ -6,12 +6,18 @@ Like EC2 with `HttpTokens: required` it
   `X-aws-ec2-metadata-token-ttl-seconds`, as EC2 does and some SDKs require;
 - answers `GET /latest/meta-data/...` only with a valid, unexpired token (401 otherwise):
   spot/instance-action (404 until a notice, then `{"action": ..., "time": ...}`),
-  events/recommendations/rebalance (404 until `{"noticeTime": ...}`), instance-id.
+  events/recommendations/rebalance (404 until `{"noticeTime": ...}`), events/maintenance/scheduled
+  (404 until an event is scheduled, then the list, ended events kept with "[Canceled]" or
+  "[Completed]" in front of their description, as EC2 keeps them for a while), instance-id.
 
 Triggers and faults, for tests and the demo:
   POST /sim/preempt[?action=terminate|stop|hibernate&seconds=120]
                                             spot/instance-action appears, `seconds` from now
   POST /sim/rebalance                       a rebalance recommendation appears
+  POST /sim/schedule[?code=system-reboot&seconds=3600]
+                                            a scheduled event starting `seconds` from now (its EventId in the state)
+  POST /sim/schedule/cancel?id=ID           that event cancelled
+  POST /sim/schedule/complete?id=ID         that event completed
   POST /sim/reset                           no notice, no fault
   POST /sim/fault?mode=M[&seconds=S]        (token requests included) M = none | http_500 | http_503 | http_429 | hang |
                                             slow (S seconds late, default 2) | garbage | refuse |
@@ -19,7 +25,8 @@ Triggers and faults, for tests and the demo:
                                             token_hangs (PUT never answers: what a pod sees with hop
                                             limit 1)
   GET  /sim/state                           the current values and fault as JSON
-The same is available from Python: `preempt()`, `rebalance()`, `set_fault(...)`, `reset()`.
+The same is available from Python: `preempt()`, `rebalance()`, `schedule()`, `end_scheduled()`,
+`set_fault(...)`, `reset()`.
 """
 
 from __future__ import annotations
@@ -40,14 +47,22 @@ TOKEN_HEADER = "X-aws-ec2-metadata-token"
 TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 INSTANCE_ACTION_KEY = "spot/instance-action"
 REBALANCE_KEY = "events/recommendations/rebalance"
+SCHEDULED_KEY = "events/maintenance/scheduled"
 INSTANCE_ID_KEY = "instance-id"
 ACTIONS = frozenset({"terminate", "stop", "hibernate"})
+EVENT_CODES = frozenset({"instance-reboot", "system-reboot", "system-maintenance", "instance-retirement",
+                         "instance-stop"})
 
 MAX_TOKEN_TTL_SECONDS = 21600
 
 
 def _rfc3339(moment: float) -> str:
     return datetime.fromtimestamp(moment, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _event_time(moment: float) -> str:
+    """How IMDS writes a scheduled event's times: "21 Jan 2019 09:00:43 GMT"."""
+    return datetime.fromtimestamp(moment, timezone.utc).strftime("%d %b %Y %H:%M:%S GMT")
 
 
 class AwsMetadataEmulator(EmulatedServer):
@@ -62,6 +77,7 @@ class AwsMetadataEmulator(EmulatedServer):
         # token -> expiry (monotonic)
         self._tokens: dict[str, float] = {}
         self._values: dict[str, str | None] = {}
+        self._scheduled: list[dict[str, str]] = []
         # Observable by tests: requests per key ("api/token" for the PUTs).
         self.requests: Counter[str] = Counter()
         self.reset()
@@ -71,6 +87,8 @@ class AwsMetadataEmulator(EmulatedServer):
         app.router.add_get("/latest/meta-data/{key:.+}", self._serve_key)
         app.router.add_post("/sim/preempt", self._sim_preempt)
         app.router.add_post("/sim/rebalance", self._sim_rebalance)
+        app.router.add_post("/sim/schedule", self._sim_schedule)
+        app.router.add_post("/sim/schedule/{how:cancel|complete}", self._sim_end_scheduled)
 
     # -- triggers -----------------------------------------------------------------------------
 
@@ -82,6 +100,29 @@ class AwsMetadataEmulator(EmulatedServer):
 
     def rebalance(self) -> None:
         self._values[REBALANCE_KEY] = json.dumps({"noticeTime": _rfc3339(time.time())})
+
+    def schedule(self, *, code: str = "system-reboot", seconds: float = 3600.0,
+                 duration_seconds: float = 1200.0) -> str:
+        """An EC2 scheduled event starting `seconds` from now; its EventId."""
+        if code not in EVENT_CODES:
+            raise ValueError(f"code must be one of {', '.join(sorted(EVENT_CODES))}, got {code!r}")
+        event_id = f"instance-event-{secrets.token_hex(8)}"
+        start = time.time() + seconds
+        self._scheduled.append({"NotBefore": _event_time(start), "Code": code, "Description": f"scheduled {code}",
+                                "EventId": event_id, "NotAfter": _event_time(start + duration_seconds),
+                                "State": "active"})
+        self._values[SCHEDULED_KEY] = json.dumps(self._scheduled, indent=2)
+        return event_id
+
+    def end_scheduled(self, event_id: str, *, how: str = "cancel") -> None:
+        """The event cancelled (`how="cancel"`) or completed: EC2 keeps listing it for a while,
+        its description prefixed "[Canceled]" or "[Completed]"."""
+        event = next((e for e in self._scheduled if e["EventId"] == event_id), None)
+        if event is None:
+            raise KeyError(event_id)
+        prefix = {"cancel": "[Canceled]", "complete": "[Completed]"}[how]
+        event["Description"] = f"{prefix} {event['Description']}"
+        self._values[SCHEDULED_KEY] = json.dumps(self._scheduled, indent=2)
 
     def set_raw(self, key: str, text: str | None) -> None:
         """Any body (None: 404) for an emulated key, e.g. one EC2 does not document, for tests."""
@@ -98,7 +139,9 @@ class AwsMetadataEmulator(EmulatedServer):
 
     def reset(self) -> None:
         self._fault = "none"
-        self._values = {INSTANCE_ID_KEY: self._instance_id, INSTANCE_ACTION_KEY: None, REBALANCE_KEY: None}
+        self._scheduled = []
+        self._values = {INSTANCE_ID_KEY: self._instance_id, INSTANCE_ACTION_KEY: None, REBALANCE_KEY: None,
+                        SCHEDULED_KEY: None}
         self.notify()
 
     def state(self) -> dict[str, object]:
@@ -148,6 +191,14 @@ class AwsMetadataEmulator(EmulatedServer):
 
     async def _sim_rebalance(self, _: web.Request) -> web.Response:
         return self.answer_trigger(self.rebalance)
+
+    async def _sim_schedule(self, request: web.Request) -> web.Response:
+        return self.answer_trigger(lambda: self.schedule(code=request.query.get("code", "system-reboot"),
+                                                         seconds=float(request.query.get("seconds", "3600"))))
+
+    async def _sim_end_scheduled(self, request: web.Request) -> web.Response:
+        how = request.match_info["how"]
+        return self.answer_trigger(lambda: self.end_scheduled(request.query.get("id", ""), how=how))
 
 
 def run_aws_metadata(listen: str) -> int:

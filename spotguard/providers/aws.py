@@ -1,17 +1,26 @@
-"""AWS notices: the EC2 spot instance-action, read through IMDSv2.
+"""AWS notices: the EC2 spot instance-action and EC2 scheduled events, read through IMDSv2.
 
 EC2 has no hanging GET, so this polls, every 0.25 s by default (`--poll-seconds`; see `providers.polled`).
 
 Three layers, like the GCE provider:
-- parsers (`parse_instance_action`, `parse_rebalance`): bytes in, value out, `MetadataBodyError`
-  for anything else;
-- the deadline rule (`notice_for`): pure, the time of first observation passed in;
+- parsers (`parse_instance_action`, `parse_rebalance`, `parse_scheduled_events`): bytes in, value
+  out, `MetadataBodyError` for anything else;
+- the deadline rules (`notice_for`, `scheduled_notice`): pure, the times passed in;
 - `AwsProvider`: the I/O. A session token (PUT /latest/api/token) is fetched once and renewed
   before it expires or when the server answers 401.
 
 A rebalance recommendation (events/recommendations/rebalance) is logged, never acted on: it says
 the risk of an interruption went up, not that one is coming, and draining a GPU server on every
 recommendation would cost the capacity spot is bought for.
+
+An EC2 scheduled event (events/maintenance/scheduled: a reboot, a stop, a retirement, host
+maintenance) is a long notice, announced hours to weeks ahead: spotguard acts on it
+--scheduled-event-lead-seconds before its NotBefore (default an hour, like GCE's GPU maintenance,
+enough for a surge), not at first sight, because draining a GPU server for days ahead of a reboot
+costs more than the reboot. A cancelled or completed event is no notice: what spotguard did is
+undone (after a reboot, the restarted daemon uncordons the node it cordoned). Those keys, and the
+rebalance recommendation, are read every few seconds rather than every poll: they announce things
+minutes to days ahead, and the spot instance-action (two minutes) keeps the fast polls to itself.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import aiohttp
@@ -50,7 +60,14 @@ TOKEN_HEADER = "X-aws-ec2-metadata-token"
 META = "/latest/meta-data/"
 INSTANCE_ACTION_KEY = "spot/instance-action"
 REBALANCE_KEY = "events/recommendations/rebalance"
+SCHEDULED_KEY = "events/maintenance/scheduled"
 INSTANCE_ID_KEY = "instance-id"
+# How often the slow keys (rebalance recommendation, scheduled events) are read.
+SLOW_KEYS_SECONDS = 5.0
+# EC2 keeps a finished event listed for a while, its description starting with one of these.
+_ENDED_PREFIXES = ("[completed]", "[canceled]", "[cancelled]")
+# NotBefore as IMDS writes it: "21 Jan 2019 09:00:43 GMT" (the day may be space-padded).
+_EVENT_TIME_FORMAT = "%d %b %Y %H:%M:%S GMT"
 
 # Every action takes the VM, and with it the pods, away.
 ACTIONS = frozenset({"terminate", "stop", "hibernate"})
@@ -101,6 +118,59 @@ def parse_rebalance(body: bytes | str) -> str:
     return data["noticeTime"]
 
 
+@dataclass(frozen=True)
+class ScheduledEvent:
+    code: str  # instance-reboot, system-reboot, system-maintenance, instance-retirement, instance-stop
+    event_id: str
+    not_before: float  # Unix seconds: the earliest the event starts
+    ended: bool  # completed or cancelled: still listed, nothing will happen
+
+
+def parse_scheduled_events(body: bytes | str) -> tuple[ScheduledEvent, ...]:
+    """events/maintenance/scheduled: a JSON list of `{"Code", "Description", "EventId",
+    "NotBefore", "NotAfter", "State"}`. Any event without a readable Code and NotBefore makes the
+    whole body an error: half a list could hide the one event that matters."""
+    data = body_json(body, key=SCHEDULED_KEY)
+    if not isinstance(data, list):
+        raise MetadataBodyError(f"{SCHEDULED_KEY}: expected a JSON list, got {shown(str(data))}")
+    events = []
+    for item in data:
+        code = item.get("Code") if isinstance(item, dict) else None
+        not_before = item.get("NotBefore") if isinstance(item, dict) else None
+        if not isinstance(code, str) or not isinstance(not_before, str):
+            raise MetadataBodyError(f"{SCHEDULED_KEY}: an event without Code and NotBefore: {shown(str(item))}")
+        try:
+            moment = datetime.strptime(" ".join(not_before.split()), _EVENT_TIME_FORMAT)
+        except ValueError:
+            raise MetadataBodyError(f"{SCHEDULED_KEY}: NotBefore is not like '21 Jan 2019 09:00:43 GMT': "
+                                    f"{shown(not_before)}") from None
+        description = str(item.get("Description", "")).strip().lower()
+        state = str(item.get("State", "active")).strip().lower()
+        events.append(ScheduledEvent(code=code, event_id=str(item.get("EventId", "")),
+                                     not_before=moment.replace(tzinfo=timezone.utc).timestamp(),
+                                     ended=state != "active" or description.startswith(_ENDED_PREFIXES)))
+    return tuple(events)
+
+
+def scheduled_notice(events: tuple[ScheduledEvent, ...], *, now: float, lead_seconds: float) -> Notice | None:
+    """The earliest live scheduled event, as a notice from `lead_seconds` before its NotBefore on
+    (0: never). Its deadline is NotBefore: the event may start then."""
+    live = [event for event in events if not event.ended]
+    if lead_seconds <= 0 or not live:
+        return None
+    first = min(live, key=lambda event: event.not_before)
+    if first.not_before - now > lead_seconds:
+        return None
+    return Notice(kind=NoticeKind.HOST_MAINTENANCE, deadline=first.not_before, source=f"aws:{SCHEDULED_KEY}",
+                  detail=f"{first.code} {first.event_id}".strip())
+
+
+def earliest(*notices: Notice | None) -> Notice | None:
+    """The notice that comes first; a preemption before a maintenance due at the same time."""
+    return min((n for n in notices if n is not None),
+               key=lambda n: (n.deadline, n.kind is not NoticeKind.PREEMPTION), default=None)
+
+
 def notice_for(action: InstanceAction | None, *, first_seen: float | None,
                notice_seconds: float | None) -> Notice | None:
     """The notice an instance-action amounts to. The deadline is EC2's time when readable, else
@@ -116,7 +186,14 @@ def notice_for(action: InstanceAction | None, *, first_seen: float | None,
                   detail=action.action)
 
 
-class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
+@dataclass(frozen=True)
+class AwsReading:
+    action: InstanceAction | None
+    rebalance: str | None  # the recommendation's notice time
+    scheduled: tuple[ScheduledEvent, ...]
+
+
+class AwsProvider(PolledProvider[AwsReading]):
     """Polls EC2's instance metadata and yields `Notice | None` (see `providers.Provider`)."""
 
     name = "aws"
@@ -126,9 +203,15 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
     default_poll_seconds = 0.25
 
     def __init__(self, *, root_url: str = DEFAULT_ROOT_URL, token_ttl_seconds: int = TOKEN_TTL_SECONDS,
+                 scheduled_lead_seconds: float = 3600.0, slow_keys_seconds: float = SLOW_KEYS_SECONDS,
                  **options: Any) -> None:
         super().__init__(root_url=root_url, **options)
         self._token_ttl = token_ttl_seconds
+        self._scheduled_lead = scheduled_lead_seconds
+        self._slow_keys_seconds = slow_keys_seconds
+        # When (monotonic clock) the slow keys are read next, and what they said last.
+        self._slow_due = 0.0
+        self._scheduled: tuple[ScheduledEvent, ...] = ()
         # The IMDSv2 session token, and when (monotonic clock) to ask for a new one.
         self._token: str | None = None
         self._token_renew_at = 0.0
@@ -146,20 +229,33 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
             raise ProviderUnreachable(f"{where}: bad_body: instance-id {shown(instance_id)} is not an EC2 instance id",
                                       reason=MetadataFailure.BAD_BODY)
 
-    async def read(self, http: aiohttp.ClientSession) -> tuple[InstanceAction | None, str | None]:
-        return await self._instance_action(http), await self._rebalance_notice_time(http)
+    async def read(self, http: aiohttp.ClientSession) -> AwsReading:
+        action = await self._instance_action(http)
+        rebalance, scheduled = self._rebalance, self._scheduled
+        if time.monotonic() >= self._slow_due:
+            self._slow_due = time.monotonic() + self._slow_keys_seconds
+            rebalance = await self._rebalance_notice_time(http)
+            if self._scheduled_lead > 0:
+                scheduled = await self._scheduled_events(http)
+        return AwsReading(action, rebalance, scheduled)
 
-    def judge(self, value: tuple[InstanceAction | None, str | None]) -> Notice | None:
-        action, rebalance = value
-        if rebalance != self._rebalance:
-            self._rebalance = rebalance
-            self._log.info("aws_rebalance_recommendation", notice_time=rebalance,
+    def judge(self, value: AwsReading) -> Notice | None:
+        if value.rebalance != self._rebalance:
+            self._rebalance = value.rebalance
+            self._log.info("aws_rebalance_recommendation", notice_time=value.rebalance,
                            note="logged only: a higher risk of interruption, not a notice")
-        if action is None:
+        if value.scheduled != self._scheduled:
+            self._scheduled = value.scheduled
+            for event in value.scheduled:
+                self._log.info("aws_scheduled_event", code=event.code, event_id=event.event_id,
+                               not_before=event.not_before, ended=event.ended,
+                               acted_on_from=None if event.ended else event.not_before - self._scheduled_lead)
+        if value.action is None:
             self._first_seen = None
         elif self._first_seen is None:
             self._first_seen = self._clock()
-        return notice_for(action, first_seen=self._first_seen, notice_seconds=self._notice_seconds)
+        spot = notice_for(value.action, first_seen=self._first_seen, notice_seconds=self._notice_seconds)
+        return earliest(spot, scheduled_notice(self._scheduled, now=self._clock(), lead_seconds=self._scheduled_lead))
 
     async def _instance_action(self, http: aiohttp.ClientSession) -> InstanceAction | None:
         body = await self._get(http, INSTANCE_ACTION_KEY, absent_ok=True)
@@ -174,6 +270,16 @@ class AwsProvider(PolledProvider[tuple[InstanceAction | None, str | None]]):
         except (RequestFailed, MetadataBodyError) as error:
             self._log.info("aws_rebalance_unreadable", error=str(error))
             return self._rebalance
+
+    async def _scheduled_events(self, http: aiohttp.ClientSession) -> tuple[ScheduledEvent, ...]:
+        """The scheduled events, best effort like the rebalance recommendation: a bad read keeps
+        the last good list (logged) and never holds back the instance-action."""
+        try:
+            body = await self._get(http, SCHEDULED_KEY, absent_ok=True)
+            return () if body is None else parse_scheduled_events(body)
+        except (RequestFailed, MetadataBodyError) as error:
+            self._log.warning("aws_scheduled_events_unreadable", error=str(error))
+            return self._scheduled
 
     async def _get(self, http: aiohttp.ClientSession, key: str, *, absent_ok: bool = False) -> bytes | None:
         """GET one meta-data key with the session token: its body, or None for a 404 when
@@ -227,4 +333,5 @@ def from_config(config: Config, *, on_error: Callable[[str], None], on_ok: Calla
                 clock: Callable[[], float]) -> AwsProvider:
     """The registry's factory (`providers.REGISTRY["aws"]`)."""
     return AwsProvider(root_url=config.metadata_url or DEFAULT_ROOT_URL, notice_seconds=config.notice_seconds,
-                       poll_seconds=config.poll_seconds, on_error=on_error, on_ok=on_ok, clock=clock)
+                       poll_seconds=config.poll_seconds, scheduled_lead_seconds=config.scheduled_event_lead_seconds,
+                       on_error=on_error, on_ok=on_ok, clock=clock)

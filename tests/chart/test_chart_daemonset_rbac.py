@@ -98,6 +98,7 @@ SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "SPOTGUARD_DRAIN_POLL_SECONDS": ({"drainPollSeconds": 0.25}, "0.25"),
     "SPOTGUARD_LOG_LEVEL": ({"logLevel": "debug"}, "debug"),
     "SPOTGUARD_POLL_SECONDS": ({"pollSeconds": 0.5}, "0.5"),
+    "SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS": ({"scheduledEventLeadSeconds": 7200}, "7200"),
     "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": ({"surge": {"minNoticeSeconds": 900},
                                             "validatingAdmissionPolicy": {"enabled": True}}, "900"),
     "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": ({"surge": {"drainReserveSeconds": 90}}, "90"),

@@ -38,6 +38,7 @@ from spotguard.providers import REGISTRY, AutoProvider, ProviderUnreachable, det
 from spotguard.providers.aws import (
     INSTANCE_ACTION_KEY,
     REBALANCE_KEY,
+    SCHEDULED_KEY,
     TOKEN_HEADER,
     TOKEN_TTL_HEADER,
     AwsProvider,
@@ -56,7 +57,8 @@ async def emulator() -> AsyncIterator[AwsMetadataEmulator]:
 
 def fast_provider(url: str, calls: Calls, **overrides: object) -> AwsProvider:
     options: dict[str, object] = dict(root_url=url, notice_seconds=None, on_error=calls.on_error, on_ok=calls.on_ok,
-                                      clock=lambda: CLOCK, poll_seconds=0.05, request_timeout_seconds=0.5,
+                                      clock=lambda: CLOCK, poll_seconds=0.05, slow_keys_seconds=0.1,
+                                      request_timeout_seconds=0.5,
                                       backoff_base_seconds=0.05, backoff_cap_seconds=0.2)
     options.update(overrides)
     return AwsProvider(**options)  # type: ignore[arg-type]
@@ -288,5 +290,57 @@ async def test_the_token_is_renewed_before_it_expires(emulator, calls):
         emulator.preempt()
         assert await watcher.next() is not None
         assert calls.errors == []
+    finally:
+        await watcher.stop()
+
+
+async def test_a_scheduled_event_within_the_lead_is_a_long_notice_until_it_is_cancelled(emulator, calls, logs):
+    watcher = Watcher(fast_provider(emulator.url, calls, clock=time.time, scheduled_lead_seconds=600))
+    watcher.start()
+    try:
+        assert await watcher.next() is None
+        emulator.schedule(code="instance-stop", seconds=7200)      # two hours away: logged only
+        await eventually(lambda: any(e["event"] == "aws_scheduled_event" for e in logs), what="the log line")
+        with pytest.raises(TimeoutError):
+            await watcher.next(timeout=0.5)
+        before = time.time()
+        near = emulator.schedule(code="system-reboot", seconds=300)
+        notice = await watcher.next(timeout=2.0)
+        assert notice is not None and notice.kind is NoticeKind.HOST_MAINTENANCE
+        assert notice.detail == f"system-reboot {near}" and notice.source == "aws:events/maintenance/scheduled"
+        assert before + 298 <= notice.deadline <= time.time() + 301   # NotBefore, to the second
+        emulator.end_scheduled(near, how="cancel")
+        assert await watcher.next(timeout=2.0) is None
+        # A spot interruption still comes through, and first.
+        emulator.preempt(seconds=120)
+        assert (await watcher.next(timeout=2.0)).kind is NoticeKind.PREEMPTION
+        assert calls.errors == []
+    finally:
+        await watcher.stop()
+
+
+async def test_garbage_scheduled_events_are_logged_and_never_hold_back_the_interruption(emulator, calls, logs):
+    emulator.set_raw(SCHEDULED_KEY, '[{"Code": "system-reboot", "NotBefore": "soon"}]')
+    watcher = Watcher(fast_provider(emulator.url, calls, clock=time.time))
+    watcher.start()
+    try:
+        assert await watcher.next() is None
+        emulator.preempt()
+        notice = await watcher.next(timeout=1.0)
+        assert notice is not None and notice.detail == "terminate"
+        assert calls.errors == []
+        assert any(e["event"] == "aws_scheduled_events_unreadable" and "NotBefore" in e["error"] for e in logs)
+    finally:
+        await watcher.stop()
+
+
+async def test_with_a_lead_of_zero_scheduled_events_are_never_read(emulator, calls):
+    emulator.schedule(code="system-reboot", seconds=60)
+    watcher = Watcher(fast_provider(emulator.url, calls, clock=time.time, scheduled_lead_seconds=0))
+    watcher.start()
+    try:
+        assert await watcher.next() is None
+        await asyncio.sleep(0.5)
+        assert emulator.requests[SCHEDULED_KEY] == 0 and emulator.requests[INSTANCE_ACTION_KEY] > 3
     finally:
         await watcher.stop()

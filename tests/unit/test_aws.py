@@ -1,4 +1,5 @@
-"""The AWS provider's pure parts: the instance-action and rebalance parsers and the deadline rule."""
+"""The AWS provider's pure parts: the instance-action, rebalance and scheduled-event parsers and the
+deadline rules."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from spotguard.providers.aws import (
     ACTIONS,
     DEFAULT_SPOT_NOTICE_SECONDS,
     InstanceAction,
+    ScheduledEvent,
+    earliest,
     notice_for,
     parse_instance_action,
     parse_rebalance,
+    parse_scheduled_events,
+    scheduled_notice,
 )
 from spotguard.providers.http import MAX_BODY_BYTES, MetadataBodyError
 
@@ -75,6 +80,76 @@ def test_no_action_is_no_notice():
     assert notice_for(None, first_seen=None, notice_seconds=None) is None
 
 
+# What IMDS serves, as AWS's documentation shows it (times in its own format, day possibly padded).
+SCHEDULED = [{"NotBefore": "21 Jan 2019 09:00:43 GMT", "Code": "system-reboot", "Description": "scheduled reboot",
+              "EventId": "instance-event-0d59937288b749b32", "NotAfter": "21 Jan 2019 09:17:23 GMT",
+              "State": "active"}]
+NOT_BEFORE = 1548061243.0   # 2019-01-21T09:00:43Z
+
+
+def test_a_scheduled_event_as_documented():
+    assert parse_scheduled_events(json.dumps(SCHEDULED)) == (
+        ScheduledEvent(code="system-reboot", event_id="instance-event-0d59937288b749b32", not_before=NOT_BEFORE,
+                       ended=False),)
+    padded = [{**SCHEDULED[0], "NotBefore": " 1 Feb 2019 09:00:43 GMT"}]
+    assert parse_scheduled_events(json.dumps(padded))[0].not_before == 1549011643.0
+    assert parse_scheduled_events(b"[]") == ()
+
+
+@pytest.mark.parametrize("change", [{"Description": "[Canceled] scheduled reboot"},
+                                    {"Description": "[Completed] scheduled reboot"},
+                                    {"State": "completed"}, {"State": "canceled"}])
+def test_a_cancelled_or_completed_event_is_listed_but_ended(change):
+    [event] = parse_scheduled_events(json.dumps([{**SCHEDULED[0], **change}]))
+    assert event.ended
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"Code": "system-reboot"}', "expected a JSON list"),
+    (b'[{"Code": "system-reboot"}]', "without Code and NotBefore"),
+    (b'["system-reboot"]', "without Code and NotBefore"),
+    (json.dumps([{**SCHEDULED[0], "NotBefore": "2019-01-21T09:00:43Z"}]).encode(), "NotBefore is not like"),
+    (b"<html>", "not JSON"),
+])
+def test_garbage_scheduled_events_are_a_body_error_naming_the_key(body, message):
+    with pytest.raises(MetadataBodyError, match=message) as raised:
+        parse_scheduled_events(body)
+    assert str(raised.value).startswith("events/maintenance/scheduled")
+
+
+def event(not_before: float, *, ended: bool = False, code: str = "system-reboot") -> ScheduledEvent:
+    return ScheduledEvent(code=code, event_id=f"instance-event-{int(not_before)}", not_before=not_before, ended=ended)
+
+
+def test_a_scheduled_event_is_a_notice_only_from_the_lead_time_before_it():
+    events = (event(T0 + 7200),)
+    assert scheduled_notice(events, now=T0, lead_seconds=3600) is None
+    assert scheduled_notice(events, now=T0 + 3599, lead_seconds=3600) is None
+    notice = scheduled_notice(events, now=T0 + 3600, lead_seconds=3600)
+    assert notice is not None
+    assert (notice.kind, notice.deadline, notice.source) == \
+        (NoticeKind.HOST_MAINTENANCE, T0 + 7200, "aws:events/maintenance/scheduled")
+    assert notice.detail == f"system-reboot instance-event-{int(T0 + 7200)}"
+    # Already due (or past): a notice at once, its deadline as EC2 gives it.
+    assert scheduled_notice((event(T0 - 10),), now=T0, lead_seconds=3600).deadline == T0 - 10
+
+
+def test_the_earliest_live_event_counts_and_ended_or_ignored_ones_never_do():
+    events = (event(T0 + 600, ended=True), event(T0 + 1800, code="instance-stop"), event(T0 + 900, code="instance-retirement"))
+    assert scheduled_notice(events, now=T0, lead_seconds=3600).detail.startswith("instance-retirement")
+    assert scheduled_notice((event(T0 + 600, ended=True),), now=T0, lead_seconds=3600) is None
+    assert scheduled_notice(events, now=T0, lead_seconds=0) is None
+
+
+def test_a_spot_interruption_and_a_scheduled_event_give_the_earlier_deadline():
+    spot = notice_for(InstanceAction("terminate", at=T0 + 120), first_seen=T0, notice_seconds=None)
+    maintenance = scheduled_notice((event(T0 + 600),), now=T0, lead_seconds=3600)
+    assert earliest(spot, maintenance) is spot and earliest(maintenance, spot) is spot
+    assert earliest(None, maintenance) is maintenance and earliest(None, None) is None
+    same_time = notice_for(InstanceAction("terminate", at=T0 + 600), first_seen=T0, notice_seconds=None)
+    assert earliest(maintenance, same_time) is same_time
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode),
                  st.dictionaries(st.sampled_from(["action", "time", "noticeTime"]),
@@ -95,3 +170,9 @@ def test_any_body_parses_or_is_a_body_error(body):
         pass
     else:
         assert isinstance(notice_time, str)
+    try:
+        events = parse_scheduled_events(body)
+    except MetadataBodyError:
+        pass
+    else:
+        assert all(math.isfinite(e.not_before) for e in events)
