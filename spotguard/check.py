@@ -15,6 +15,7 @@ import aiohttp
 
 from spotguard import kube as k
 from spotguard import kubeapi
+from spotguard import evictions as ev
 from spotguard import lifecycle as lc
 from spotguard import placeholder, providers, vllm
 from spotguard.config import Config
@@ -134,9 +135,9 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
              lambda: dry.record_event(lc.Report(lc.Reason.NOT_SERVING, "spotguard check (dry run)", pod=pod),
                                       node_uid=node_uid))
     outcome, detail = dry.evict(pod, grace_seconds=30)
-    if outcome in (lc.EvictionOutcome.EVICTED, lc.EvictionOutcome.GONE):
+    if outcome in (ev.EvictionOutcome.EVICTED, ev.EvictionOutcome.GONE):
         say("OK", f"admission: may evict {pod.key} (dry run)")
-    elif outcome in (lc.EvictionOutcome.BLOCKED_BY_PDB, lc.EvictionOutcome.MULTIPLE_PDBS):
+    elif outcome in (ev.EvictionOutcome.BLOCKED_BY_PDB, ev.EvictionOutcome.MULTIPLE_PDBS):
         say("OK", f"admission: may evict {pod.key} (dry run); PodDisruptionBudget {detail} blocks it right now")
     else:
         say("FAIL", f"admission: evicting {pod.key} refused: {detail}")

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from spotguard import actions
 from spotguard import kube as k
+from spotguard import evictions as ev
 from spotguard import lifecycle as lc
 from spotguard import placeholder, vllm, webhooks
 from spotguard.backoff import backoff_delay
@@ -415,7 +416,7 @@ class Daemon:
             if result is None:
                 continue
             outcome, detail = result
-            self.state, follow = lc.record_eviction(self.state, evict.pod, outcome, now=self.clock(),
+            self.state, follow = ev.record_eviction(self.state, evict.pod, outcome, now=self.clock(),
                                                     timing=self.timing, blocked_by=detail, rand=random.random())
             reports.extend(follow)
             self._count_eviction(evict.pod, outcome, detail)
@@ -446,7 +447,7 @@ class Daemon:
             key = actions.dry_run_key(action)
             if key in self.dry_run_done:
                 if isinstance(action, lc.Evict):
-                    return lc.EvictionOutcome.EVICTED, None
+                    return ev.EvictionOutcome.EVICTED, None
                 return isinstance(action, lc.Report)   # an Event counts as posted
             self.dry_run_done.add(key)
         try:
@@ -480,13 +481,13 @@ class Daemon:
 
     # -- telling people ----------------------------------------------------------------------
 
-    def _count_eviction(self, pod: lc.PodFacts, outcome: lc.EvictionOutcome, detail: str | None) -> None:
+    def _count_eviction(self, pod: lc.PodFacts, outcome: ev.EvictionOutcome, detail: str | None) -> None:
         self.metrics.evictions.labels(result=outcome.value).inc()
         blocked = self.metrics.eviction_blocked
-        if outcome in (lc.EvictionOutcome.BLOCKED_BY_PDB, lc.EvictionOutcome.MULTIPLE_PDBS):
+        if outcome in (ev.EvictionOutcome.BLOCKED_BY_PDB, ev.EvictionOutcome.MULTIPLE_PDBS):
             blocked.labels(namespace=pod.namespace, pod=pod.name, pdb=detail or "unknown").set(1)
             log.warning("eviction blocked", pod=pod.key, pdb=detail, outcome=outcome.value)
-        elif outcome not in (lc.EvictionOutcome.EVICTED, lc.EvictionOutcome.GONE):
+        elif outcome not in (ev.EvictionOutcome.EVICTED, ev.EvictionOutcome.GONE):
             log.warning("eviction failed", pod=pod.key, error=detail)
 
     def _count_report(self, report: lc.Report) -> None:

@@ -15,10 +15,10 @@ from typing import Any, Mapping
 
 from spotguard import placeholder
 from spotguard.kubeapi import USER_AGENT, Api, KubeError, ListWatch, Obj  # noqa: F401 - re-exported
+from spotguard.evictions import EvictionOutcome
 from spotguard.lifecycle import (
     SERVING_CONDITION,
     TAINT_KEY,
-    EvictionOutcome,
     NotEvictable,
     Phase,
     PlaceholderFacts,

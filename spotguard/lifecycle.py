@@ -31,7 +31,6 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Union
 
-from spotguard.backoff import backoff_delay
 from spotguard.notice import Notice
 
 SERVING_CONDITION = "spotguard.io/serving"
@@ -391,7 +390,7 @@ def _surging(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisio
         return Decision(state, tuple(CreatePlaceholder(pod) for pod in waiting if pod.uid not in placeholders))
     actions: list[Action] = []
     for pod in waiting:  # the surge's time is up: drain without them, and leave nothing behind
-        state, first = _report_once(state, Report(
+        state, first = report_once(state, Report(
             Reason.SURGE_GIVEN_UP, "its placeholder did not run on new capacity in time; draining without it",
             pod=pod, warning=True))
         actions += first
@@ -409,7 +408,7 @@ def _surging(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisio
 def record_placeholder_refused(state: State, pod: PodFacts, detail: str) -> tuple[State, tuple[Report, ...]]:
     """The API server refused a placeholder (a ResourceQuota, a policy): the surge goes on without it."""
     state = replace(state, surge_refused=state.surge_refused | {pod.uid})
-    state, reports = _report_once(state, Report(
+    state, reports = report_once(state, Report(
         Reason.SURGE_GIVEN_UP, f"its placeholder was refused ({detail}); it will be drained without one",
         pod=pod, warning=True))
     return state, tuple(reports)
@@ -428,7 +427,7 @@ def _deregistering(state: State, seen: Seen, *, now: float, timing: Timing) -> D
     if still_ready and waited < timing.endpoint_wait_seconds and now < _drain_until(state.progress, timing):
         return Decision(state, tuple(actions))
     if still_ready:
-        state, first = _report_once(state, Report(
+        state, first = report_once(state, Report(
             Reason.ENDPOINTS_STILL_READY,
             f"endpoints of {', '.join(p.key for p in still_ready)} still ready after {waited:.1f}s; "
             "draining anyway", warning=True))
@@ -462,7 +461,7 @@ def _draining(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     serving = [p for p in _live_serving(seen.pods) if not p.drains_itself and p.uid not in state.evicted]
     for pod in serving:
         if pod.metrics_unreadable:
-            state, first = _report_once(state, Report(
+            state, first = report_once(state, Report(
                 Reason.METRICS_UNAVAILABLE, "vLLM /metrics unreadable; falling back to the time budget",
                 pod=pod, warning=True))
             actions += first
@@ -487,7 +486,7 @@ def _evicting(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     actions: list[Action] = [*_evict_due(state, _evictable(seen.pods), now=now)]
     if now >= state.progress.deadline:
         left = [p.key for p in _evictable(seen.pods) if p.uid not in state.evicted]
-        state, first = _report_once(state, Report(
+        state, first = report_once(state, Report(
             Reason.DEADLINE_MISSED, f"deadline passed with pods not evicted: {', '.join(left)}", warning=True))
         actions += first
     remaining = [p for p in _evictable(seen.pods) if p.uid not in state.evicted]
@@ -530,7 +529,8 @@ def _evict_due(state: State, candidates: list[PodFacts], *, now: float) -> list[
     return actions
 
 
-def _report_once(state: State, report: Report) -> tuple[State, list[Action]]:
+def report_once(state: State, report: Report) -> tuple[State, list[Action]]:
+    """The report, unless this notice already made it (a level-triggered loop sees things many times)."""
     key = f"{report.reason}:{report.pod.uid if report.pod else ''}"
     if key in state.reported:
         return state, []
@@ -552,46 +552,3 @@ def _cancel(state: State, seen: Seen) -> Decision:
                            pod=action.pod) for action in restored)
     dropped = tuple(map(DeletePlaceholder, seen.placeholders))
     return Decision(State(), (undo, *restored, *dropped, report, *per_pod))
-
-
-# ---------------------------------------------------------------------------------------------
-# Feeding back what an eviction answered
-
-
-class EvictionOutcome(enum.StrEnum):
-    EVICTED = "evicted"  # 200/201: the pod is terminating
-    BLOCKED_BY_PDB = "blocked_by_pdb"  # 429: a PodDisruptionBudget allows no disruption now
-    MULTIPLE_PDBS = "multiple_pdbs"  # 500: more than one PDB selects the pod; the API refuses
-    GONE = "gone"  # 404: already deleted
-    ERROR = "error"  # anything else; retried
-
-
-def record_eviction(state: State, pod: PodFacts, outcome: EvictionOutcome, *, now: float, timing: Timing,
-                    blocked_by: str | None = None, rand: float = 0.5) -> tuple[State, tuple[Report, ...]]:
-    """Remember an Eviction API answer: accepted pods are never evicted again, refused ones retried."""
-    if outcome in (EvictionOutcome.EVICTED, EvictionOutcome.GONE):
-        attempts = {uid: a for uid, a in state.attempts.items() if uid != pod.uid}
-        state = replace(state, evicted=state.evicted | {pod.uid}, attempts=attempts)
-        how = ("evicted through the Eviction API as soon as it left its Services' endpoints: it drains its own "
-               "in-flight requests on SIGTERM (spotguard.io/drains-on-sigterm), so its replacement starts now"
-               if pod.serving and pod.drains_itself else "evicted through the Eviction API")
-        return state, (Report(Reason.EVICTED, how, pod=pod),) if outcome is EvictionOutcome.EVICTED else ()
-    previous = state.attempts.get(pod.uid)
-    count = previous.attempts + 1 if previous else 1
-    delay = backoff_delay(count, base=timing.eviction_retry_base_seconds,
-                          cap=timing.eviction_retry_cap_seconds, rand=lambda: rand)
-    attempts = {**state.attempts, pod.uid: EvictionAttempt(count, now + delay)}
-    state = replace(state, attempts=attempts)
-    if outcome is EvictionOutcome.BLOCKED_BY_PDB:
-        report = Report(Reason.EVICTION_BLOCKED,
-                        f"PodDisruptionBudget {blocked_by or '(unknown)'} allows no disruption; retrying "
-                        f"until the deadline", pod=pod, warning=True)
-    elif outcome is EvictionOutcome.MULTIPLE_PDBS:
-        report = Report(Reason.EVICTION_BLOCKED, "more than one PodDisruptionBudget selects this pod "
-                                           f"({blocked_by or 'unknown'}); the Eviction API refuses it",
-                        pod=pod, warning=True)
-    else:
-        report = Report(Reason.EVICTION_FAILED, f"eviction failed ({blocked_by or 'unknown error'}); retrying",
-                        pod=pod, warning=True)
-    state, reports = _report_once(state, report)
-    return state, tuple(reports)

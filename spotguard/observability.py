@@ -18,7 +18,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from spotguard import __version__
 from spotguard.actions import ActionName
-from spotguard.lifecycle import EvictionOutcome, Phase
+from spotguard.evictions import EvictionOutcome
+from spotguard.lifecycle import Phase
 from spotguard.notice import NoticeKind
 from spotguard.providers.base import MetadataFailure
 from spotguard.vllm import ScrapeFailure

@@ -8,6 +8,7 @@ import pytest
 
 from spotguard import actions
 from spotguard import kube as k
+from spotguard import evictions as ev
 from spotguard import lifecycle as lc
 from spotguard import placeholder
 from spotguard.observability import ACTIONS
@@ -49,7 +50,7 @@ class RecordingKube:
 
     def evict(self, pod, *, grace_seconds):  # type: ignore[no-untyped-def]
         self.calls.append(f"evict:{grace_seconds}")
-        return lc.EvictionOutcome.EVICTED, None
+        return ev.EvictionOutcome.EVICTED, None
 
     def create_placeholder(self, manifest):  # type: ignore[no-untyped-def]
         self.calls.append(f"create_placeholder:{manifest['metadata']['name']}:{manifest['spec']['priorityClassName']}")

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from spotguard import evictions as ev
 from spotguard import lifecycle as lc
 from spotguard.notice import Notice, NoticeKind
 
@@ -191,7 +192,7 @@ def test_the_drain_waits_only_for_pods_that_do_not_drain_themselves():
     state = in_phase(lc.Phase.DRAINING)
     decision = lc.decide(state, seen(self_draining, plain), now=T0 + 2, timing=TIMING)
     assert of_type(decision.actions, lc.Evict) == [lc.Evict(self_draining, 28)]
-    state, _ = lc.record_eviction(decision.state, self_draining, lc.EvictionOutcome.EVICTED, now=T0 + 2, timing=TIMING)
+    state, _ = ev.record_eviction(decision.state, self_draining, ev.EvictionOutcome.EVICTED, now=T0 + 2, timing=TIMING)
     idle = replace(plain, in_flight=0)
     decision = lc.decide(state, seen(self_draining, idle), now=T0 + 3, timing=TIMING)
     assert decision.state.progress.phase is lc.Phase.EVICTING
@@ -200,11 +201,11 @@ def test_the_drain_waits_only_for_pods_that_do_not_drain_themselves():
 
 def test_the_evicted_event_says_why_a_pod_went_before_its_drain():
     self_draining = pod("vllm-0", condition=False, drains_itself=True)
-    _, reports = lc.record_eviction(in_phase(lc.Phase.DEREGISTERING), self_draining, lc.EvictionOutcome.EVICTED,
+    _, reports = ev.record_eviction(in_phase(lc.Phase.DEREGISTERING), self_draining, ev.EvictionOutcome.EVICTED,
                                     now=T0 + 1, timing=TIMING)
     assert reports[0].reason == "Evicted" and "drains its own in-flight requests" in reports[0].message
-    _, reports = lc.record_eviction(in_phase(lc.Phase.EVICTING), pod("vllm-1", condition=False),
-                                    lc.EvictionOutcome.EVICTED, now=T0 + 9, timing=TIMING)
+    _, reports = ev.record_eviction(in_phase(lc.Phase.EVICTING), pod("vllm-1", condition=False),
+                                    ev.EvictionOutcome.EVICTED, now=T0 + 9, timing=TIMING)
     assert reports[0].message == "evicted through the Eviction API"
 
 
@@ -267,7 +268,7 @@ def test_unreadable_metrics_are_reported_once():
 def test_evicted_pod_is_never_evicted_again():
     vllm = pod("vllm-0", condition=False, in_flight=0)
     state = in_phase(lc.Phase.EVICTING)
-    state, reports = lc.record_eviction(state, vllm, lc.EvictionOutcome.EVICTED, now=T0 + 9, timing=TIMING)
+    state, reports = ev.record_eviction(state, vllm, ev.EvictionOutcome.EVICTED, now=T0 + 9, timing=TIMING)
     assert [r.reason for r in reports] == ["Evicted"]
     decision = lc.decide(state, seen(vllm), now=T0 + 9.5, timing=TIMING)
     assert of_type(decision.actions, lc.Evict) == []
@@ -277,14 +278,14 @@ def test_evicted_pod_is_never_evicted_again():
 def test_pdb_block_is_retried_with_backoff_and_reported_once_with_the_pdb():
     vllm = pod("vllm-0", condition=False, in_flight=0)
     state = in_phase(lc.Phase.EVICTING)
-    state, reports = lc.record_eviction(state, vllm, lc.EvictionOutcome.BLOCKED_BY_PDB, now=T0 + 9,
+    state, reports = ev.record_eviction(state, vllm, ev.EvictionOutcome.BLOCKED_BY_PDB, now=T0 + 9,
                                         timing=TIMING, blocked_by="vllm-pdb")
     assert [r.reason for r in reports] == ["EvictionBlocked"] and "vllm-pdb" in reports[0].message
     retry_at = state.attempts[vllm.uid].retry_at
     assert T0 + 9 < retry_at <= T0 + 9 + 5
     assert of_type(lc.decide(state, seen(vllm), now=retry_at - 0.01, timing=TIMING).actions, lc.Evict) == []
     assert of_type(lc.decide(state, seen(vllm), now=retry_at, timing=TIMING).actions, lc.Evict) != []
-    state, reports = lc.record_eviction(state, vllm, lc.EvictionOutcome.BLOCKED_BY_PDB, now=retry_at,
+    state, reports = ev.record_eviction(state, vllm, ev.EvictionOutcome.BLOCKED_BY_PDB, now=retry_at,
                                         timing=TIMING, blocked_by="vllm-pdb")
     assert reports == ()
     assert state.attempts[vllm.uid].attempts == 2
@@ -293,7 +294,7 @@ def test_pdb_block_is_retried_with_backoff_and_reported_once_with_the_pdb():
 def test_pdb_block_keeps_retrying_after_the_deadline_and_reports_the_miss_once():
     vllm = pod("vllm-0", condition=False)
     state = in_phase(lc.Phase.EVICTING)
-    state, _ = lc.record_eviction(state, vllm, lc.EvictionOutcome.BLOCKED_BY_PDB, now=T0 + 28, timing=TIMING)
+    state, _ = ev.record_eviction(state, vllm, ev.EvictionOutcome.BLOCKED_BY_PDB, now=T0 + 28, timing=TIMING)
     decision = lc.decide(state, seen(vllm), now=T0 + 40, timing=TIMING)
     assert [r.reason for r in of_type(decision.actions, lc.Report)] == ["DeadlineMissed"]
     # Past the deadline the grace is 1 s, never 0: gracePeriodSeconds=0 would be a force delete.
@@ -304,14 +305,14 @@ def test_pdb_block_keeps_retrying_after_the_deadline_and_reports_the_miss_once()
 
 def test_multiple_pdbs_are_reported_as_such():
     vllm = pod("vllm-0")
-    _, reports = lc.record_eviction(in_phase(lc.Phase.EVICTING), vllm, lc.EvictionOutcome.MULTIPLE_PDBS,
+    _, reports = ev.record_eviction(in_phase(lc.Phase.EVICTING), vllm, ev.EvictionOutcome.MULTIPLE_PDBS,
                                     now=T0, timing=TIMING, blocked_by="a,b")
     assert reports[0].reason == "EvictionBlocked" and "more than one" in reports[0].message
 
 
 def test_gone_pod_counts_as_evicted_without_an_event():
     vllm = pod("vllm-0")
-    state, reports = lc.record_eviction(in_phase(lc.Phase.EVICTING), vllm, lc.EvictionOutcome.GONE, now=T0,
+    state, reports = ev.record_eviction(in_phase(lc.Phase.EVICTING), vllm, ev.EvictionOutcome.GONE, now=T0,
                                         timing=TIMING)
     assert vllm.uid in state.evicted and reports == ()
 
