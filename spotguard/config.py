@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 PROVIDERS = ("auto", "gce", "aws", "azure")
+REBALANCE_ACTIONS = ("log", "cordon", "cordon-and-drain")
 # GCE's spot notice, and the least Azure's Preempt gives: the shortest notice without --notice-seconds.
 SHORTEST_NOTICE_SECONDS = 30.0
 
@@ -55,6 +56,12 @@ class Config:
     poll_seconds: float | None = None
     # AWS: act on an EC2 scheduled event this long before its NotBefore (0: ignore them).
     scheduled_event_lead_seconds: float = 3600.0
+    # Cordon and taint only, on every notice: the pods keep serving, nothing is evicted.
+    cordon_only: bool = False
+    # AWS rebalance recommendation: log, cordon, or cordon-and-drain; a cordon (and drain) is
+    # released this long after the recommendation if no interruption came.
+    rebalance_action: str = "log"
+    rebalance_release_seconds: float = 1800.0
     # Where notifications are POSTed (spotguard.webhooks); none by default.
     webhook_urls: tuple[str, ...] = ()
     # Where Google's GCE_METADATA_HOST says GCE's server is (root URL): used by the GCE provider
@@ -131,6 +138,17 @@ SETTINGS: tuple[_Setting, ...] = (
              "SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS",
              "AWS: act on an EC2 scheduled event (reboot, stop, retirement, maintenance) this long before "
              "its NotBefore, as on a notice that long (0: ignore scheduled events)", default="3600",
+             metavar="SECONDS"),
+    _Setting("cordon_only", "--cordon-only", "SPOTGUARD_CORDON_ONLY",
+             "on every notice only cordon and taint the node: the pods keep serving and nothing is evicted "
+             "(something else drains, or the kubelet's shutdown is all you want)", is_switch=True),
+    _Setting("rebalance_action", "--rebalance-action", "SPOTGUARD_REBALANCE_ACTION",
+             "AWS rebalance recommendation (a higher risk of interruption, not a notice): log, cordon (the "
+             "pods keep serving, no new ones come) or cordon-and-drain (as on a notice of --notice-seconds, "
+             "default 120)", default="log"),
+    _Setting("rebalance_release_seconds", "--rebalance-release-seconds", "SPOTGUARD_REBALANCE_RELEASE_SECONDS",
+             "undo a rebalance recommendation's cordon this long after it if no interruption came (EC2 keeps "
+             "the recommendation listed; left alone, the node would stay cordoned for good)", default="1800",
              metavar="SECONDS"),
     _Setting("webhook_urls", "--webhook-url", "SPOTGUARD_WEBHOOK_URLS",
              "POST a JSON notification here on a notice, an eviction, a PDB blocking one, the node "
@@ -223,6 +241,9 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         surge_placeholder_image=parsed("surge_placeholder_image", _image),  # type: ignore[arg-type]
         webhook_urls=parsed("webhook_urls", _urls) or (),  # type: ignore[arg-type]
         poll_seconds=parsed("poll_seconds", _poll_seconds),  # type: ignore[arg-type]
+        cordon_only=bool(parsed("cordon_only", _boolean)),
+        rebalance_action=parsed("rebalance_action", _rebalance_action),  # type: ignore[arg-type]
+        rebalance_release_seconds=parsed("rebalance_release_seconds", _positive_seconds),  # type: ignore[arg-type]
         scheduled_event_lead_seconds=parsed("scheduled_event_lead_seconds", _non_negative_seconds),  # type: ignore[arg-type]
         gce_metadata_host_url=gce_metadata_host_url,
     )
@@ -271,6 +292,13 @@ def _provider(value: str) -> str:
     value = value.lower()
     if value not in PROVIDERS:
         raise ValueError(f"must be one of {', '.join(PROVIDERS)}")
+    return value
+
+
+def _rebalance_action(value: str) -> str:
+    value = value.lower()
+    if value not in REBALANCE_ACTIONS:
+        raise ValueError(f"must be one of {', '.join(REBALANCE_ACTIONS)}")
     return value
 
 

@@ -17,7 +17,7 @@ import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import aiohttp
@@ -189,6 +189,8 @@ class Daemon:
 
     async def _follow_provider(self) -> None:
         async for notice in self.provider.watch():
+            if notice is not None and self.config.cordon_only:
+                notice = replace(notice, cordon_only=True)
             if notice is not None and (self.notice is None or notice.kind != self.notice.kind):
                 self.metrics.notices.labels(provider=self.provider.name, kind=notice.kind.value).inc()
                 self.notice_received_at = time.monotonic()
@@ -376,7 +378,7 @@ class Daemon:
             return self.notice
         progress = self.state.progress
         kind = NoticeKind(progress.notice_kind) if progress.notice_kind in set(NoticeKind) else NoticeKind.PREEMPTION
-        return Notice(kind=kind, deadline=progress.deadline,
+        return Notice(kind=kind, deadline=progress.deadline, cordon_only=progress.phase is lc.Phase.CORDONED,
                       source="spotguard.io/ node annotations", detail="resumed before the metadata server answered")
 
     def _seen(self) -> lc.Seen:

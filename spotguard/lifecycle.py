@@ -14,6 +14,8 @@ The path of one notice:
         |      long notice, pods opted in: surging --placeholders run--^                     drained
         |      (cordon, taint, placeholders;       (or the surge's time is up)                  |
         |       the pods keep serving)                                                          |
+        |      cordon-only notice: cordoned --a notice that is more--> (as any notice)          |
+        |      (cordon, taint; the pods keep serving)                                           |
         +--------------- notice withdrawn: undo only what spotguard did ------------------------+
 
 Surging: on a notice long enough (--surge-min-notice-seconds), each serving pod annotated
@@ -40,6 +42,7 @@ TAINT_KEY = "spotguard.io/impending-termination"
 class Phase(enum.StrEnum):
     GUARDING = "guarding"
     SURGING = "surging"  # cordoned; the pods keep serving while placeholders bring new capacity
+    CORDONED = "cordoned"  # cordoned and tainted only (a cordon-only notice); the pods keep serving
     DEREGISTERING = "deregistering"  # cordoned, pods set not-ready; waiting for endpoints to follow
     DRAINING = "draining"  # waiting for vLLM's in-flight requests to finish
     EVICTING = "evicting"  # Eviction API calls, retried while a PDB refuses
@@ -51,6 +54,7 @@ class Reason(enum.StrEnum):
     first, then pod Events."""
 
     TERMINATION_NOTICE = "TerminationNotice"  # node: a notice; cordoned, tainted, pods not-ready
+    CORDONED = "Cordoned"  # node: a cordon-only notice; cordoned and tainted, the pods keep serving
     ENDPOINTS_STILL_READY = "EndpointsStillReady"  # node: the endpoint wait ran out; draining anyway
     DRAINED = "Drained"  # node: nothing in flight any more
     DRAIN_BUDGET_SPENT = "DrainBudgetSpent"  # node: evicting with requests still in flight
@@ -270,6 +274,7 @@ def decide(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
                            notice_kind=seen.notice.kind.value)
         state = replace(state, progress=progress)
     step = {
+        Phase.CORDONED: _cordoned,
         Phase.SURGING: _surging,
         Phase.DEREGISTERING: _deregistering,
         Phase.DRAINING: _draining,
@@ -298,12 +303,16 @@ def _keep_serving(pods: tuple[PodFacts, ...]) -> tuple[Action, ...]:
                  if pod.serving and not pod.terminating and pod.serving_condition is not True)
 
 
-def _start(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
+def _start(state: State, seen: Seen, *, now: float, timing: Timing, owned: Progress | None = None) -> Decision:
+    """A notice: cordon and taint, then surge, or deregister, or (cordon-only) nothing more. The
+    cordon and taint already on the node are spotguard's when `owned` (or the node's stored
+    progress, an undo that has not landed) says so."""
     notice = seen.notice
     assert notice is not None
-    surge = _surge_pods(seen.pods) if _surge_fits(notice.deadline, now=now, timing=timing) else []
+    fits = not notice.cordon_only and _surge_fits(notice.deadline, now=now, timing=timing)
+    surge = _surge_pods(seen.pods) if fits else []
     progress = Progress(
-        phase=Phase.SURGING if surge else Phase.DEREGISTERING,
+        phase=Phase.CORDONED if notice.cordon_only else Phase.SURGING if surge else Phase.DEREGISTERING,
         notice_kind=notice.kind.value,
         deadline=_stored_time(notice.deadline),
         noticed_at=_stored_time(now),
@@ -311,10 +320,9 @@ def _start(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
         cordoned_by_us=not seen.node_unschedulable,
         tainted_by_us=not seen.node_has_taint,
     )
-    if seen.stored_progress is not None:
-        # An undo that has not landed yet: the cordon and taint on the node are still ours.
-        progress = replace(progress, cordoned_by_us=seen.stored_progress.cordoned_by_us,
-                           tainted_by_us=seen.stored_progress.tainted_by_us)
+    owned = owned or seen.stored_progress
+    if owned is not None:
+        progress = replace(progress, cordoned_by_us=owned.cordoned_by_us, tainted_by_us=owned.tainted_by_us)
     node_update = UpdateNode(
         unschedulable=True if progress.cordoned_by_us else None,
         taint_value=notice.kind.value if progress.tainted_by_us else None,
@@ -322,6 +330,10 @@ def _start(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
     )
     state = replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset(),
                     surge_refused=frozenset())
+    if notice.cordon_only:
+        return Decision(state, (node_update, Report(
+            Reason.CORDONED, f"{notice.kind.value} notice from {notice.source} ({notice.detail}): cordoned and "
+                             "tainted only; the pods keep serving", warning=True)))
     if surge:
         until = _surge_until(progress, timing)
         report = Report(Reason.SURGE_STARTED,
@@ -360,6 +372,15 @@ def _move(state: State, phase: Phase, *, now: float) -> tuple[State, UpdateNode]
     assert state.progress is not None
     progress = replace(state.progress, phase=phase, phase_since=_stored_time(now))
     return replace(state, progress=progress), UpdateNode(progress=progress)
+
+
+def _cordoned(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
+    """Cordoned only, until a notice that asks for more (an interruption after a rebalance
+    recommendation): that one starts as any notice, the cordon and taint staying spotguard's."""
+    assert seen.notice is not None
+    if seen.notice.cordon_only:
+        return Decision(state, ())
+    return _start(state, seen, now=now, timing=timing, owned=state.progress)
 
 
 # -- surging ------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ class NoticeKind(enum.StrEnum):
     # GCE TERMINATE_ON_HOST_MAINTENANCE, Azure Terminate/Redeploy/Reboot, an EC2 scheduled event.
     # Long notice (GCE: 60 min for GPUs; Azure 5-15 min; EC2: acted on an hour ahead by default).
     HOST_MAINTENANCE = "host-maintenance"
+    # AWS's rebalance recommendation, acted on only with --rebalance-action: a higher risk of an
+    # interruption, not a notice that one comes.
+    REBALANCE = "rebalance-recommendation"
 
 
 @dataclass(frozen=True)
@@ -26,3 +29,6 @@ class Notice:
     source: str
     # The raw value the provider saw, e.g. "TERMINATE_ON_HOST_MAINTENANCE", for logs and Events.
     detail: str
+    # Cordon and taint only; the pods keep serving and nothing is evicted (--cordon-only, or
+    # --rebalance-action cordon). A later notice without it goes on as usual.
+    cordon_only: bool = False

@@ -19,7 +19,7 @@ alert templating, passed through untouched.
 - name: spotguard.rules
   rules:
     - alert: SpotguardPreemptionInProgress
-      # phase is 1 for exactly one of guarding/deregistering/draining/evicting/drained.
+      # phase is 1 for exactly one of guarding/cordoned/surging/deregistering/draining/evicting/drained.
       expr: spotguard_phase{phase!="guarding"} == 1
       labels:
         {{- toYaml (merge (dict "severity" "info") $extra) | nindent 8 }}
@@ -32,7 +32,9 @@ alert templating, passed through untouched.
           requests drain, then pods are evicted. Watch for SpotguardEvictionBlockedByPDB and
           check replacement pods (kubectl get pods -A --field-selector spec.nodeName!=<node>)
           become Ready elsewhere. A notice that is withdrawn (maintenance back to NONE) returns
-          the phase to guarding and undoes only what spotguard did.
+          the phase to guarding and undoes only what spotguard did. Phase cordoned (--cordon-only,
+          or an AWS rebalance recommendation with --rebalance-action cordon) only cordons and
+          taints: the pods keep serving.
         {{- with include "spotguard.runbookUrl" (dict "root" $ "alert" "SpotguardPreemptionInProgress") }}{{ . | nindent 8 }}{{ end }}
     - alert: SpotguardDrainMissedDeadline
       expr: increase(spotguard_drain_missed_deadline_total[{{ $rule.incidentWindow }}]) > 0

@@ -353,8 +353,11 @@ class World:
         return self.api.call("GET", f"/api/v1/nodes/{name}")
 
     def events(self, *, reason: str | None = None) -> list[Obj]:
-        items = self.api.call("GET", f"/api/v1/namespaces/{self.namespace}/events")["items"] + \
-            self.api.call("GET", "/api/v1/namespaces/default/events")["items"]
+        """Events in this world's namespace, and the Node Events (kept in `default`, which every
+        test shares) about this world's own nodes."""
+        own_nodes = [e for e in self.api.call("GET", "/api/v1/namespaces/default/events")["items"]
+                     if e.get("involvedObject", {}).get("kind") == "Node" and e["involvedObject"].get("name") in self.vms]
+        items = self.api.call("GET", f"/api/v1/namespaces/{self.namespace}/events")["items"] + own_nodes
         return [e for e in items if reason is None or e.get("reason") == reason]
 
     async def close(self, *, delete_nodes: bool = True) -> None:

@@ -9,9 +9,13 @@ Three layers, like the GCE provider:
 - `AwsProvider`: the I/O. A session token (PUT /latest/api/token) is fetched once and renewed
   before it expires or when the server answers 401.
 
-A rebalance recommendation (events/recommendations/rebalance) is logged, never acted on: it says
-the risk of an interruption went up, not that one is coming, and draining a GPU server on every
-recommendation would cost the capacity spot is bought for.
+A rebalance recommendation (events/recommendations/rebalance) says the risk of an interruption
+went up, not that one is coming, and draining a GPU server on every recommendation would cost the
+capacity spot is bought for: by default it is only logged. --rebalance-action cordon makes it a
+cordon-only notice (no new pods come, the pods keep serving), cordon-and-drain a notice of
+--notice-seconds (default 120); either is released --rebalance-release-seconds after the
+recommendation's noticeTime if no interruption came, because EC2 keeps the recommendation listed
+and the node would otherwise stay cordoned for good (a complaint NTH's users know).
 
 An EC2 scheduled event (events/maintenance/scheduled: a reboot, a stop, a retirement, host
 maintenance) is a long notice, announced hours to weeks ahead: spotguard acts on it
@@ -165,10 +169,31 @@ def scheduled_notice(events: tuple[ScheduledEvent, ...], *, now: float, lead_sec
                   detail=f"{first.code} {first.event_id}".strip())
 
 
+def rebalance_notice(notice_time: str | None, *, first_seen: float | None, now: float, action: str,
+                     release_seconds: float, notice_seconds: float | None) -> Notice | None:
+    """What a rebalance recommendation amounts to under --rebalance-action (log: nothing). It
+    counts from its noticeTime (from the first sighting when that is unreadable), so a restarted
+    daemon releases it on time, and is released `release_seconds` later."""
+    if notice_time is None or action == "log":
+        return None
+    try:
+        at = parse_rfc3339(notice_time)
+    except ValueError:
+        assert first_seen is not None, "a recommendation is always seen before it is judged"
+        at = first_seen
+    if now >= at + release_seconds:
+        return None
+    cordon_only = action == "cordon"
+    deadline = at + release_seconds if cordon_only else at + (notice_seconds or DEFAULT_SPOT_NOTICE_SECONDS)
+    return Notice(kind=NoticeKind.REBALANCE, deadline=deadline, source=f"aws:{REBALANCE_KEY}", detail=notice_time,
+                  cordon_only=cordon_only)
+
+
 def earliest(*notices: Notice | None) -> Notice | None:
-    """The notice that comes first; a preemption before a maintenance due at the same time."""
+    """The notice to act on: one that asks for more than a cordon first, then the one that comes
+    first, a preemption before a maintenance due at the same time."""
     return min((n for n in notices if n is not None),
-               key=lambda n: (n.deadline, n.kind is not NoticeKind.PREEMPTION), default=None)
+               key=lambda n: (n.cordon_only, n.deadline, n.kind is not NoticeKind.PREEMPTION), default=None)
 
 
 def notice_for(action: InstanceAction | None, *, first_seen: float | None,
@@ -204,8 +229,12 @@ class AwsProvider(PolledProvider[AwsReading]):
 
     def __init__(self, *, root_url: str = DEFAULT_ROOT_URL, token_ttl_seconds: int = TOKEN_TTL_SECONDS,
                  scheduled_lead_seconds: float = 3600.0, slow_keys_seconds: float = SLOW_KEYS_SECONDS,
+                 rebalance_action: str = "log", rebalance_release_seconds: float = 1800.0,
                  **options: Any) -> None:
         super().__init__(root_url=root_url, **options)
+        self._rebalance_action = rebalance_action
+        self._rebalance_release = rebalance_release_seconds
+        self._rebalance_first_seen: float | None = None
         self._token_ttl = token_ttl_seconds
         self._scheduled_lead = scheduled_lead_seconds
         self._slow_keys_seconds = slow_keys_seconds
@@ -242,8 +271,10 @@ class AwsProvider(PolledProvider[AwsReading]):
     def judge(self, value: AwsReading) -> Notice | None:
         if value.rebalance != self._rebalance:
             self._rebalance = value.rebalance
+            self._rebalance_first_seen = None if value.rebalance is None else self._clock()
             self._log.info("aws_rebalance_recommendation", notice_time=value.rebalance,
-                           note="logged only: a higher risk of interruption, not a notice")
+                           action=self._rebalance_action,
+                           note="a higher risk of interruption, not a notice")
         if value.scheduled != self._scheduled:
             self._scheduled = value.scheduled
             for event in value.scheduled:
@@ -255,7 +286,11 @@ class AwsProvider(PolledProvider[AwsReading]):
         elif self._first_seen is None:
             self._first_seen = self._clock()
         spot = notice_for(value.action, first_seen=self._first_seen, notice_seconds=self._notice_seconds)
-        return earliest(spot, scheduled_notice(self._scheduled, now=self._clock(), lead_seconds=self._scheduled_lead))
+        now = self._clock()
+        rebalance = rebalance_notice(self._rebalance, first_seen=self._rebalance_first_seen, now=now,
+                                     action=self._rebalance_action, release_seconds=self._rebalance_release,
+                                     notice_seconds=self._notice_seconds)
+        return earliest(spot, scheduled_notice(self._scheduled, now=now, lead_seconds=self._scheduled_lead), rebalance)
 
     async def _instance_action(self, http: aiohttp.ClientSession) -> InstanceAction | None:
         body = await self._get(http, INSTANCE_ACTION_KEY, absent_ok=True)
@@ -334,4 +369,6 @@ def from_config(config: Config, *, on_error: Callable[[str], None], on_ok: Calla
     """The registry's factory (`providers.REGISTRY["aws"]`)."""
     return AwsProvider(root_url=config.metadata_url or DEFAULT_ROOT_URL, notice_seconds=config.notice_seconds,
                        poll_seconds=config.poll_seconds, scheduled_lead_seconds=config.scheduled_event_lead_seconds,
+                       rebalance_action=config.rebalance_action,
+                       rebalance_release_seconds=config.rebalance_release_seconds,
                        on_error=on_error, on_ok=on_ok, clock=clock)

@@ -99,6 +99,9 @@ SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "SPOTGUARD_LOG_LEVEL": ({"logLevel": "debug"}, "debug"),
     "SPOTGUARD_POLL_SECONDS": ({"pollSeconds": 0.5}, "0.5"),
     "SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS": ({"scheduledEventLeadSeconds": 7200}, "7200"),
+    "SPOTGUARD_REBALANCE_ACTION": ({"rebalanceAction": "cordon"}, "cordon"),
+    "SPOTGUARD_REBALANCE_RELEASE_SECONDS": ({"rebalanceReleaseSeconds": 600}, "600"),
+    "SPOTGUARD_CORDON_ONLY": ({"cordonOnly": True}, "true"),
     "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": ({"surge": {"minNoticeSeconds": 900},
                                             "validatingAdmissionPolicy": {"enabled": True}}, "900"),
     "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": ({"surge": {"drainReserveSeconds": 90}}, "90"),
@@ -154,7 +157,9 @@ def test_rendered_environment_is_accepted_by_the_daemon() -> None:
         safety_margin_seconds=7.5, endpoint_wait_seconds=3.0, max_drain_seconds=900.0,
         drain_poll_seconds=0.25, log_level="debug", surge_min_notice_seconds=900.0,
         surge_drain_reserve_seconds=90.0, surge_priority_class="hold",
-        surge_placeholder_image="mirror.example/pause:3.10.2", poll_seconds=0.5)
+        surge_placeholder_image="mirror.example/pause:3.10.2", poll_seconds=0.5,
+        scheduled_event_lead_seconds=7200.0, cordon_only=True, rebalance_action="cordon",
+        rebalance_release_seconds=600.0)
 
 
 def test_without_the_admission_policies_there_is_no_surge_and_no_pod_create() -> None:

@@ -344,3 +344,20 @@ async def test_with_a_lead_of_zero_scheduled_events_are_never_read(emulator, cal
         assert emulator.requests[SCHEDULED_KEY] == 0 and emulator.requests[INSTANCE_ACTION_KEY] > 3
     finally:
         await watcher.stop()
+
+
+async def test_with_rebalance_action_cordon_a_recommendation_is_a_cordon_only_notice(emulator, calls):
+    watcher = Watcher(fast_provider(emulator.url, calls, clock=time.time, rebalance_action="cordon",
+                                    rebalance_release_seconds=1800))
+    watcher.start()
+    try:
+        assert await watcher.next() is None
+        emulator.rebalance()
+        notice = await watcher.next(timeout=2.0)
+        assert notice is not None and notice.kind is NoticeKind.REBALANCE and notice.cordon_only
+        # The interruption that follows is acted on in full.
+        emulator.preempt(seconds=120)
+        notice = await watcher.next(timeout=2.0)
+        assert notice is not None and notice.kind is NoticeKind.PREEMPTION and not notice.cordon_only
+    finally:
+        await watcher.stop()

@@ -105,8 +105,13 @@ async def test_a_withdrawn_notice_deletes_the_placeholder_and_the_pods_never_sto
     vm.metadata.set_maintenance("NONE")
     await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=30,
                             what="the placeholder deleted")
-    node = world.node(victim_node)
-    assert not node["spec"].get("unschedulable") and not node["spec"].get("taints")
+    # The uncordon is a PATCH against the node's resourceVersion: a kubelet heartbeat in between
+    # makes it conflict, and the daemon asks again at its next step.
+    def undone() -> bool:
+        node = world.node(victim_node)
+        return not node["spec"].get("unschedulable") and not node["spec"].get("taints")
+
+    await asyncio.to_thread(wait_until, undone, timeout=30, what="the cordon and taint undone")
     assert serving(victim_on(world, victim_node)) == "True"
     assert not world.events(reason="NotServing")
 

@@ -21,6 +21,7 @@ from spotguard.providers.aws import (
     parse_instance_action,
     parse_rebalance,
     parse_scheduled_events,
+    rebalance_notice,
     scheduled_notice,
 )
 from spotguard.providers.http import MAX_BODY_BYTES, MetadataBodyError
@@ -148,6 +149,46 @@ def test_a_spot_interruption_and_a_scheduled_event_give_the_earlier_deadline():
     assert earliest(None, maintenance) is maintenance and earliest(None, None) is None
     same_time = notice_for(InstanceAction("terminate", at=T0 + 600), first_seen=T0, notice_seconds=None)
     assert earliest(maintenance, same_time) is same_time
+
+
+REBALANCED_AT = "2023-11-14T22:13:20Z"   # T0
+
+
+@pytest.mark.parametrize("action", ["log", "cordon", "cordon-and-drain"])
+def test_a_rebalance_recommendation_is_what_the_action_says_until_it_is_released(action):
+    def judged(now: float, **options: object):
+        given: dict[str, object] = dict(first_seen=T0, now=now, action=action, release_seconds=1800,
+                                        notice_seconds=None)
+        given.update(options)
+        return rebalance_notice(REBALANCED_AT, **given)  # type: ignore[arg-type]
+
+    assert rebalance_notice(None, first_seen=None, now=T0, action=action, release_seconds=1800,
+                            notice_seconds=None) is None
+    if action == "log":
+        assert judged(T0) is None
+        return
+    notice = judged(T0 + 5)
+    assert notice is not None and notice.kind is NoticeKind.REBALANCE and notice.detail == REBALANCED_AT
+    if action == "cordon":
+        assert notice.cordon_only and notice.deadline == T0 + 1800
+    else:
+        assert not notice.cordon_only and notice.deadline == T0 + DEFAULT_SPOT_NOTICE_SECONDS
+        assert judged(T0 + 5, notice_seconds=60).deadline == T0 + 60
+    # Released from the recommendation's own time on, whenever the daemon (re)started.
+    assert judged(T0 + 1799.9, first_seen=T0 + 1700) is not None
+    assert judged(T0 + 1800, first_seen=T0 + 1700) is None
+    # An unreadable noticeTime counts from the first sighting.
+    unreadable = rebalance_notice("yesterday", first_seen=T0 + 100, now=T0 + 1850, action=action,
+                                  release_seconds=1800, notice_seconds=None)
+    assert unreadable is not None and unreadable.detail == "yesterday"
+
+
+def test_a_notice_that_asks_for_more_than_a_cordon_wins_over_an_earlier_cordon():
+    cordon = rebalance_notice(REBALANCED_AT, first_seen=T0, now=T0, action="cordon", release_seconds=600,
+                              notice_seconds=None)
+    maintenance = scheduled_notice((event(T0 + 3000),), now=T0, lead_seconds=3600)
+    assert cordon.deadline < maintenance.deadline
+    assert earliest(cordon, maintenance) is maintenance and earliest(cordon, None) is cordon
 
 
 @settings(max_examples=300, deadline=None)

@@ -42,7 +42,9 @@ def test_every_setting_reads_its_environment_variable():
            "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": "90", "SPOTGUARD_SURGE_PRIORITY_CLASS": "hold",
            "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE": "registry.example/pause:3@sha256:abc",
            "SPOTGUARD_WEBHOOK_URLS": "https://hooks.slack.com/services/T/B/s, http://127.0.0.1:8080/hook",
-           "SPOTGUARD_POLL_SECONDS": "0.5", "SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS": "0"}
+           "SPOTGUARD_POLL_SECONDS": "0.5", "SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS": "0",
+           "SPOTGUARD_CORDON_ONLY": "true", "SPOTGUARD_REBALANCE_ACTION": "Cordon-And-Drain",
+           "SPOTGUARD_REBALANCE_RELEASE_SECONDS": "600"}
     assert set(env) == {s.env for s in cfg.SETTINGS}
     config = load(env=env)
     assert (config.provider, config.metadata_url, config.listen_port, config.dry_run) == \
@@ -53,6 +55,10 @@ def test_every_setting_reads_its_environment_variable():
             config.surge_placeholder_image) == (900, 90, "hold", "registry.example/pause:3@sha256:abc")
     assert config.webhook_urls == ("https://hooks.slack.com/services/T/B/s", "http://127.0.0.1:8080/hook")
     assert config.poll_seconds == 0.5 and load([], {"NODE_NAME": "n"}).poll_seconds is None
+    assert (config.cordon_only, config.rebalance_action, config.rebalance_release_seconds) == \
+        (True, "cordon-and-drain", 600)
+    defaults = load([], {"NODE_NAME": "n"})
+    assert (defaults.cordon_only, defaults.rebalance_action, defaults.rebalance_release_seconds) == (False, "log", 1800)
     assert config.scheduled_event_lead_seconds == 0 and load([], {"NODE_NAME": "n"}).scheduled_event_lead_seconds == 3600
 
 
@@ -103,6 +109,9 @@ def test_gce_metadata_host_is_honoured_when_no_url_is_given():
     (["--notice-seconds", "-5"], {"NODE_NAME": "n"}, "--notice-seconds / SPOTGUARD_NOTICE_SECONDS"),
     (["--notice-seconds", "nan"], {"NODE_NAME": "n"}, "--notice-seconds / SPOTGUARD_NOTICE_SECONDS"),
     (["--drain-poll-seconds", "0"], {"NODE_NAME": "n"}, "--drain-poll-seconds / SPOTGUARD_DRAIN_POLL_SECONDS"),
+    (["--rebalance-action", "drain"], {"NODE_NAME": "n"}, "--rebalance-action / SPOTGUARD_REBALANCE_ACTION"),
+    (["--rebalance-release-seconds", "0"], {"NODE_NAME": "n"},
+     "--rebalance-release-seconds / SPOTGUARD_REBALANCE_RELEASE_SECONDS"),
     (["--scheduled-event-lead-seconds", "-60"], {"NODE_NAME": "n"},
      "--scheduled-event-lead-seconds / SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS"),
     ([], {"NODE_NAME": "n", "GCE_METADATA_HOST": "a b"}, "GCE_METADATA_HOST"),
