@@ -16,7 +16,8 @@ from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 PROVIDERS = ("auto", "gce", "aws", "azure")
-REBALANCE_ACTIONS = ("log", "cordon", "cordon-and-drain")
+# What an AWS signal that is not a spot notice (rebalance recommendation, Auto Scaling termination) does.
+SIGNAL_ACTIONS = ("log", "cordon", "cordon-and-drain")
 # GCE's spot notice, and the least Azure's Preempt gives: the shortest notice without --notice-seconds.
 SHORTEST_NOTICE_SECONDS = 30.0
 
@@ -62,6 +63,8 @@ class Config:
     # released this long after the recommendation if no interruption came.
     rebalance_action: str = "log"
     rebalance_release_seconds: float = 1800.0
+    # AWS Auto Scaling target lifecycle state Terminated: log, cordon, or cordon-and-drain.
+    asg_termination_action: str = "cordon-and-drain"
     # Where notifications are POSTed (spotguard.webhooks); none by default.
     webhook_urls: tuple[str, ...] = ()
     # Where Google's GCE_METADATA_HOST says GCE's server is (root URL): used by the GCE provider
@@ -150,6 +153,10 @@ SETTINGS: tuple[_Setting, ...] = (
              "undo a rebalance recommendation's cordon this long after it if no interruption came (EC2 keeps "
              "the recommendation listed; left alone, the node would stay cordoned for good)", default="1800",
              metavar="SECONDS"),
+    _Setting("asg_termination_action", "--asg-termination-action", "SPOTGUARD_ASG_TERMINATION_ACTION",
+             "AWS Auto Scaling group terminating the instance (target lifecycle state Terminated): log, "
+             "cordon, or cordon-and-drain (as on a notice of --notice-seconds, default 120)",
+             default="cordon-and-drain"),
     _Setting("webhook_urls", "--webhook-url", "SPOTGUARD_WEBHOOK_URLS",
              "POST a JSON notification here on a notice, an eviction, a PDB blocking one, the node "
              "drained, a surge given up, a withdrawn notice, a missed deadline (Slack incoming-webhook "
@@ -242,7 +249,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         webhook_urls=parsed("webhook_urls", _urls) or (),  # type: ignore[arg-type]
         poll_seconds=parsed("poll_seconds", _poll_seconds),  # type: ignore[arg-type]
         cordon_only=bool(parsed("cordon_only", _boolean)),
-        rebalance_action=parsed("rebalance_action", _rebalance_action),  # type: ignore[arg-type]
+        rebalance_action=parsed("rebalance_action", _signal_action),  # type: ignore[arg-type]
+        asg_termination_action=parsed("asg_termination_action", _signal_action),  # type: ignore[arg-type]
         rebalance_release_seconds=parsed("rebalance_release_seconds", _positive_seconds),  # type: ignore[arg-type]
         scheduled_event_lead_seconds=parsed("scheduled_event_lead_seconds", _non_negative_seconds),  # type: ignore[arg-type]
         gce_metadata_host_url=gce_metadata_host_url,
@@ -295,10 +303,10 @@ def _provider(value: str) -> str:
     return value
 
 
-def _rebalance_action(value: str) -> str:
+def _signal_action(value: str) -> str:
     value = value.lower()
-    if value not in REBALANCE_ACTIONS:
-        raise ValueError(f"must be one of {', '.join(REBALANCE_ACTIONS)}")
+    if value not in SIGNAL_ACTIONS:
+        raise ValueError(f"must be one of {', '.join(SIGNAL_ACTIONS)}")
     return value
 
 

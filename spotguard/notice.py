@@ -17,6 +17,8 @@ class NoticeKind(enum.StrEnum):
     # AWS's rebalance recommendation, acted on only with --rebalance-action: a higher risk of an
     # interruption, not a notice that one comes.
     REBALANCE = "rebalance-recommendation"
+    # AWS: the instance's Auto Scaling group is terminating it (target lifecycle state Terminated).
+    ASG_TERMINATION = "asg-termination"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ Like EC2 with `HttpTokens: required` it
   spot/instance-action (404 until a notice, then `{"action": ..., "time": ...}`),
   events/recommendations/rebalance (404 until `{"noticeTime": ...}`), events/maintenance/scheduled
   (404 until an event is scheduled, then the list, ended events kept with "[Canceled]" or
-  "[Completed]" in front of their description, as EC2 keeps them for a while), instance-id.
+  "[Completed]" in front of their description, as EC2 keeps them for a while),
+  autoscaling/target-lifecycle-state (InService, as in an EKS managed node group), instance-id.
 
 Triggers and faults, for tests and the demo:
   POST /sim/preempt[?action=terminate|stop|hibernate&seconds=120]
@@ -18,6 +19,7 @@ Triggers and faults, for tests and the demo:
                                             a scheduled event starting `seconds` from now (its EventId in the state)
   POST /sim/schedule/cancel?id=ID           that event cancelled
   POST /sim/schedule/complete?id=ID         that event completed
+  POST /sim/asg?state=Terminated            the Auto Scaling target lifecycle state (none: 404, not in a group)
   POST /sim/reset                           no notice, no fault
   POST /sim/fault?mode=M[&seconds=S]        (token requests included) M = none | http_500 | http_503 | http_429 | hang |
                                             slow (S seconds late, default 2) | garbage | refuse |
@@ -26,7 +28,7 @@ Triggers and faults, for tests and the demo:
                                             limit 1)
   GET  /sim/state                           the current values and fault as JSON
 The same is available from Python: `preempt()`, `rebalance()`, `schedule()`, `end_scheduled()`,
-`set_fault(...)`, `reset()`.
+`set_lifecycle_state()`, `set_fault(...)`, `reset()`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 INSTANCE_ACTION_KEY = "spot/instance-action"
 REBALANCE_KEY = "events/recommendations/rebalance"
 SCHEDULED_KEY = "events/maintenance/scheduled"
+ASG_STATE_KEY = "autoscaling/target-lifecycle-state"
+ASG_STATES = frozenset({"InService", "Terminated", "Detached", "Standby", "Warmed:Hibernated", "Warmed:Running",
+                        "Warmed:Stopped", "Warmed:Terminated"})
 INSTANCE_ID_KEY = "instance-id"
 ACTIONS = frozenset({"terminate", "stop", "hibernate"})
 EVENT_CODES = frozenset({"instance-reboot", "system-reboot", "system-maintenance", "instance-retirement",
@@ -89,6 +94,7 @@ class AwsMetadataEmulator(EmulatedServer):
         app.router.add_post("/sim/rebalance", self._sim_rebalance)
         app.router.add_post("/sim/schedule", self._sim_schedule)
         app.router.add_post("/sim/schedule/{how:cancel|complete}", self._sim_end_scheduled)
+        app.router.add_post("/sim/asg", self._sim_asg)
 
     # -- triggers -----------------------------------------------------------------------------
 
@@ -124,6 +130,12 @@ class AwsMetadataEmulator(EmulatedServer):
         event["Description"] = f"{prefix} {event['Description']}"
         self._values[SCHEDULED_KEY] = json.dumps(self._scheduled, indent=2)
 
+    def set_lifecycle_state(self, state: str | None) -> None:
+        """The Auto Scaling target lifecycle state (None: 404, the instance is in no group)."""
+        if state is not None and state not in ASG_STATES:
+            raise ValueError(f"state must be one of {', '.join(sorted(ASG_STATES))}, got {state!r}")
+        self._values[ASG_STATE_KEY] = state
+
     def set_raw(self, key: str, text: str | None) -> None:
         """Any body (None: 404) for an emulated key, e.g. one EC2 does not document, for tests."""
         if key not in self._values:
@@ -141,7 +153,7 @@ class AwsMetadataEmulator(EmulatedServer):
         self._fault = "none"
         self._scheduled = []
         self._values = {INSTANCE_ID_KEY: self._instance_id, INSTANCE_ACTION_KEY: None, REBALANCE_KEY: None,
-                        SCHEDULED_KEY: None}
+                        SCHEDULED_KEY: None, ASG_STATE_KEY: "InService"}
         self.notify()
 
     def state(self) -> dict[str, object]:
@@ -195,6 +207,9 @@ class AwsMetadataEmulator(EmulatedServer):
     async def _sim_schedule(self, request: web.Request) -> web.Response:
         return self.answer_trigger(lambda: self.schedule(code=request.query.get("code", "system-reboot"),
                                                          seconds=float(request.query.get("seconds", "3600"))))
+
+    async def _sim_asg(self, request: web.Request) -> web.Response:
+        return self.answer_trigger(lambda: self.set_lifecycle_state(request.query.get("state") or None))
 
     async def _sim_end_scheduled(self, request: web.Request) -> web.Response:
         how = request.match_info["how"]

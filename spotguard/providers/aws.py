@@ -1,11 +1,13 @@
-"""AWS notices: the EC2 spot instance-action and EC2 scheduled events, read through IMDSv2.
+"""AWS notices, read through IMDSv2: the EC2 spot instance-action, EC2 scheduled events, the
+rebalance recommendation and the Auto Scaling target lifecycle state.
 
 EC2 has no hanging GET, so this polls, every 0.25 s by default (`--poll-seconds`; see `providers.polled`).
 
 Three layers, like the GCE provider:
-- parsers (`parse_instance_action`, `parse_rebalance`, `parse_scheduled_events`): bytes in, value
-  out, `MetadataBodyError` for anything else;
-- the deadline rules (`notice_for`, `scheduled_notice`): pure, the times passed in;
+- parsers (`parse_instance_action`, `parse_rebalance`, `parse_scheduled_events`,
+  `parse_lifecycle_state`): bytes in, value out, `MetadataBodyError` for anything else;
+- the deadline rules (`notice_for`, `scheduled_notice`, `rebalance_notice`, `asg_notice`): pure,
+  the times passed in, and `earliest`, which of them to act on;
 - `AwsProvider`: the I/O. A session token (PUT /latest/api/token) is fetched once and renewed
   before it expires or when the server answers 401.
 
@@ -25,6 +27,12 @@ costs more than the reboot. A cancelled or completed event is no notice: what sp
 undone (after a reboot, the restarted daemon uncordons the node it cordoned). Those keys, and the
 rebalance recommendation, are read every few seconds rather than every poll: they announce things
 minutes to days ahead, and the spot instance-action (two minutes) keeps the fast polls to itself.
+
+An Auto Scaling group that is terminating the instance (scale-in, instance refresh, a failed
+health check) sets autoscaling/target-lifecycle-state to `Terminated`: by default
+(--asg-termination-action cordon-and-drain) a notice of --notice-seconds (default 120; a
+termination lifecycle hook usually holds the instance longer, spotguard does not complete it). It
+is a slow key too, so it is seen up to 5 s late.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import aiohttp
 
@@ -56,6 +64,8 @@ from spotguard.providers.http import (
 )
 from spotguard.providers.polled import PolledProvider
 
+T = TypeVar("T")
+
 # The link-local address of EC2's instance metadata service.
 DEFAULT_ROOT_URL = "http://169.254.169.254"
 TOKEN_PATH = "/latest/api/token"
@@ -65,6 +75,9 @@ META = "/latest/meta-data/"
 INSTANCE_ACTION_KEY = "spot/instance-action"
 REBALANCE_KEY = "events/recommendations/rebalance"
 SCHEDULED_KEY = "events/maintenance/scheduled"
+ASG_STATE_KEY = "autoscaling/target-lifecycle-state"
+# The target lifecycle state of an instance the Auto Scaling group is taking away.
+ASG_TERMINATED = "Terminated"
 INSTANCE_ID_KEY = "instance-id"
 # How often the slow keys (rebalance recommendation, scheduled events) are read.
 SLOW_KEYS_SECONDS = 5.0
@@ -156,6 +169,27 @@ def parse_scheduled_events(body: bytes | str) -> tuple[ScheduledEvent, ...]:
     return tuple(events)
 
 
+def parse_lifecycle_state(body: bytes | str) -> str:
+    """autoscaling/target-lifecycle-state: one word such as InService, Terminated or
+    Warmed:Stopped."""
+    state = body_text(body, key=ASG_STATE_KEY).strip()
+    if not re.fullmatch(r"[A-Za-z]{1,32}(:[A-Za-z]{1,32})?", state):
+        raise MetadataBodyError(f"{ASG_STATE_KEY}: not a lifecycle state: {shown(state)}")
+    return state
+
+
+def asg_notice(state: str | None, *, first_seen: float | None, action: str,
+               notice_seconds: float | None) -> Notice | None:
+    """An Auto Scaling group terminating this instance, under --asg-termination-action (log:
+    nothing). EC2 gives no time: the deadline is the first sighting plus --notice-seconds (120)."""
+    if state != ASG_TERMINATED or action == "log":
+        return None
+    assert first_seen is not None, "a state is always seen before it is judged"
+    cordon_only = action == "cordon"
+    return Notice(kind=NoticeKind.ASG_TERMINATION, deadline=first_seen + (notice_seconds or DEFAULT_SPOT_NOTICE_SECONDS),
+                  source=f"aws:{ASG_STATE_KEY}", detail=state, cordon_only=cordon_only)
+
+
 def scheduled_notice(events: tuple[ScheduledEvent, ...], *, now: float, lead_seconds: float) -> Notice | None:
     """The earliest live scheduled event, as a notice from `lead_seconds` before its NotBefore on
     (0: never). Its deadline is NotBefore: the event may start then."""
@@ -216,6 +250,7 @@ class AwsReading:
     action: InstanceAction | None
     rebalance: str | None  # the recommendation's notice time
     scheduled: tuple[ScheduledEvent, ...]
+    lifecycle_state: str | None  # None: not in an Auto Scaling group (404)
 
 
 class AwsProvider(PolledProvider[AwsReading]):
@@ -230,8 +265,11 @@ class AwsProvider(PolledProvider[AwsReading]):
     def __init__(self, *, root_url: str = DEFAULT_ROOT_URL, token_ttl_seconds: int = TOKEN_TTL_SECONDS,
                  scheduled_lead_seconds: float = 3600.0, slow_keys_seconds: float = SLOW_KEYS_SECONDS,
                  rebalance_action: str = "log", rebalance_release_seconds: float = 1800.0,
-                 **options: Any) -> None:
+                 asg_termination_action: str = "cordon-and-drain", **options: Any) -> None:
         super().__init__(root_url=root_url, **options)
+        self._asg_action = asg_termination_action
+        self._lifecycle_state: str | None = None
+        self._terminating_since: float | None = None
         self._rebalance_action = rebalance_action
         self._rebalance_release = rebalance_release_seconds
         self._rebalance_first_seen: float | None = None
@@ -260,13 +298,14 @@ class AwsProvider(PolledProvider[AwsReading]):
 
     async def read(self, http: aiohttp.ClientSession) -> AwsReading:
         action = await self._instance_action(http)
-        rebalance, scheduled = self._rebalance, self._scheduled
+        rebalance, scheduled, lifecycle_state = self._rebalance, self._scheduled, self._lifecycle_state
         if time.monotonic() >= self._slow_due:
             self._slow_due = time.monotonic() + self._slow_keys_seconds
-            rebalance = await self._rebalance_notice_time(http)
+            rebalance = await self._best_effort(http, REBALANCE_KEY, parse_rebalance, rebalance)
             if self._scheduled_lead > 0:
-                scheduled = await self._scheduled_events(http)
-        return AwsReading(action, rebalance, scheduled)
+                scheduled = await self._best_effort(http, SCHEDULED_KEY, parse_scheduled_events, scheduled) or ()
+            lifecycle_state = await self._best_effort(http, ASG_STATE_KEY, parse_lifecycle_state, lifecycle_state)
+        return AwsReading(action, rebalance, scheduled, lifecycle_state)
 
     def judge(self, value: AwsReading) -> Notice | None:
         if value.rebalance != self._rebalance:
@@ -281,6 +320,12 @@ class AwsProvider(PolledProvider[AwsReading]):
                 self._log.info("aws_scheduled_event", code=event.code, event_id=event.event_id,
                                not_before=event.not_before, ended=event.ended,
                                acted_on_from=None if event.ended else event.not_before - self._scheduled_lead)
+        if value.lifecycle_state != self._lifecycle_state:
+            self._lifecycle_state = value.lifecycle_state
+            terminating = value.lifecycle_state == ASG_TERMINATED
+            self._terminating_since = self._clock() if terminating else None
+            self._log.info("aws_asg_lifecycle_state", state=value.lifecycle_state,
+                           action=self._asg_action if terminating else None)
         if value.action is None:
             self._first_seen = None
         elif self._first_seen is None:
@@ -290,31 +335,25 @@ class AwsProvider(PolledProvider[AwsReading]):
         rebalance = rebalance_notice(self._rebalance, first_seen=self._rebalance_first_seen, now=now,
                                      action=self._rebalance_action, release_seconds=self._rebalance_release,
                                      notice_seconds=self._notice_seconds)
-        return earliest(spot, scheduled_notice(self._scheduled, now=now, lead_seconds=self._scheduled_lead), rebalance)
+        asg = asg_notice(self._lifecycle_state, first_seen=self._terminating_since, action=self._asg_action,
+                         notice_seconds=self._notice_seconds)
+        return earliest(spot, scheduled_notice(self._scheduled, now=now, lead_seconds=self._scheduled_lead),
+                        rebalance, asg)
 
     async def _instance_action(self, http: aiohttp.ClientSession) -> InstanceAction | None:
         body = await self._get(http, INSTANCE_ACTION_KEY, absent_ok=True)
         return None if body is None else parse_instance_action(body)
 
-    async def _rebalance_notice_time(self, http: aiohttp.ClientSession) -> str | None:
-        """The rebalance recommendation's notice time, best effort: it is only logged, so a failure
-        to read it must never hold back the instance-action read with it (logged, then None)."""
+    async def _best_effort(self, http: aiohttp.ClientSession, key: str, parse: Callable[[bytes], T],
+                           last: T | None) -> T | None:
+        """A slow key, parsed; None when absent (404). Best effort: a failed or garbled read keeps
+        the last good value (logged) and never holds back the instance-action read with it."""
         try:
-            body = await self._get(http, REBALANCE_KEY, absent_ok=True)
-            return None if body is None else parse_rebalance(body)
+            body = await self._get(http, key, absent_ok=True)
+            return None if body is None else parse(body)
         except (RequestFailed, MetadataBodyError) as error:
-            self._log.info("aws_rebalance_unreadable", error=str(error))
-            return self._rebalance
-
-    async def _scheduled_events(self, http: aiohttp.ClientSession) -> tuple[ScheduledEvent, ...]:
-        """The scheduled events, best effort like the rebalance recommendation: a bad read keeps
-        the last good list (logged) and never holds back the instance-action."""
-        try:
-            body = await self._get(http, SCHEDULED_KEY, absent_ok=True)
-            return () if body is None else parse_scheduled_events(body)
-        except (RequestFailed, MetadataBodyError) as error:
-            self._log.warning("aws_scheduled_events_unreadable", error=str(error))
-            return self._scheduled
+            self._log.warning("aws_key_unreadable", key=key, error=str(error))
+            return last
 
     async def _get(self, http: aiohttp.ClientSession, key: str, *, absent_ok: bool = False) -> bytes | None:
         """GET one meta-data key with the session token: its body, or None for a 404 when
@@ -369,6 +408,6 @@ def from_config(config: Config, *, on_error: Callable[[str], None], on_ok: Calla
     """The registry's factory (`providers.REGISTRY["aws"]`)."""
     return AwsProvider(root_url=config.metadata_url or DEFAULT_ROOT_URL, notice_seconds=config.notice_seconds,
                        poll_seconds=config.poll_seconds, scheduled_lead_seconds=config.scheduled_event_lead_seconds,
-                       rebalance_action=config.rebalance_action,
+                       rebalance_action=config.rebalance_action, asg_termination_action=config.asg_termination_action,
                        rebalance_release_seconds=config.rebalance_release_seconds,
                        on_error=on_error, on_ok=on_ok, clock=clock)

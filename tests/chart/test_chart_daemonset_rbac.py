@@ -102,6 +102,7 @@ SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "SPOTGUARD_REBALANCE_ACTION": ({"rebalanceAction": "cordon"}, "cordon"),
     "SPOTGUARD_REBALANCE_RELEASE_SECONDS": ({"rebalanceReleaseSeconds": 600}, "600"),
     "SPOTGUARD_CORDON_ONLY": ({"cordonOnly": True}, "true"),
+    "SPOTGUARD_ASG_TERMINATION_ACTION": ({"asgTerminationAction": "log"}, "log"),
     "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": ({"surge": {"minNoticeSeconds": 900},
                                             "validatingAdmissionPolicy": {"enabled": True}}, "900"),
     "SPOTGUARD_SURGE_DRAIN_RESERVE_SECONDS": ({"surge": {"drainReserveSeconds": 90}}, "90"),
@@ -159,7 +160,7 @@ def test_rendered_environment_is_accepted_by_the_daemon() -> None:
         surge_drain_reserve_seconds=90.0, surge_priority_class="hold",
         surge_placeholder_image="mirror.example/pause:3.10.2", poll_seconds=0.5,
         scheduled_event_lead_seconds=7200.0, cordon_only=True, rebalance_action="cordon",
-        rebalance_release_seconds=600.0)
+        rebalance_release_seconds=600.0, asg_termination_action="log")
 
 
 def test_without_the_admission_policies_there_is_no_surge_and_no_pod_create() -> None:

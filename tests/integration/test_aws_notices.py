@@ -142,3 +142,15 @@ async def test_cordon_only_cordons_on_an_interruption_and_evicts_nothing(world):
     await asyncio.sleep(3)
     assert serving(world, name) == "True" and not world.events(reason="Evicted")
     assert world.node(node)["metadata"]["annotations"]["spotguard.io/phase"] == "cordoned"
+
+
+async def test_an_auto_scaling_termination_drains_the_node(world):
+    node, vm = await aws_node(world)
+    world.deploy_vllm(replicas=1)
+    name = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]["metadata"]["name"]
+    vm.metadata.set_lifecycle_state("Terminated")
+    await asyncio.to_thread(wait_until, lambda: spotguard_cordoned(world, node, "asg-termination"), timeout=20,
+                            what="cordoned for the Auto Scaling termination")
+    await asyncio.to_thread(wait_until, lambda: [e for e in world.events(reason="Evicted")
+                                                 if e["involvedObject"]["name"] == name],
+                            timeout=60, what="the pod evicted")

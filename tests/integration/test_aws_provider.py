@@ -329,7 +329,7 @@ async def test_garbage_scheduled_events_are_logged_and_never_hold_back_the_inter
         notice = await watcher.next(timeout=1.0)
         assert notice is not None and notice.detail == "terminate"
         assert calls.errors == []
-        assert any(e["event"] == "aws_scheduled_events_unreadable" and "NotBefore" in e["error"] for e in logs)
+        assert any(e["event"] == "aws_key_unreadable" and e["key"] == SCHEDULED_KEY and "NotBefore" in e["error"] for e in logs)
     finally:
         await watcher.stop()
 
@@ -361,3 +361,25 @@ async def test_with_rebalance_action_cordon_a_recommendation_is_a_cordon_only_no
         assert notice is not None and notice.kind is NoticeKind.PREEMPTION and not notice.cordon_only
     finally:
         await watcher.stop()
+
+
+async def test_an_auto_scaling_termination_is_a_notice_and_log_leaves_it_alone(emulator, calls, logs):
+    watcher = Watcher(fast_provider(emulator.url, calls, clock=time.time))   # default: cordon-and-drain
+    watcher.start()
+    try:
+        assert await watcher.next() is None
+        emulator.set_lifecycle_state("Terminated")
+        notice = await watcher.next(timeout=2.0)
+        assert notice is not None and notice.kind is NoticeKind.ASG_TERMINATION and not notice.cordon_only
+        assert notice.detail == "Terminated"
+    finally:
+        await watcher.stop()
+    logged = Watcher(fast_provider(emulator.url, calls, clock=time.time, asg_termination_action="log"))
+    logged.start()
+    try:
+        assert await logged.next() is None
+        await asyncio.sleep(0.5)
+        assert logged.items.empty()
+        assert any(e["event"] == "aws_asg_lifecycle_state" and e["state"] == "Terminated" for e in logs)
+    finally:
+        await logged.stop()

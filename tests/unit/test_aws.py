@@ -16,9 +16,11 @@ from spotguard.providers.aws import (
     DEFAULT_SPOT_NOTICE_SECONDS,
     InstanceAction,
     ScheduledEvent,
+    asg_notice,
     earliest,
     notice_for,
     parse_instance_action,
+    parse_lifecycle_state,
     parse_rebalance,
     parse_scheduled_events,
     rebalance_notice,
@@ -189,6 +191,28 @@ def test_a_notice_that_asks_for_more_than_a_cordon_wins_over_an_earlier_cordon()
     maintenance = scheduled_notice((event(T0 + 3000),), now=T0, lead_seconds=3600)
     assert cordon.deadline < maintenance.deadline
     assert earliest(cordon, maintenance) is maintenance and earliest(cordon, None) is cordon
+
+
+def test_the_lifecycle_state_is_one_word_and_anything_else_is_a_body_error():
+    assert parse_lifecycle_state(b"InService") == "InService"
+    assert parse_lifecycle_state(b"Warmed:Terminated\n") == "Warmed:Terminated"
+    for body in (b"<html>", b"", b"Terminated; rm -rf", b"In Service"):
+        with pytest.raises(MetadataBodyError, match="autoscaling/target-lifecycle-state"):
+            parse_lifecycle_state(body)
+
+
+@pytest.mark.parametrize("action, cordon_only", [("cordon", True), ("cordon-and-drain", False)])
+def test_an_auto_scaling_termination_is_a_notice_from_its_first_sighting(action, cordon_only):
+    notice = asg_notice("Terminated", first_seen=T0, action=action, notice_seconds=None)
+    assert notice is not None and notice.kind is NoticeKind.ASG_TERMINATION and notice.cordon_only is cordon_only
+    assert notice.deadline == T0 + DEFAULT_SPOT_NOTICE_SECONDS and notice.source == "aws:autoscaling/target-lifecycle-state"
+    assert asg_notice("Terminated", first_seen=T0, action=action, notice_seconds=300).deadline == T0 + 300
+
+
+@pytest.mark.parametrize("state", [None, "InService", "Standby", "Detached", "Warmed:Terminated"])
+def test_other_lifecycle_states_and_the_log_action_are_no_notice(state):
+    assert asg_notice(state, first_seen=T0, action="cordon-and-drain", notice_seconds=None) is None
+    assert asg_notice("Terminated", first_seen=T0, action="log", notice_seconds=None) is None
 
 
 @settings(max_examples=300, deadline=None)

@@ -44,7 +44,7 @@ def test_every_setting_reads_its_environment_variable():
            "SPOTGUARD_WEBHOOK_URLS": "https://hooks.slack.com/services/T/B/s, http://127.0.0.1:8080/hook",
            "SPOTGUARD_POLL_SECONDS": "0.5", "SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS": "0",
            "SPOTGUARD_CORDON_ONLY": "true", "SPOTGUARD_REBALANCE_ACTION": "Cordon-And-Drain",
-           "SPOTGUARD_REBALANCE_RELEASE_SECONDS": "600"}
+           "SPOTGUARD_REBALANCE_RELEASE_SECONDS": "600", "SPOTGUARD_ASG_TERMINATION_ACTION": "cordon"}
     assert set(env) == {s.env for s in cfg.SETTINGS}
     config = load(env=env)
     assert (config.provider, config.metadata_url, config.listen_port, config.dry_run) == \
@@ -58,6 +58,7 @@ def test_every_setting_reads_its_environment_variable():
     assert (config.cordon_only, config.rebalance_action, config.rebalance_release_seconds) == \
         (True, "cordon-and-drain", 600)
     defaults = load([], {"NODE_NAME": "n"})
+    assert (config.asg_termination_action, defaults.asg_termination_action) == ("cordon", "cordon-and-drain")
     assert (defaults.cordon_only, defaults.rebalance_action, defaults.rebalance_release_seconds) == (False, "log", 1800)
     assert config.scheduled_event_lead_seconds == 0 and load([], {"NODE_NAME": "n"}).scheduled_event_lead_seconds == 3600
 
