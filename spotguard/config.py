@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
+from spotguard.webhooks import check_template
+
 PROVIDERS = ("auto", "gce", "aws", "azure")
 # What an AWS signal that is not a spot notice (rebalance recommendation, Auto Scaling termination) does.
 SIGNAL_ACTIONS = ("log", "cordon", "cordon-and-drain")
@@ -67,6 +69,8 @@ class Config:
     asg_termination_action: str = "cordon-and-drain"
     # Where notifications are POSTed (spotguard.webhooks); none by default.
     webhook_urls: tuple[str, ...] = ()
+    # The webhook message's text, str.format style over its fields (spotguard.webhooks); None: the default line.
+    webhook_template: str | None = None
     # Where Google's GCE_METADATA_HOST says GCE's server is (root URL): used by the GCE provider
     # when --metadata-url is not given, never by another cloud's (so `auto` on AWS ignores it).
     gce_metadata_host_url: str | None = None
@@ -162,6 +166,10 @@ SETTINGS: tuple[_Setting, ...] = (
              "drained, a surge given up, a withdrawn notice, a missed deadline (Slack incoming-webhook "
              "URLs get Slack's format); repeat the flag for more URLs, comma-separate them in the env",
              metavar="URL", is_list=True, secret=True),
+    _Setting("webhook_template", "--webhook-template", "SPOTGUARD_WEBHOOK_TEMPLATE",
+             "the webhook message's text instead of spotguard's one line, with {node}, {pod}, {pdb}, "
+             "{notice_kind}, {deadline}, {seconds_to_deadline}, {event}, {message}, {text} ... "
+             "(e.g. '{event} on {node}: {message}')", metavar="TEMPLATE"),
 )
 
 
@@ -247,6 +255,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         surge_priority_class=parsed("surge_priority_class", _object_name),  # type: ignore[arg-type]
         surge_placeholder_image=parsed("surge_placeholder_image", _image),  # type: ignore[arg-type]
         webhook_urls=parsed("webhook_urls", _urls) or (),  # type: ignore[arg-type]
+        webhook_template=parsed("webhook_template", check_template),  # type: ignore[arg-type]
         poll_seconds=parsed("poll_seconds", _poll_seconds),  # type: ignore[arg-type]
         cordon_only=bool(parsed("cordon_only", _boolean)),
         rebalance_action=parsed("rebalance_action", _signal_action),  # type: ignore[arg-type]

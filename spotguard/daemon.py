@@ -76,7 +76,7 @@ class Daemon:
         self.placeholders_synced = not self.surging_on
         self.surge = placeholder.Settings(priority_class=config.surge_priority_class,
                                           image=config.surge_placeholder_image)
-        self.notifier = webhooks.Notifier(config.webhook_urls, dry_run=config.dry_run,
+        self.notifier = webhooks.Notifier(config.webhook_urls, dry_run=config.dry_run, template=config.webhook_template,
                                           count=lambda result: metrics.webhooks.labels(result=result).inc())
         self.notice: Notice | None = None
         self.provider_ready = False

@@ -11,6 +11,11 @@ deadline. Each becomes one JSON POST per URL:
   `notice_kind`, `deadline` (RFC 3339) and `seconds_to_deadline`, `pod` and `pdb` when there is one,
   `message`, `warning`, `sent_at`.
 
+`--webhook-template` replaces the one-line `text` with the operator's own, Python `str.format`
+style over those fields (`{node}`, `{pod}`, `{pdb}`, `{notice_kind}`, `{deadline}`,
+`{seconds_to_deadline}`, `{event}`, `{message}`, ...); only plain field names are allowed, checked
+at start (`check_template`), so a template can neither fail at the notice nor reach into objects.
+
 Delivery never delays a drain: `Notifier.send` only queues (a bounded queue per URL; when one is
 full its oldest message is dropped and counted), one background task per URL POSTs with a timeout
 per attempt and retries with backoff, so a dead receiver delays neither the drain nor the others, and every outcome is counted (spotguard_webhook_deliveries_total) for the
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import string
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,13 +44,32 @@ log = structlog.get_logger("spotguard.webhooks")
 
 # What is worth a message in a channel (not every pod's NotServing: the notice says how many).
 REASONS = frozenset({
-    lc.Reason.TERMINATION_NOTICE, lc.Reason.SURGE_STARTED, lc.Reason.EVICTED, lc.Reason.EVICTION_BLOCKED,
+    lc.Reason.TERMINATION_NOTICE, lc.Reason.CORDONED, lc.Reason.SURGE_STARTED, lc.Reason.EVICTED, lc.Reason.EVICTION_BLOCKED,
     lc.Reason.NODE_DRAINED, lc.Reason.SURGE_GIVEN_UP, lc.Reason.NOTICE_CANCELLED, lc.Reason.DEADLINE_MISSED,
 })
 QUEUE_LIMIT = 200
 ATTEMPTS = 4
 TIMEOUT_SECONDS = 5.0
 _PDB = re.compile(r"PodDisruptionBudget (\S+) allows no disruption")
+# What a --webhook-template may name: the generic body's fields and `text`, the default line.
+TEMPLATE_FIELDS = ("event", "node", "message", "warning", "dry_run", "notice_kind", "deadline",
+                   "seconds_to_deadline", "pod", "pdb", "sent_at", "text")
+
+
+def check_template(template: str) -> str:
+    """The template, if every replacement field is one of TEMPLATE_FIELDS with no attribute,
+    index, conversion or format spec (a spec could fail on a field that is empty); ValueError
+    naming the first bad one otherwise."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        raise ValueError(f"not a valid template ({error})") from None
+    for name, spec, conversion in fields:
+        if name not in TEMPLATE_FIELDS or spec or conversion is not None:
+            raise ValueError(f"each field must be one of {{{'}, {'.join(TEMPLATE_FIELDS)}}}, plainly; "
+                             f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} is not")
+    return template
 
 
 @dataclass(frozen=True)
@@ -56,8 +81,9 @@ class Message:
 
 
 def message(report: lc.Report, *, node: str, progress: lc.Progress | None, now: float,
-            dry_run: bool = False) -> Message:
-    """The message for one report: a one-line `text` and the structured fields. Pure."""
+            dry_run: bool = False, template: str | None = None) -> Message:
+    """The message for one report: a one-line `text` (or the operator's `template`, checked by
+    `check_template`, over the fields) and the structured fields. Pure."""
     where = f"{report.pod.key} on node {node}" if report.pod else f"node {node}"
     left = f" ({progress.deadline - now:.0f}s to the {progress.notice_kind} deadline)" if progress else ""
     text = (f"{'[dry run] ' if dry_run else ''}{'⚠️ ' if report.warning else ''}spotguard {report.reason}: "
@@ -71,6 +97,8 @@ def message(report: lc.Report, *, node: str, progress: lc.Progress | None, now: 
         "pod": report.pod.key if report.pod else None,
         "pdb": _pdb(report), "sent_at": _rfc3339(now),
     }
+    if template is not None:
+        text = template.format_map({**{k: "" if v is None else v for k, v in fields.items()}, "text": text})
     return Message(reason=report.reason, node=node, text=text, fields=fields)
 
 
@@ -95,10 +123,11 @@ class Notifier:
     """Queues messages and POSTs them in the background; see the module docstring."""
 
     def __init__(self, urls: tuple[str, ...], *, count: Callable[[str], None], dry_run: bool = False,
-                 timeout_seconds: float = TIMEOUT_SECONDS, attempts: int = ATTEMPTS,
+                 template: str | None = None, timeout_seconds: float = TIMEOUT_SECONDS, attempts: int = ATTEMPTS,
                  retry_base_seconds: float = 1.0) -> None:
         self.urls = urls
         self.dry_run = dry_run
+        self.template = template
         self.count = count  # count(result): "ok", "error" (attempts spent), "dropped" (queue full)
         self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self.attempts = attempts
@@ -121,7 +150,8 @@ class Notifier:
         """Queue the report for every URL if it is worth a message; never waits."""
         if not self.urls or report.reason not in REASONS:
             return
-        msg = message(report, node=node, progress=progress, now=time.time(), dry_run=self.dry_run)
+        msg = message(report, node=node, progress=progress, now=time.time(), dry_run=self.dry_run,
+                      template=self.template)
         for url, queue in self._queues.items():
             if queue.full():
                 queue.get_nowait()

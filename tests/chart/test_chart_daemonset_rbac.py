@@ -109,6 +109,7 @@ SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "SPOTGUARD_SURGE_PRIORITY_CLASS": ({"surge": {"priorityClass": {"name": "hold"}}}, "hold"),
     "SPOTGUARD_SURGE_PLACEHOLDER_IMAGE": ({"surge": {"placeholderImage": "mirror.example/pause:3.10.2"}},
                                           "mirror.example/pause:3.10.2"),
+    "SPOTGUARD_WEBHOOK_TEMPLATE": ({"webhooks": {"template": "{event} on {node}"}}, "{event} on {node}"),
 }
 
 
@@ -160,7 +161,7 @@ def test_rendered_environment_is_accepted_by_the_daemon() -> None:
         surge_drain_reserve_seconds=90.0, surge_priority_class="hold",
         surge_placeholder_image="mirror.example/pause:3.10.2", poll_seconds=0.5,
         scheduled_event_lead_seconds=7200.0, cordon_only=True, rebalance_action="cordon",
-        rebalance_release_seconds=600.0, asg_termination_action="log")
+        rebalance_release_seconds=600.0, asg_termination_action="log", webhook_template="{event} on {node}")
 
 
 def test_without_the_admission_policies_there_is_no_surge_and_no_pod_create() -> None:

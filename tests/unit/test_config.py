@@ -44,7 +44,8 @@ def test_every_setting_reads_its_environment_variable():
            "SPOTGUARD_WEBHOOK_URLS": "https://hooks.slack.com/services/T/B/s, http://127.0.0.1:8080/hook",
            "SPOTGUARD_POLL_SECONDS": "0.5", "SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS": "0",
            "SPOTGUARD_CORDON_ONLY": "true", "SPOTGUARD_REBALANCE_ACTION": "Cordon-And-Drain",
-           "SPOTGUARD_REBALANCE_RELEASE_SECONDS": "600", "SPOTGUARD_ASG_TERMINATION_ACTION": "cordon"}
+           "SPOTGUARD_REBALANCE_RELEASE_SECONDS": "600", "SPOTGUARD_ASG_TERMINATION_ACTION": "cordon",
+           "SPOTGUARD_WEBHOOK_TEMPLATE": "{event} on {node}"}
     assert set(env) == {s.env for s in cfg.SETTINGS}
     config = load(env=env)
     assert (config.provider, config.metadata_url, config.listen_port, config.dry_run) == \
@@ -59,6 +60,7 @@ def test_every_setting_reads_its_environment_variable():
         (True, "cordon-and-drain", 600)
     defaults = load([], {"NODE_NAME": "n"})
     assert (config.asg_termination_action, defaults.asg_termination_action) == ("cordon", "cordon-and-drain")
+    assert (config.webhook_template, defaults.webhook_template) == ("{event} on {node}", None)
     assert (defaults.cordon_only, defaults.rebalance_action, defaults.rebalance_release_seconds) == (False, "log", 1800)
     assert config.scheduled_event_lead_seconds == 0 and load([], {"NODE_NAME": "n"}).scheduled_event_lead_seconds == 3600
 
@@ -110,6 +112,7 @@ def test_gce_metadata_host_is_honoured_when_no_url_is_given():
     (["--notice-seconds", "-5"], {"NODE_NAME": "n"}, "--notice-seconds / SPOTGUARD_NOTICE_SECONDS"),
     (["--notice-seconds", "nan"], {"NODE_NAME": "n"}, "--notice-seconds / SPOTGUARD_NOTICE_SECONDS"),
     (["--drain-poll-seconds", "0"], {"NODE_NAME": "n"}, "--drain-poll-seconds / SPOTGUARD_DRAIN_POLL_SECONDS"),
+    (["--webhook-template", "{node.__dict__}"], {"NODE_NAME": "n"}, "--webhook-template / SPOTGUARD_WEBHOOK_TEMPLATE"),
     (["--rebalance-action", "drain"], {"NODE_NAME": "n"}, "--rebalance-action / SPOTGUARD_REBALANCE_ACTION"),
     (["--rebalance-release-seconds", "0"], {"NODE_NAME": "n"},
      "--rebalance-release-seconds / SPOTGUARD_REBALANCE_RELEASE_SECONDS"),

@@ -57,3 +57,26 @@ def test_a_full_queue_drops_the_oldest_message_and_counts_it():
     for url in urls:
         queue = notifier._queues[url]
         assert queue.qsize() == webhooks.QUEUE_LIMIT and queue.get_nowait().fields["message"] == "pod 3"
+
+
+def test_a_template_replaces_the_text_and_fills_missing_fields_with_nothing():
+    report = lc.Report(lc.Reason.EVICTION_BLOCKED, "PodDisruptionBudget vllm-pdb allows no disruption; retrying "
+                                                   "until the deadline", pod=POD, warning=True)
+    template = webhooks.check_template("{event} {pod} ({pdb}) on {node}, {seconds_to_deadline}s left | {text}")
+    msg = webhooks.message(report, node="gpu-1", progress=PROGRESS, now=T0 + 12, template=template)
+    assert msg.text.startswith("EvictionBlocked ml/vllm-0 (vllm-pdb) on gpu-1, 18.0s left | ⚠️ spotguard EvictionBlocked")
+    cancelled = webhooks.message(lc.Report(lc.Reason.NOTICE_CANCELLED, "withdrawn"), node="gpu-1", progress=None,
+                                 now=T0, template="{event}: {pod}{deadline}|")
+    assert cancelled.text == "NoticeCancelled: |"
+    assert webhooks.body_for("https://hooks.slack.com/services/T/B/s", msg) == {"text": msg.text}
+
+
+def test_a_template_may_name_only_plain_fields():
+    for bad in ("{node.__class__}", "{fields[0]}", "{nodes}", "{node!r}", "{", "{0}", "{}",
+                "{seconds_to_deadline:.0f}"):
+        try:
+            webhooks.check_template(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} accepted")
+    assert webhooks.check_template("plain text, no fields") == "plain text, no fields"
