@@ -79,7 +79,7 @@ ASG_STATE_KEY = "autoscaling/target-lifecycle-state"
 # The target lifecycle state of an instance the Auto Scaling group is taking away.
 ASG_TERMINATED = "Terminated"
 INSTANCE_ID_KEY = "instance-id"
-# How often the slow keys (rebalance recommendation, scheduled events) are read.
+# How often the slow keys (rebalance recommendation, scheduled events, Auto Scaling state) are read.
 SLOW_KEYS_SECONDS = 5.0
 # EC2 keeps a finished event listed for a while, its description starting with one of these.
 _ENDED_PREFIXES = ("[completed]", "[canceled]", "[cancelled]")

@@ -195,6 +195,10 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
     out = args.out or (args.dir / "bench.json")
     try:
         report = bench(cfg, directory=args.dir, out=out, parts=parts)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # Ctrl-C or SIGTERM: every part already stopped what it started (see _run_async).
+        print(f"spotguard-sim bench: interrupted; nothing written to {out}", file=sys.stderr)
+        return 130
     except Exception as error:  # noqa: BLE001 - one line for the terminal; details are in the logs
         from spotguard_sim.controlplane import ControlPlaneError
 
