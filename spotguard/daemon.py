@@ -322,7 +322,10 @@ class Daemon:
         decision = lc.decide(self.state, seen, now=self.clock(), timing=self.timing)
         self.state = decision.state
         after = self.state.progress
-        await self._execute(decision.actions, first_reaction=before is None and after is not None)
+        # The reaction: the first step of a notice, or of the notice that ends a cordon-only one.
+        first_reaction = after is not None and (before is None or (
+            before.phase is lc.Phase.CORDONED and after.phase is not lc.Phase.CORDONED))
+        await self._execute(decision.actions, first_reaction=first_reaction)
         self._update_gauges(before, after)
         return bool(decision.actions)
 

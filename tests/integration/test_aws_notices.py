@@ -18,6 +18,7 @@ import time
 import uuid
 
 import pytest
+from spotguard_sim.support import metric_value as metric
 from spotguard_sim.support import wait_until
 from spotguard_sim.world import World
 
@@ -117,6 +118,9 @@ async def test_a_rebalance_cordon_keeps_the_pod_serving_until_an_interruption_dr
     await asyncio.to_thread(wait_until, lambda: serving(world, name) == "False", timeout=20,
                             what="the pod out of rotation at the interruption")
     assert spotguard_cordoned(world, node, "preemption")
+    # Two reactions: the cordon, then taking the pod out of rotation at the interruption.
+    text = await asyncio.to_thread(vm.daemon.metrics)
+    assert metric(text, "spotguard_reaction_duration_seconds_count") == 2
     await asyncio.to_thread(wait_until, lambda: [e for e in world.events(reason="Evicted")
                                                  if e["involvedObject"]["name"] == name],
                             timeout=60, what="the pod evicted")
