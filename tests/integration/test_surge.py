@@ -67,32 +67,33 @@ async def test_the_replacement_lands_on_capacity_the_placeholder_brought_while_t
     victim = victim_on(world, victim_node)
     world.maintenance(victim_node, in_seconds=WINDOW_S)
 
-    # The placeholder: pending for a GPU, then Running on a node the autoscaler added for it.
-    def running_placeholder() -> dict[str, Any] | None:
-        found = [p for p in placeholders(world, victim_node) if p.get("status", {}).get("phase") == "Running"]
-        return found[0] if found else None
-
-    placeholder = await asyncio.to_thread(wait_until, running_placeholder, timeout=60,
-                                          what="the placeholder running on new capacity")
-    new_node = placeholder["spec"]["nodeName"]
-    assert new_node not in (victim_node,) and new_node in world.autoscaler.nodes_added
+    # The placeholder: pending for a GPU at a negative priority, owned by the pod it stands for.
+    created = await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=30,
+                                      what="the placeholder created")
+    placeholder = created[0]
     assert placeholder["spec"]["priority"] == -1
     assert placeholder["metadata"]["ownerReferences"][0]["uid"] == victim["metadata"]["uid"]
 
-    # Only then does the pod leave rotation (and, draining itself, get evicted); its replacement
-    # preempts the placeholder on the new node.
+    # Once it runs on the node the autoscaler added, the pod leaves rotation (and, draining itself,
+    # is evicted at once); its replacement preempts the placeholder there. All of that can take
+    # well under a second, so the placeholder's Running moment is read from the scheduler's
+    # Event, not caught by polling.
     def replacement() -> dict[str, Any] | None:
         found = [p for p in world.pods("app=vllm") if p["metadata"]["name"] != victim["metadata"]["name"]
-                 and p["spec"].get("nodeName") == new_node and serving(p) == "True"]
+                 and p["spec"].get("nodeName") in world.autoscaler.nodes_added and serving(p) == "True"]
         return found[0] if found else None
 
-    await asyncio.to_thread(wait_until, replacement, timeout=60, what="the replacement serving on the new node")
+    new_node = (await asyncio.to_thread(wait_until, replacement, timeout=90,
+                                        what="the replacement serving on the new node"))["spec"]["nodeName"]
+    scheduled = [e for e in world.events(reason="Scheduled")
+                 if e["involvedObject"]["name"] == placeholder["metadata"]["name"]]
+    assert scheduled and new_node in scheduled[0]["message"], scheduled
     assert event_time(world, "SurgeStarted", victim_node) <= event_time(world, "SurgeReady", victim_node) <= \
         event_time(world, "NotServing", victim["metadata"]["name"])
     await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=30,
                             what="the placeholder gone (preempted)")
     # One node for the surge and no second one for the replacement (it was nominated, not pending).
-    assert len(world.autoscaler.nodes_added) == 1
+    assert world.autoscaler.nodes_added == [new_node]
     assert not world.events(reason="SurgeGivenUp")
 
 
