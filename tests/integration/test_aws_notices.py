@@ -100,6 +100,7 @@ async def test_after_a_completed_reboot_the_restarted_daemon_uncordons_the_node(
     world.start_daemon(vm)
     await asyncio.to_thread(vm.daemon.wait_ready)
     await asyncio.to_thread(wait_until, lambda: undone(world, node), timeout=20, what="uncordoned after the reboot")
+    assert [e for e in world.events(reason="NoticeCancelled") if e["involvedObject"]["name"] == node]
 
 
 async def test_a_rebalance_cordon_keeps_the_pod_serving_until_an_interruption_drains_it(world):
@@ -158,3 +159,4 @@ async def test_an_auto_scaling_termination_drains_the_node(world):
     await asyncio.to_thread(wait_until, lambda: [e for e in world.events(reason="Evicted")
                                                  if e["involvedObject"]["name"] == name],
                             timeout=60, what="the pod evicted")
+    assert world.node(node)["metadata"]["annotations"]["spotguard.io/notice-kind"] == "asg-termination"
