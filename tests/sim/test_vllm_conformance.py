@@ -244,8 +244,13 @@ async def test_default_sigterm_ends_streams_with_abort_and_done_or_silence(serve
     server.sigterm()
     health = await get_status(session, server.url + "/health")
     assert health in (200, None), "never 503: /health answers 200 until the listener closes"
-    await until(lambda: all(s.end.done or s.closed_by_server for s in streams) or not server.alive(),
-                timeout=5, what="streams to end")
+    # A stream has settled when it ended, was cut, or has been silent for 2 s: real vLLM on 2 busy
+    # cores sometimes loses the race between its abort outputs and the listener closing, and then
+    # the stream stays open with nothing more on it (the "open" outcome below).
+    def settled(s: Stream) -> bool:
+        return s.end.done or s.closed_by_server or (s.last_data is not None and time.monotonic() - s.last_data > 2.0)
+
+    await until(lambda: all(settled(s) for s in streams) or not server.alive(), timeout=20, what="streams to end")
     await asyncio.sleep(1.0)
     outcomes = {s.outcome for s in streams}
     # Real vLLM: the engine's abort outputs (finish_reason abort, then [DONE]) or, when it loses
