@@ -30,6 +30,8 @@ class ActionName(enum.StrEnum):
     DELETE_PLACEHOLDER = "delete_placeholder"
     UNCORDON = "uncordon"
     UNTAINT = "untaint"
+    EXCLUDE_FROM_LB = "exclude_from_lb"
+    INCLUDE_IN_LB = "include_in_lb"
     EVENT = "event"
 
 
@@ -44,6 +46,8 @@ def names(action: lc.Action) -> list[ActionName]:
                 found.append(ActionName.TAINT)
             if action.remove_taint:
                 found.append(ActionName.UNTAINT)
+            if action.exclude_from_lb is not None:
+                found.append(ActionName.EXCLUDE_FROM_LB if action.exclude_from_lb else ActionName.INCLUDE_IN_LB)
             if action.progress is not None or action.clear_progress:
                 found.append(ActionName.SAVE_PROGRESS)
             return found
@@ -67,7 +71,7 @@ def dry_run_key(action: lc.Action) -> tuple[Any, ...]:
     and again; each is sent (as a server-side dry run) once."""
     match action:
         case lc.UpdateNode():
-            return ("node", action.unschedulable, action.taint_value, action.remove_taint,
+            return ("node", action.unschedulable, action.taint_value, action.remove_taint, action.exclude_from_lb,
                     action.progress.phase if action.progress else None, action.clear_progress)
         case lc.SetServing():
             return ("serving", action.pod.uid, action.value)

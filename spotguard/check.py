@@ -119,10 +119,14 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
     nothing. Each verdict is reported, with the policy's own message when it refuses."""
     dry = k.Kube(api.client, node_name=config.node_name, dry_run=True)
     now = time.time()
+    exclude = config.exclude_from_load_balancers
     progress = lc.Progress(phase=lc.Phase.DEREGISTERING, notice_kind="preemption", deadline=now + 30,
-                           noticed_at=now, phase_since=now, cordoned_by_us=True, tainted_by_us=True)
-    _verdict(say, f"cordon, taint and annotate node {config.node_name}",
-             lambda: dry.patch_node(lc.UpdateNode(unschedulable=True, taint_value="preemption", progress=progress)))
+                           noticed_at=now, phase_since=now, cordoned_by_us=True, tainted_by_us=True,
+                           excluded_by_us=exclude)
+    label = ", label out of external load balancers" if exclude else ""
+    _verdict(say, f"cordon, taint{label} and annotate node {config.node_name}",
+             lambda: dry.patch_node(lc.UpdateNode(unschedulable=True, taint_value="preemption",
+                                                  exclude_from_lb=True if exclude else None, progress=progress)))
     serving = [pod for pod in pods if k.is_serving_pod(pod)]
     _check_surge(dry, config, serving, say)
     if not serving:

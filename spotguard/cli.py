@@ -90,7 +90,8 @@ def _run(config: cfg.Config) -> int:
                                   endpoint_wait_seconds=config.endpoint_wait_seconds,
                                   max_drain_seconds=config.max_drain_seconds,
                                   surge_min_notice_seconds=config.surge_min_notice_seconds,
-                                  surge_drain_reserve_seconds=config.surge_drain_reserve_seconds)
+                                  surge_drain_reserve_seconds=config.surge_drain_reserve_seconds,
+                                  exclude_from_load_balancers=config.exclude_from_load_balancers)
         daemon = Daemon(config=config, provider=provider,
                         kube=kube.Kube(api_client, node_name=config.node_name, dry_run=config.dry_run),
                         metrics=metrics, timing=timing)

@@ -61,6 +61,7 @@ class Config:
     scheduled_event_lead_seconds: float = 3600.0
     # Cordon and taint only, on every notice: the pods keep serving, nothing is evicted.
     cordon_only: bool = False
+    exclude_from_load_balancers: bool = False
     # AWS rebalance recommendation: log, cordon, or cordon-and-drain; a cordon (and drain) is
     # released this long after the recommendation if no interruption came.
     rebalance_action: str = "log"
@@ -69,6 +70,8 @@ class Config:
     asg_termination_action: str = "cordon-and-drain"
     # Where notifications are POSTed (spotguard.webhooks); none by default.
     webhook_urls: tuple[str, ...] = ()
+    # Extra headers on every webhook POST (an Authorization token, a routing key); never logged.
+    webhook_headers: tuple[tuple[str, str], ...] = ()
     # The webhook message's text, str.format style over its fields (spotguard.webhooks); None: the default line.
     webhook_template: str | None = None
     # Where Google's GCE_METADATA_HOST says GCE's server is (root URL): used by the GCE provider
@@ -85,8 +88,9 @@ class _Setting:
     default: str | None = None
     is_switch: bool = False
     metavar: str | None = None
-    # The flag may be repeated; its environment variable holds the values comma-separated.
+    # The flag may be repeated; its environment variable holds the values separated by `separator`.
     is_list: bool = False
+    separator: str = ","
     # Never echoed in an error (a webhook URL carries its token).
     secret: bool = False
 
@@ -149,6 +153,11 @@ SETTINGS: tuple[_Setting, ...] = (
     _Setting("cordon_only", "--cordon-only", "SPOTGUARD_CORDON_ONLY",
              "on every notice only cordon and taint the node: the pods keep serving and nothing is evicted "
              "(something else drains, or the kubelet's shutdown is all you want)", is_switch=True),
+    _Setting("exclude_from_load_balancers", "--exclude-from-load-balancers",
+             "SPOTGUARD_EXCLUDE_FROM_LOAD_BALANCERS",
+             "at a notice also label the node node.kubernetes.io/exclude-from-external-load-balancers, so cloud "
+             "load balancers stop sending traffic through it (removed again if the notice is withdrawn)",
+             is_switch=True),
     _Setting("rebalance_action", "--rebalance-action", "SPOTGUARD_REBALANCE_ACTION",
              "AWS rebalance recommendation (a higher risk of interruption, not a notice): log, cordon (the "
              "pods keep serving, no new ones come) or cordon-and-drain (as on a notice of --notice-seconds, "
@@ -166,6 +175,10 @@ SETTINGS: tuple[_Setting, ...] = (
              "drained, a surge given up, a withdrawn notice, a missed deadline (Slack incoming-webhook "
              "URLs get Slack's format); repeat the flag for more URLs, comma-separate them in the env",
              metavar="URL", is_list=True, secret=True),
+    _Setting("webhook_headers", "--webhook-header", "SPOTGUARD_WEBHOOK_HEADERS",
+             "an extra HTTP header on every webhook POST, 'Name: value' (e.g. 'Authorization: Bearer ...'); "
+             "repeat the flag for more, one per line in the env",
+             metavar="'NAME: VALUE'", is_list=True, separator="\n", secret=True),
     _Setting("webhook_template", "--webhook-template", "SPOTGUARD_WEBHOOK_TEMPLATE",
              "the webhook message's text instead of spotguard's one line, with {node}, {pod}, {pdb}, "
              "{notice_kind}, {deadline}, {seconds_to_deadline}, {event}, {message}, {text} ... "
@@ -195,7 +208,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
     def raw(setting: _Setting) -> str | None:
         value = getattr(args, setting.dest, None)
         if isinstance(value, list):  # a repeated flag: one comma-separated value, like its env
-            value = ",".join(value)
+            value = setting.separator.join(value)
         if value is None:
             value = environ.get(setting.env)
         if value is None or value.strip() == "":
@@ -256,8 +269,10 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         surge_placeholder_image=parsed("surge_placeholder_image", _image),  # type: ignore[arg-type]
         webhook_urls=parsed("webhook_urls", _urls) or (),  # type: ignore[arg-type]
         webhook_template=parsed("webhook_template", check_template),  # type: ignore[arg-type]
+        webhook_headers=parsed("webhook_headers", _headers) or (),  # type: ignore[arg-type]
         poll_seconds=parsed("poll_seconds", _poll_seconds),  # type: ignore[arg-type]
         cordon_only=bool(parsed("cordon_only", _boolean)),
+        exclude_from_load_balancers=bool(parsed("exclude_from_load_balancers", _boolean)),
         rebalance_action=parsed("rebalance_action", _signal_action),  # type: ignore[arg-type]
         asg_termination_action=parsed("asg_termination_action", _signal_action),  # type: ignore[arg-type]
         rebalance_release_seconds=parsed("rebalance_release_seconds", _positive_seconds),  # type: ignore[arg-type]
@@ -291,6 +306,30 @@ def _urls(value: str) -> tuple[str, ...]:
             raise ValueError(f"each must be an http(s) URL; {parts.scheme or 'no scheme'}://"
                              f"{parts.hostname or '?'}/... is not")
     return urls
+
+
+# An HTTP header name (RFC 9110 token), and the ones spotguard writes itself.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_OWN_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding"})
+
+
+def _headers(value: str) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for line in (line.strip() for line in value.split("\n")):
+        if not line:
+            continue
+        name, colon, header_value = line.partition(":")
+        name, header_value = name.strip(), header_value.strip()
+        if not colon:  # nothing echoed: the whole line may be the token
+            raise ValueError("each must be 'Name: value'; a line has no ':'")
+        # The name only: the value is often a token.
+        if not _HEADER_NAME.fullmatch(name) or not header_value or any(c in header_value for c in "\r\0"):
+            raise ValueError(f"each must be 'Name: value' with a header name and a value on one line; "
+                             f"{name[:40] or 'an empty name'!r} is not")
+        if name.lower() in _OWN_HEADERS:
+            raise ValueError(f"{name} is spotguard's own (it posts JSON)")
+        headers.append((name, header_value))
+    return tuple(headers)
 
 
 def _object_name(value: str) -> str:

@@ -77,6 +77,7 @@ class Daemon:
         self.surge = placeholder.Settings(priority_class=config.surge_priority_class,
                                           image=config.surge_placeholder_image)
         self.notifier = webhooks.Notifier(config.webhook_urls, dry_run=config.dry_run, template=config.webhook_template,
+                                          headers=config.webhook_headers,
                                           count=lambda result: metrics.webhooks.labels(result=result).inc())
         self.notice: Notice | None = None
         self.provider_ready = False
@@ -393,6 +394,7 @@ class Daemon:
                                      metrics_unreadable=reading.unreadable))
         return lc.Seen(notice=self._current_notice(), node_unschedulable=k.node_unschedulable(self.node),
                        node_has_taint=k.node_has_taint(self.node), pods=tuple(facts),
+                       node_excluded_from_lb=k.node_excluded_from_lb(self.node),
                        stored_progress=k.progress_from_node(self.node),
                        placeholders=tuple(k.placeholder_facts(p) for p in self.placeholders.values()))
 

@@ -49,7 +49,11 @@ PROGRESS_ANNOTATIONS = {
     "cordoned_by_us": "spotguard.io/cordoned-by-spotguard",
     "tainted_by_us": "spotguard.io/tainted-by-spotguard",
     "drain_from": "spotguard.io/drain-from",
+    "excluded_by_us": "spotguard.io/lb-excluded-by-spotguard",
 }
+# The well-known label cloud controllers read: no external load balancer sends traffic through
+# this node (--exclude-from-load-balancers).
+EXCLUDE_LB_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
 _SMP = "application/strategic-merge-patch+json"
 _MERGE_PATCH = "application/merge-patch+json"
 
@@ -309,6 +313,10 @@ def node_unschedulable(node: Obj) -> bool:
     return bool((node.get("spec") or {}).get("unschedulable"))
 
 
+def node_excluded_from_lb(node: Obj) -> bool:
+    return EXCLUDE_LB_LABEL in ((node.get("metadata") or {}).get("labels") or {})
+
+
 def progress_from_node(node: Obj) -> Progress | None:
     """Read a notice's progress back from the node annotations; None if absent or unreadable."""
     annotations = (node.get("metadata") or {}).get("annotations") or {}
@@ -327,6 +335,7 @@ def progress_from_node(node: Obj) -> Progress | None:
             cordoned_by_us=values["cordoned_by_us"] == "true",
             tainted_by_us=values["tainted_by_us"] == "true",
             drain_from=None if values["drain_from"] is None else _parse_rfc3339(values["drain_from"]),
+            excluded_by_us=values["excluded_by_us"] == "true",
         )
     except (ValueError, TypeError):
         return None
@@ -348,6 +357,8 @@ def node_patch(update: UpdateNode, node: Obj) -> Obj:
         metadata["resourceVersion"] = (node.get("metadata") or {}).get("resourceVersion")
     if spec:
         patch["spec"] = spec
+    if update.exclude_from_lb is not None:
+        metadata["labels"] = {EXCLUDE_LB_LABEL: "true" if update.exclude_from_lb else None}
     if update.progress is not None:
         progress = update.progress
         metadata["annotations"] = {
@@ -359,6 +370,8 @@ def node_patch(update: UpdateNode, node: Obj) -> Obj:
             PROGRESS_ANNOTATIONS["cordoned_by_us"]: "true" if progress.cordoned_by_us else "false",
             PROGRESS_ANNOTATIONS["tainted_by_us"]: "true" if progress.tainted_by_us else "false",
             PROGRESS_ANNOTATIONS["drain_from"]: None if progress.drain_from is None else _rfc3339(progress.drain_from),
+            # Written only when true, so nodes handled without the option keep the annotations they had.
+            PROGRESS_ANNOTATIONS["excluded_by_us"]: "true" if progress.excluded_by_us else None,
         }
     elif update.clear_progress:
         metadata["annotations"] = {key: None for key in PROGRESS_ANNOTATIONS.values()}

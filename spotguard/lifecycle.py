@@ -134,6 +134,8 @@ class Seen:
     node_unschedulable: bool
     node_has_taint: bool
     pods: tuple[PodFacts, ...]
+    # The node carries node.kubernetes.io/exclude-from-external-load-balancers.
+    node_excluded_from_lb: bool = False
     # What the node's annotations hold now (lags `State.progress` when a PATCH failed).
     stored_progress: Progress | None = None
     placeholders: tuple[PlaceholderFacts, ...] = ()
@@ -155,6 +157,9 @@ class Timing:
     # before the deadline (minus the safety margin), which is what is left for the drain.
     surge_min_notice_seconds: float = 600.0
     surge_drain_reserve_seconds: float = 120.0
+    # Not a time, but read with them: label the node out of cloud load balancers at a notice
+    # (--exclude-from-load-balancers), so traffic from outside stops coming through this node.
+    exclude_from_load_balancers: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +180,8 @@ class Progress:
     tainted_by_us: bool
     # When the drain's time budget (--max-drain-seconds) starts: the notice, or the surge's end.
     drain_from: float | None = None
+    # spotguard put node.kubernetes.io/exclude-from-external-load-balancers on the node.
+    excluded_by_us: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,11 +208,13 @@ class State:
 
 @dataclass(frozen=True)
 class UpdateNode:
-    """One node PATCH: cordon/uncordon, add/remove spotguard's taint, write/clear progress."""
+    """One node PATCH: cordon/uncordon, add/remove spotguard's taint and the load-balancer exclusion
+    label, write/clear progress."""
 
     unschedulable: bool | None = None
     taint_value: str | None = None  # add the taint with this value (the notice kind)
     remove_taint: bool = False
+    exclude_from_lb: bool | None = None  # add (True) or remove (False) the exclusion label
     progress: Progress | None = None
     clear_progress: bool = False
 
@@ -291,10 +300,12 @@ def _repair_node(progress: Progress | None, seen: Seen, planned: tuple[Action, .
         return ()
     cordon = progress.cordoned_by_us and not seen.node_unschedulable
     taint = progress.tainted_by_us and not seen.node_has_taint
-    if not (cordon or taint or seen.stored_progress != progress):
+    exclude = progress.excluded_by_us and not seen.node_excluded_from_lb
+    if not (cordon or taint or exclude or seen.stored_progress != progress):
         return ()
     return (UpdateNode(unschedulable=True if cordon else None,
-                       taint_value=progress.notice_kind if taint else None, progress=progress),)
+                       taint_value=progress.notice_kind if taint else None,
+                       exclude_from_lb=True if exclude else None, progress=progress),)
 
 
 def _keep_serving(pods: tuple[PodFacts, ...]) -> tuple[Action, ...]:
@@ -319,13 +330,16 @@ def _start(state: State, seen: Seen, *, now: float, timing: Timing, owned: Progr
         phase_since=_stored_time(now),
         cordoned_by_us=not seen.node_unschedulable,
         tainted_by_us=not seen.node_has_taint,
+        excluded_by_us=timing.exclude_from_load_balancers and not seen.node_excluded_from_lb,
     )
     owned = owned or seen.stored_progress
     if owned is not None:
-        progress = replace(progress, cordoned_by_us=owned.cordoned_by_us, tainted_by_us=owned.tainted_by_us)
+        progress = replace(progress, cordoned_by_us=owned.cordoned_by_us, tainted_by_us=owned.tainted_by_us,
+                           excluded_by_us=owned.excluded_by_us or progress.excluded_by_us)
     node_update = UpdateNode(
         unschedulable=True if progress.cordoned_by_us else None,
         taint_value=notice.kind.value if progress.tainted_by_us else None,
+        exclude_from_lb=True if progress.excluded_by_us else None,
         progress=progress,
     )
     state = replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset(),
@@ -564,7 +578,8 @@ def _cancel(state: State, seen: Seen) -> Decision:
     restored = tuple(SetServing(pod, True) for pod in seen.pods
                      if pod.serving and not pod.terminating and pod.serving_condition is False)
     undo = UpdateNode(unschedulable=False if progress.cordoned_by_us else None,
-                      remove_taint=progress.tainted_by_us, clear_progress=True)
+                      remove_taint=progress.tainted_by_us,
+                      exclude_from_lb=False if progress.excluded_by_us else None, clear_progress=True)
     kept = "" if progress.cordoned_by_us else " (the cordon was not spotguard's, so it stays)"
     gone = f"; {len(state.evicted)} pod(s) already evicted cannot be brought back" if state.evicted else ""
     report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} notice was withdrawn: undid "

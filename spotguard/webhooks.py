@@ -11,7 +11,8 @@ deadline. Each becomes one JSON POST per URL:
   `notice_kind`, `deadline` (RFC 3339) and `seconds_to_deadline`, `pod` and `pdb` when there is one,
   `message`, `warning`, `sent_at`.
 
-`--webhook-template` replaces the one-line `text` with the operator's own, Python `str.format`
+`--webhook-header 'Name: value'` adds a header to every POST (an Authorization token, a routing
+key), never logged. `--webhook-template` replaces the one-line `text` with the operator's own, Python `str.format`
 style over those fields (`{node}`, `{pod}`, `{pdb}`, `{notice_kind}`, `{deadline}`,
 `{seconds_to_deadline}`, `{event}`, `{message}`, ...); only plain field names are allowed, checked
 at start (`check_template`), so a template can neither fail at the notice nor reach into objects.
@@ -123,11 +124,12 @@ class Notifier:
     """Queues messages and POSTs them in the background; see the module docstring."""
 
     def __init__(self, urls: tuple[str, ...], *, count: Callable[[str], None], dry_run: bool = False,
-                 template: str | None = None, timeout_seconds: float = TIMEOUT_SECONDS, attempts: int = ATTEMPTS,
+                 template: str | None = None, headers: tuple[tuple[str, str], ...] = (), timeout_seconds: float = TIMEOUT_SECONDS, attempts: int = ATTEMPTS,
                  retry_base_seconds: float = 1.0) -> None:
         self.urls = urls
         self.dry_run = dry_run
         self.template = template
+        self.headers = {**dict(headers), "Content-Type": "application/json"}
         self.count = count  # count(result): "ok", "error" (attempts spent), "dropped" (queue full)
         self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self.attempts = attempts
@@ -175,7 +177,7 @@ class Notifier:
         data = json.dumps(body_for(url, msg))
         for attempt in range(self.attempts):
             try:
-                async with session.post(url, data=data, headers={"Content-Type": "application/json"}) as response:
+                async with session.post(url, data=data, headers=self.headers) as response:
                     if response.status < 300:
                         self.count("ok")
                         return

@@ -102,6 +102,7 @@ SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "SPOTGUARD_REBALANCE_ACTION": ({"rebalanceAction": "cordon"}, "cordon"),
     "SPOTGUARD_REBALANCE_RELEASE_SECONDS": ({"rebalanceReleaseSeconds": 600}, "600"),
     "SPOTGUARD_CORDON_ONLY": ({"cordonOnly": True}, "true"),
+    "SPOTGUARD_EXCLUDE_FROM_LOAD_BALANCERS": ({"excludeFromLoadBalancers": True}, "true"),
     "SPOTGUARD_ASG_TERMINATION_ACTION": ({"asgTerminationAction": "log"}, "log"),
     "SPOTGUARD_SURGE_MIN_NOTICE_SECONDS": ({"surge": {"minNoticeSeconds": 900},
                                             "validatingAdmissionPolicy": {"enabled": True}}, "900"),
@@ -115,9 +116,9 @@ SETTING_VALUES: dict[str, tuple[dict[str, Any], str]] = {
 
 def test_every_daemon_setting_has_a_chart_value() -> None:
     envs = {s.env for s in config.SETTINGS}
-    # NODE_NAME is not a value: it always comes from the downward API; the webhook URLs come from a
-    # Secret (test_webhook_urls_come_from_a_secret).
-    assert envs - {"NODE_NAME", "SPOTGUARD_WEBHOOK_URLS"} == set(SETTING_VALUES)
+    # NODE_NAME is not a value: it always comes from the downward API; the webhook URLs and headers
+    # come from a Secret (test_webhook_urls_come_from_a_secret...).
+    assert envs - {"NODE_NAME", "SPOTGUARD_WEBHOOK_URLS", "SPOTGUARD_WEBHOOK_HEADERS"} == set(SETTING_VALUES)
 
 
 def test_webhook_urls_come_from_a_secret_never_from_a_plain_value() -> None:
@@ -135,6 +136,21 @@ def test_webhook_urls_come_from_a_secret_never_from_a_plain_value() -> None:
     assert "Secret" not in chartlib.kinds(mine)
     env = {e["name"]: e for e in only(mine, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["SPOTGUARD_WEBHOOK_URLS"]["valueFrom"] == {"secretKeyRef": {"name": "chat", "key": "hooks"}}
+    assert "SPOTGUARD_WEBHOOK_HEADERS" not in env
+
+
+def test_webhook_headers_come_from_the_same_secret_and_parse_as_the_daemon_reads_them() -> None:
+    headers = {"Authorization": "Bearer t0ken, with a comma", "X-Team": "gpu"}
+    objs = render_objects({"webhooks": {"urls": ["https://alerts.example/hook"], "headers": headers}})
+    secret = only(objs, "Secret")
+    env = {e["name"]: e for e in only(objs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SPOTGUARD_WEBHOOK_HEADERS"]["valueFrom"] == {
+        "secretKeyRef": {"name": "spotguard-webhooks", "key": "headers"}}
+    loaded = config.load(argparse.Namespace(), {"NODE_NAME": "n", "SPOTGUARD_WEBHOOK_HEADERS": secret["stringData"]["headers"]})
+    assert dict(loaded.webhook_headers) == headers
+    mine = render_objects({"webhooks": {"existingSecret": "chat", "existingSecretHeadersKey": "headers"}})
+    env = {e["name"]: e for e in only(mine, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SPOTGUARD_WEBHOOK_HEADERS"]["valueFrom"] == {"secretKeyRef": {"name": "chat", "key": "headers"}}
 
 
 @pytest.mark.parametrize("env_name", sorted(SETTING_VALUES))
@@ -161,7 +177,8 @@ def test_rendered_environment_is_accepted_by_the_daemon() -> None:
         surge_drain_reserve_seconds=90.0, surge_priority_class="hold",
         surge_placeholder_image="mirror.example/pause:3.10.2", poll_seconds=0.5,
         scheduled_event_lead_seconds=7200.0, cordon_only=True, rebalance_action="cordon",
-        rebalance_release_seconds=600.0, asg_termination_action="log", webhook_template="{event} on {node}")
+        rebalance_release_seconds=600.0, asg_termination_action="log", webhook_template="{event} on {node}",
+        exclude_from_load_balancers=True)
 
 
 def test_without_the_admission_policies_there_is_no_surge_and_no_pod_create() -> None:

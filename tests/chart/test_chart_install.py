@@ -428,6 +428,10 @@ def test_on_its_own_node_a_stolen_token_can_only_do_spotguards_job(
         "node-restriction.kubernetes.io/trusted": "true"}}}, merge), contains="labels, owners")
     _denied(lambda: _call(me, "PATCH", node_path, {"metadata": {"annotations": {"team": "mine"}}}, merge),
             contains="spotguard.io/ annotations")
+    # The load-balancer exclusion label only with excludeFromLoadBalancers (off in this release).
+    _denied(lambda: _call(me, "PATCH", node_path, {"metadata": {"labels": {
+        "node.kubernetes.io/exclude-from-external-load-balancers": "true"}}}, merge),
+        contains="excludeFromLoadBalancers")
     _denied(lambda: _call(me, "PATCH", node_path, {"spec": {"providerID": "gce://evil/zone/vm"}}, merge),
             contains="other spec fields")
     _call(api_client, "PATCH", node_path, {"spec": {"unschedulable": True, "taints": [

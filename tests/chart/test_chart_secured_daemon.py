@@ -32,13 +32,15 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 @pytest.fixture
 async def release(world: World, cluster: Any, api_client: Any) -> AsyncIterator[dict[str, str]]:
-    """The chart installed with its defaults (policies on) in a namespace of its own."""
+    """The chart installed with its defaults (policies on) in a namespace of its own, and the
+    daemon allowed to label its node out of load balancers."""
     suffix = uuid.uuid4().hex[:6]
     namespace, name = f"sg-secured-{suffix}", f"sg-{suffix}"
     world.api.call("POST", "/api/v1/namespaces", body={"metadata": {"name": namespace}})
     helm_config = helm.Config(kubeconfig_path=cluster.kubeconfig, namespace=namespace)
     try:
-        await asyncio.to_thread(helm_config.install, chartlib.CHART_DIR, name, {}, namespace=namespace, timeout=120)
+        await asyncio.to_thread(helm_config.install, chartlib.CHART_DIR, name, {"excludeFromLoadBalancers": True},
+                                namespace=namespace, timeout=120)
         yield {"namespace": namespace, "name": name, "service_account": f"{name}-spotguard"}
     finally:
         try:
@@ -119,7 +121,7 @@ async def test_spotguard_check_sees_what_the_policies_refuse(world: World, relea
 
 async def test_daemon_with_a_pod_bound_token_handles_a_preemption_under_the_charts_policies(
         world: World, release: dict[str, str], cluster: Any, tmp_path: Path) -> None:
-    world.daemon_env = {"SPOTGUARD_NOTICE_SECONDS": "30"}
+    world.daemon_env = {"SPOTGUARD_NOTICE_SECONDS": "30", "SPOTGUARD_EXCLUDE_FROM_LOAD_BALANCERS": "true"}
     suffix = uuid.uuid4().hex[:6]
     victim, neighbour = f"gpu-{suffix}-1", f"gpu-{suffix}-2"
     kubeconfigs = {}
@@ -165,6 +167,7 @@ async def test_daemon_with_a_pod_bound_token_handles_a_preemption_under_the_char
     node = world.node(victim)
     assert node["spec"].get("unschedulable") is True
     assert "spotguard.io/impending-termination" in [t["key"] for t in node["spec"].get("taints") or []]
+    assert node["metadata"]["labels"]["node.kubernetes.io/exclude-from-external-load-balancers"] == "true"
     assert node["metadata"]["annotations"]["spotguard.io/phase"] in ("evicting", "drained")
     assert [e for e in world.events(reason="Evicted") if e["involvedObject"]["name"] == on[victim]]
     # Every call the daemon made was allowed: no API error at all, every action succeeded.

@@ -21,6 +21,7 @@ from spotguard_sim.support import wait_until
 from spotguard_sim.router import _StreamEnd
 from spotguard_sim.world import World
 
+from spotguard.kube import EXCLUDE_LB_LABEL
 from spotguard.providers.http import parse_rfc3339
 
 pytestmark = pytest.mark.cluster
@@ -244,15 +245,16 @@ async def test_daemon_killed_mid_drain_resumes_without_repeating_anything(world)
 @pytest.mark.parametrize("cordoned_before", [False, True])
 async def test_cancelled_maintenance_undoes_only_what_spotguard_did(world, cordoned_before):
     node = node_name()
+    world.daemon_env = {"SPOTGUARD_EXCLUDE_FROM_LOAD_BALANCERS": "true"}
     vm = await world.add_vm(node)
     world.deploy_vllm(replicas=1)
     pod = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
     name = pod["metadata"]["name"]
     # A long request keeps the drain going, so the cancellation arrives before any eviction.
     request = asyncio.create_task(stream_completion(pod["status"]["podIP"], tokens=100, interval=0.1))
-    if cordoned_before:
-        world.api.call("PATCH", f"/api/v1/nodes/{node}", body={"spec": {"unschedulable": True}},
-                       content_type="application/merge-patch+json")
+    if cordoned_before:   # an admin's cordon, and an admin's load-balancer exclusion
+        world.api.call("PATCH", f"/api/v1/nodes/{node}", body={"spec": {"unschedulable": True}, "metadata": {
+            "labels": {EXCLUDE_LB_LABEL: "true"}}}, content_type="application/merge-patch+json")
     vm.metadata.set_maintenance("TERMINATE_ON_HOST_MAINTENANCE")
 
     def pod_serving(value: str):
@@ -261,6 +263,7 @@ async def test_cancelled_maintenance_undoes_only_what_spotguard_did(world, cordo
 
     await asyncio.to_thread(wait_until, lambda: pod_serving("False"), timeout=15, what="not serving")
     assert world.node(node)["spec"].get("taints")
+    assert world.node(node)["metadata"]["labels"].get(EXCLUDE_LB_LABEL) == "true"
     vm.metadata.set_maintenance("NONE")
     await asyncio.to_thread(wait_until, lambda: pod_serving("True"), timeout=15, what="serving again")
 
@@ -272,6 +275,7 @@ async def test_cancelled_maintenance_undoes_only_what_spotguard_did(world, cordo
 
     await asyncio.to_thread(wait_until, undone, timeout=15, what="spotguard's changes undone")
     assert bool(world.node(node)["spec"].get("unschedulable")) is cordoned_before
+    assert (EXCLUDE_LB_LABEL in world.node(node)["metadata"]["labels"]) is cordoned_before
     await asyncio.to_thread(world.wait_ready_pods, 1)
     await asyncio.to_thread(wait_until, lambda: [e for e in world.events(reason="NoticeCancelled")
                                                  if e["involvedObject"]["name"] == node],

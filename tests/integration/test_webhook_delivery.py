@@ -24,6 +24,7 @@ class Receiver:
     def __init__(self, behaviour: str) -> None:
         self.behaviour = behaviour
         self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
         self.hits = 0
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -35,6 +36,7 @@ class Receiver:
         if self.behaviour == "fail":
             return web.Response(status=500)
         self.bodies.append(await request.json())
+        self.headers.append(dict(request.headers))
         return web.Response(status=200)
 
     async def start(self) -> None:
@@ -67,7 +69,7 @@ async def test_delivered_retried_and_given_up_each_counted(receivers):
     counted: list[str] = []
     urls = tuple(r.url for r in receivers.values())
     notifier = webhooks.Notifier(urls, count=counted.append, timeout_seconds=0.5, attempts=3,
-                                 retry_base_seconds=0.05)
+                                 retry_base_seconds=0.05, headers=(("Authorization", "Bearer t0ken"),))
     notifier.start()
     try:
         report = lc.Report(lc.Reason.EVICTED, "evicted through the Eviction API", pod=POD)
@@ -80,6 +82,8 @@ async def test_delivered_retried_and_given_up_each_counted(receivers):
     assert receivers["fail"].hits == 3 and receivers["hang"].hits == 3   # every attempt made
     [body] = receivers["ok"].bodies
     assert body["event"] == "Evicted" and body["node"] == "gpu-1" and body["pod"] == "ml/vllm-0"
+    [headers] = receivers["ok"].headers
+    assert headers["Authorization"] == "Bearer t0ken" and headers["Content-Type"] == "application/json"
 
 
 async def _until(check) -> None:  # type: ignore[no-untyped-def]

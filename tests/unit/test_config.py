@@ -45,7 +45,8 @@ def test_every_setting_reads_its_environment_variable():
            "SPOTGUARD_POLL_SECONDS": "0.5", "SPOTGUARD_SCHEDULED_EVENT_LEAD_SECONDS": "0",
            "SPOTGUARD_CORDON_ONLY": "true", "SPOTGUARD_REBALANCE_ACTION": "Cordon-And-Drain",
            "SPOTGUARD_REBALANCE_RELEASE_SECONDS": "600", "SPOTGUARD_ASG_TERMINATION_ACTION": "cordon",
-           "SPOTGUARD_WEBHOOK_TEMPLATE": "{event} on {node}"}
+           "SPOTGUARD_WEBHOOK_TEMPLATE": "{event} on {node}", "SPOTGUARD_EXCLUDE_FROM_LOAD_BALANCERS": "true",
+           "SPOTGUARD_WEBHOOK_HEADERS": "Authorization: Bearer a,b\n\nX-Team:  gpu "}
     assert set(env) == {s.env for s in cfg.SETTINGS}
     config = load(env=env)
     assert (config.provider, config.metadata_url, config.listen_port, config.dry_run) == \
@@ -62,6 +63,8 @@ def test_every_setting_reads_its_environment_variable():
     assert (config.asg_termination_action, defaults.asg_termination_action) == ("cordon", "cordon-and-drain")
     assert (config.webhook_template, defaults.webhook_template) == ("{event} on {node}", None)
     assert (defaults.cordon_only, defaults.rebalance_action, defaults.rebalance_release_seconds) == (False, "log", 1800)
+    assert (config.exclude_from_load_balancers, defaults.exclude_from_load_balancers) == (True, False)
+    assert config.webhook_headers == (("Authorization", "Bearer a,b"), ("X-Team", "gpu")) and defaults.webhook_headers == ()
     assert config.scheduled_event_lead_seconds == 0 and load([], {"NODE_NAME": "n"}).scheduled_event_lead_seconds == 3600
 
 
@@ -229,3 +232,17 @@ def test_a_listen_host_that_does_not_resolve_is_one_line_and_exit_2(tmp_path) ->
     assert result.returncode == 2, result.stderr
     assert "--listen / SPOTGUARD_LISTEN: cannot listen on no-such-host.invalid:9101" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_webhook_headers_repeat_as_flags_and_a_bad_one_is_named_without_its_value():
+    config = load(["--webhook-header", "Authorization: Bearer s3cret, with a comma", "--webhook-header", "X-A: 1"],
+                  {"NODE_NAME": "n"})
+    assert config.webhook_headers == (("Authorization", "Bearer s3cret, with a comma"), ("X-A", "1"))
+    for bad, named in (("Authorization Bearer s3cret", "a line has no ':'"),
+                       ("Bad Name: s3cret", "'Bad Name'"), ("X-Empty:", "'X-Empty'"),
+                       ("Content-Type: text/s3cret", "Content-Type is spotguard's own")):
+        with pytest.raises(cfg.ConfigError) as error:
+            load(["--webhook-header", bad], {"NODE_NAME": "n"})
+        message = str(error.value)
+        assert message.startswith("--webhook-header / SPOTGUARD_WEBHOOK_HEADERS: ") and named in message, message
+        assert "s3cret" not in message, message
