@@ -7,7 +7,8 @@ Like EC2 with `HttpTokens: required` it
 - answers `GET /latest/meta-data/...` only with a valid, unexpired token (401 otherwise):
   spot/instance-action (404 until a notice, then `{"action": ..., "time": ...}`),
   events/recommendations/rebalance (404 until `{"noticeTime": ...}`), events/maintenance/scheduled
-  (404 until an event is scheduled, then the list, ended events kept with "[Canceled]" or
+  (the list: `[]` with none, as EC2 answers it (AWS's own Node Termination Handler treats any
+  other status there as an error and stops after a few); ended events kept with "[Canceled]" or
   "[Completed]" in front of their description, as EC2 keeps them for a while),
   autoscaling/target-lifecycle-state (InService, as in an EKS managed node group), instance-id.
 
@@ -153,7 +154,7 @@ class AwsMetadataEmulator(EmulatedServer):
         self._fault = "none"
         self._scheduled = []
         self._values = {INSTANCE_ID_KEY: self._instance_id, INSTANCE_ACTION_KEY: None, REBALANCE_KEY: None,
-                        SCHEDULED_KEY: None, ASG_STATE_KEY: "InService"}
+                        SCHEDULED_KEY: "[]", ASG_STATE_KEY: "InService"}
         self.notify()
 
     def state(self) -> dict[str, object]:

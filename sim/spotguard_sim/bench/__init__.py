@@ -8,7 +8,8 @@ What is measured (docs/BENCHMARKS.md has the method and the results):
 
 - **Scenarios.** The same vLLM Deployment (two replicas, one per spot GPU node), the same load (open
   loop, steady rate, request lengths from one seeded distribution) and the same preemption of one
-  node, handled six ways, each in a fresh namespace on fresh nodes: `kubelet_only` (no handler),
+  node, handled several ways, each in a fresh namespace on fresh nodes: `kubelet_only` (no handler),
+  `nth` (AWS's Node Termination Handler v1.25.0 itself, on the AWS profile; scripts/install-nth.sh),
   `evict_immediately` (a re-implementation of AWS NTH's behaviour: poll every 2 s, cordon and evict
   every pod at once) and `spotguard`, each with vLLM's default SIGTERM (in-flight requests aborted)
   and each again as `..._drain` with vLLM `--shutdown-timeout` (vLLM finishes what it has);

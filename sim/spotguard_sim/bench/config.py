@@ -88,7 +88,7 @@ PROFILES = {p.name: p for p in (
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    handler: str  # "none" | "evict_immediately" | "spotguard"
+    handler: str  # "none" | "evict_immediately" | "nth" | "spotguard"
     shutdown_timeout: bool  # vLLM --shutdown-timeout (drain on SIGTERM) instead of abort
     description: str
     control: bool = False
@@ -120,6 +120,10 @@ SCENARIOS = {
                  "and evict every pod at once; vLLM default SIGTERM"),
         Scenario("evict_immediately_drain", "evict_immediately", True,
                  "control: the NTH-like handler with vLLM --shutdown-timeout", control=True),
+        Scenario("nth", "nth", False,
+                 "AWS Node Termination Handler v1.25.0 itself, IMDS mode, its chart's defaults (AWS profiles "
+                 "only); vLLM default SIGTERM"),
+        Scenario("nth_drain", "nth", True, "control: the real NTH with vLLM --shutdown-timeout", control=True),
         Scenario("spotguard", "spotguard", False, "spotguard; vLLM default SIGTERM (abort)"),
         Scenario("spotguard_drain", "spotguard", True,
                  "spotguard; vLLM --shutdown-timeout and the pod annotated drains-on-sigterm (evicted at the notice)"),

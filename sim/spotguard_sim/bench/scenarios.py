@@ -8,6 +8,7 @@ from typing import Any
 
 from spotguard.kubeapi import Obj
 from spotguard_sim.autoscaler import AutoscalerEmulator
+from spotguard_sim.bench import nth
 from spotguard_sim.bench.baselines import EvictImmediately
 from spotguard_sim.bench.config import Profile, Scenario
 from spotguard_sim.bench.context import Context, add_vm, daemon_metrics, preempt
@@ -27,7 +28,7 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
     observer: Observer | None = None
     autoscaler: Any = None
     generator: LoadGenerator | None = None
-    handlers: dict[str, EvictImmediately] = {}
+    handlers: dict[str, EvictImmediately | nth.Nth] = {}
     try:
         vms = await asyncio.gather(*(add_vm(world, f"{world.pool}-{n}", spotguard=scenario.spotguard,
                                             gpus=cfg.gpus_per_node) for n in ("a", "b")))
@@ -38,6 +39,13 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
                 handlers[vm.name] = EvictImmediately(world, node=vm.name, metadata_url=vm.metadata.url,
                                                      cloud=profile.cloud, poll_seconds=cfg.nth_poll_s)
                 tasks.append(asyncio.create_task(handlers[vm.name].run(), name=f"evict-immediately-{vm.name}"))
+        if scenario.handler == "nth":
+            executable = nth.binary()
+            if executable is None:
+                raise RuntimeError("the nth scenarios need AWS's NTH binary: run scripts/install-nth.sh")
+            for vm in vms:
+                handlers[vm.name] = nth.Nth(world, node=vm.name, metadata_url=vm.metadata.url, executable=executable)
+                tasks.append(asyncio.create_task(handlers[vm.name].run(), name=f"nth-{vm.name}"))
         world.deploy_vllm(replicas=2, shutdown_timeout=cfg.vllm_shutdown_timeout_s if scenario.shutdown_timeout
                           else None, grace_seconds=cfg.grace_seconds, token_interval=cfg.token_interval,
                           readiness_gate=scenario.spotguard, probe_period=cfg.probe_period_s,
@@ -170,7 +178,7 @@ def _servable(record: RequestRecord, *, victim: str, notice: float, budget_s: fl
 
 def _measure_run(*, profile: Profile, scenario: Scenario, rep: int, notice: float, victim: str, victim_node: str,
                  initial_pods: set[str], generator: LoadGenerator, tracker: EndpointTracker, observer: Observer,
-                 handler: EvictImmediately | None, daemon_metrics: str | None, events: list[Obj],
+                 handler: EvictImmediately | nth.Nth | None, daemon_metrics: str | None, events: list[Obj],
                  namespace: str) -> dict[str, Any]:
     records = generator.records
     counts = {outcome.value: sum(1 for r in records if r.outcome is outcome) for outcome in Outcome}
