@@ -61,6 +61,7 @@ class Config:
     scheduled_event_lead_seconds: float = 3600.0
     # Cordon and taint only, on every notice: the pods keep serving, nothing is evicted.
     cordon_only: bool = False
+    # At a notice, also label the node out of cloud load balancers (undone on a withdrawn notice).
     exclude_from_load_balancers: bool = False
     # AWS rebalance recommendation: log, cordon, or cordon-and-drain; a cordon (and drain) is
     # released this long after the recommendation if no interruption came.
@@ -207,7 +208,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
 
     def raw(setting: _Setting) -> str | None:
         value = getattr(args, setting.dest, None)
-        if isinstance(value, list):  # a repeated flag: one comma-separated value, like its env
+        if isinstance(value, list):  # a repeated flag: one value joined as its env holds them
             value = setting.separator.join(value)
         if value is None:
             value = environ.get(setting.env)
