@@ -4,16 +4,21 @@
 # provider against it, so the provider is proven against a mock this project did not write.
 #
 #   scripts/install-aemm.sh          build if needed (progress on stderr)
-#   scripts/install-aemm.sh --print  print the binary's path (build first if needed)
+#   scripts/install-aemm.sh --print  print the binary's path and exit (1 when not built)
 set -euo pipefail
 
 VERSION=v1.13.0
+command -v go >/dev/null || { echo "install-aemm: Go is required (go install from the module proxy)" >&2; exit 1; }
 CACHE=${SPOTGUARD_CACHE_DIR:-$HOME/.cache/spotguard}
 DIR=$CACHE/aemm-$VERSION-$(go env GOVERSION)
 BINARY=$DIR/ec2-metadata-mock
 
+if [[ ${1:-} == --print ]]; then
+    [[ -x $BINARY ]] || exit 1
+    echo "$BINARY"
+    exit 0
+fi
 if [[ ! -x $BINARY ]]; then
-    command -v go >/dev/null || { echo "install-aemm: Go is required (go install from the module proxy)" >&2; exit 1; }
     echo "install-aemm: building amazon-ec2-metadata-mock $VERSION from the Go module proxy (nice 19; cached in $DIR)" >&2
     start=$SECONDS
     rm -rf "$DIR.partial" && mkdir -p "$DIR.partial"
@@ -24,7 +29,4 @@ if [[ ! -x $BINARY ]]; then
     rm -rf "$DIR" && mv "$DIR.partial" "$DIR"
     find "$CACHE" -maxdepth 1 -name "aemm-*" ! -name "$(basename "$DIR")" -exec rm -rf {} +
     echo "install-aemm: built in $((SECONDS - start)) s" >&2
-fi
-if [[ ${1:-} == --print ]]; then
-    echo "$BINARY"
 fi

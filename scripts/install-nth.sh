@@ -10,18 +10,23 @@
 # reachable from here). Its dependencies are checked by the module's own go.sum as usual.
 #
 #   scripts/install-nth.sh          build if needed (progress on stderr)
-#   scripts/install-nth.sh --print  print the binary's path (build first if needed)
+#   scripts/install-nth.sh --print  print the binary's path and exit (1 when not built)
 set -euo pipefail
 
 MODULE=github.com/aws/aws-node-termination-handler
 VERSION=v1.25.0
 PINNED_SUM="h1:PaNjFYokT70al0SLzdHzX4HPGeJkVqmHnKWoz+A+JUk="
+command -v go >/dev/null || { echo "install-nth: Go is required (module proxy)" >&2; exit 1; }
 CACHE=${SPOTGUARD_CACHE_DIR:-$HOME/.cache/spotguard}
 DIR=$CACHE/nth-$VERSION-$(go env GOVERSION)
 BINARY=$DIR/node-termination-handler
 
+if [[ ${1:-} == --print ]]; then
+    [[ -x $BINARY ]] || exit 1
+    echo "$BINARY"
+    exit 0
+fi
 if [[ ! -x $BINARY ]]; then
-    command -v go >/dev/null || { echo "install-nth: Go is required (module proxy)" >&2; exit 1; }
     echo "install-nth: building $MODULE $VERSION from the Go module proxy (nice 19; cached in $DIR)" >&2
     start=$SECONDS
     info=$(cd / && GONOSUMDB=$MODULE go mod download -json "$MODULE@$VERSION")
@@ -38,7 +43,4 @@ if [[ ! -x $BINARY ]]; then
     rm -rf "$DIR" && mv "$DIR.partial" "$DIR"
     find "$CACHE" -maxdepth 1 -name "nth-*" ! -name "$(basename "$DIR")" -exec rm -rf {} +
     echo "install-nth: built in $((SECONDS - start)) s" >&2
-fi
-if [[ ${1:-} == --print ]]; then
-    echo "$BINARY"
 fi

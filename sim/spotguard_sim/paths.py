@@ -9,6 +9,7 @@ explicitly. Not finding it is one readable error, not a missing-file traceback d
 from __future__ import annotations
 
 import os
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -47,3 +48,10 @@ def controlplane_source() -> Path:
 def prestop_helper() -> Path:
     """The chart's drain-aware preStop helper (daemonset/files/vllm-drain-prestop.py)."""
     return chart_dir() / "files" / "vllm-drain-prestop.py"
+
+
+def installed(script: str) -> Path | None:
+    """What `scripts/<script> --print` names (the tool that installer built or installed, in the
+    cache outside the checkout), or None when it has not run: the installer alone knows the path."""
+    out = subprocess.run(["bash", str(repo_root() / "scripts" / script), "--print"], capture_output=True, text=True)
+    return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None

@@ -86,8 +86,9 @@ def cache_root() -> Path:
 
 def venv_python() -> Path | None:
     """The venv's python when scripts/install-vllm.sh has finished an install, else None."""
-    out = subprocess.run(["bash", str(_scripts() / "install-vllm.sh"), "--print"], capture_output=True, text=True)
-    return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+    from spotguard_sim import paths
+
+    return paths.installed("install-vllm.sh")
 
 
 def ensure_installed() -> tuple[Path, Path]:

@@ -21,18 +21,13 @@ from typing import AsyncIterator, Callable, Iterator
 
 import pytest
 from providerlib import Calls, Watcher, free_port
+from spotguard_sim import paths
 
 from spotguard.notice import NoticeKind
 from spotguard.providers.aws import AwsProvider
 
 pytestmark = pytest.mark.timeout(120)
 
-
-
-def aemm_binary() -> Path | None:
-    cache = Path(os.environ.get("SPOTGUARD_CACHE_DIR", Path.home() / ".cache" / "spotguard"))
-    found = sorted(cache.glob("aemm-v1.13.0-*/ec2-metadata-mock"))
-    return found[-1] if found else None
 
 
 def rfc3339(moment: datetime) -> str:
@@ -79,7 +74,7 @@ class Aemm:
 
 @pytest.fixture
 def aemm(tmp_path: Path) -> Iterator[Aemm]:
-    binary = aemm_binary()
+    binary = paths.installed("install-aemm.sh")
     if binary is None:
         pytest.skip("AEMM is not built (scripts/install-aemm.sh; ./dev setup builds it)")
     running = Aemm(binary, tmp_path)

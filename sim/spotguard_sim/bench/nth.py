@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from spotguard.kubeapi import KubeError
+from spotguard_sim import paths
 from spotguard_sim.world import World
 
 # NTH's Helm chart defaults for IMDS mode, spelled out (its env names).
@@ -55,17 +56,15 @@ _IN_PRIVATE_RUN = (
 
 def binary() -> Path | None:
     """The built NTH binary, or None when scripts/install-nth.sh has not run."""
-    cache = Path(os.environ.get("SPOTGUARD_CACHE_DIR", Path.home() / ".cache" / "spotguard"))
-    found = sorted(cache.glob("nth-v1.25.0-*/node-termination-handler"))
-    return found[-1] if found else None
+    return paths.installed("install-nth.sh")
 
 
 class Nth:
     """One NTH process for one node, started by `run()` and stopped when that task is cancelled.
     It reports nothing itself: the benchmark watches what it does through the API server."""
 
+    # What the scenario's measurement reads from a handler: NTH reports neither (it is watched instead).
     noticed_at: float | None = None
-    cordoned_at: float | None = None
 
     def __init__(self, world: World, *, node: str, metadata_url: str, executable: Path) -> None:
         self.world = world
