@@ -44,9 +44,14 @@ def _call(client: Any, method: str, path: str, body: Any = None,
                                      auth_settings=["BearerToken"])
     response = client.call_api(*request, _request_timeout=30)
     raw = response.read()
-    decoded = json.loads(raw) if raw else {}
     if response.status >= 400:
-        raise ApiError(response.status, decoded)
+        # Not always a Status: a group not served yet (a CRD just created) answers "404 page not found".
+        try:
+            status = json.loads(raw) if raw else {}
+        except ValueError:
+            status = {"message": raw.decode(errors="replace").strip()}
+        raise ApiError(response.status, status)
+    decoded = json.loads(raw) if raw else {}
     result: dict[str, Any] = decoded
     return result
 
