@@ -20,6 +20,8 @@ from spotguard.webhooks import check_template
 PROVIDERS = ("auto", "gce", "aws", "azure")
 # What an AWS signal that is not a spot notice (rebalance recommendation, Auto Scaling termination) does.
 SIGNAL_ACTIONS = ("log", "cordon", "cordon-and-drain")
+# A rebalance recommendation can also only bring up capacity (the surge's placeholders, no cordon).
+REBALANCE_ACTIONS = (*SIGNAL_ACTIONS, "surge")
 # GCE's spot notice, and the least Azure's Preempt gives: the shortest notice without --notice-seconds.
 SHORTEST_NOTICE_SECONDS = 30.0
 
@@ -161,10 +163,12 @@ SETTINGS: tuple[_Setting, ...] = (
              is_switch=True),
     _Setting("rebalance_action", "--rebalance-action", "SPOTGUARD_REBALANCE_ACTION",
              "AWS rebalance recommendation (a higher risk of interruption, not a notice): log, cordon (the "
-             "pods keep serving, no new ones come) or cordon-and-drain (as on a notice of --notice-seconds, "
-             "default 120)", default="log"),
+             "pods keep serving, no new ones come), cordon-and-drain (as on a notice of --notice-seconds, "
+             "default 120) or surge (placeholders bring up capacity for the pods annotated spotguard.io/surge, "
+             "no cordon, the pods keep serving; needs --surge-min-notice-seconds above 0)", default="log"),
     _Setting("rebalance_release_seconds", "--rebalance-release-seconds", "SPOTGUARD_REBALANCE_RELEASE_SECONDS",
-             "undo a rebalance recommendation's cordon this long after it if no interruption came (EC2 keeps "
+             "undo a rebalance recommendation's cordon (or release its surge) this long after it if no "
+             "interruption came (EC2 keeps "
              "the recommendation listed; left alone, the node would stay cordoned for good)", default="1800",
              metavar="SECONDS"),
     _Setting("asg_termination_action", "--asg-termination-action", "SPOTGUARD_ASG_TERMINATION_ACTION",
@@ -251,6 +255,10 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
                 else "the shortest a cloud gives")
         raise ConfigError(f"--safety-margin-seconds / SPOTGUARD_SAFETY_MARGIN_SECONDS: must be shorter than the "
                           f"notice ({shortest:g} s, {told}), got {margin:g}")
+    rebalance_action = parsed("rebalance_action", _rebalance_action)
+    if rebalance_action == "surge" and not parsed("surge_min_notice_seconds", _non_negative_seconds):
+        raise ConfigError("--rebalance-action / SPOTGUARD_REBALANCE_ACTION: surge needs the surge on "
+                          "(--surge-min-notice-seconds above 0), got surge with it 0")
     return Config(
         node_name=node_name,  # type: ignore[arg-type]
         provider=provider,  # type: ignore[arg-type]
@@ -274,7 +282,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         poll_seconds=parsed("poll_seconds", _poll_seconds),  # type: ignore[arg-type]
         cordon_only=bool(parsed("cordon_only", _boolean)),
         exclude_from_load_balancers=bool(parsed("exclude_from_load_balancers", _boolean)),
-        rebalance_action=parsed("rebalance_action", _signal_action),  # type: ignore[arg-type]
+        rebalance_action=rebalance_action,  # type: ignore[arg-type]
         asg_termination_action=parsed("asg_termination_action", _signal_action),  # type: ignore[arg-type]
         rebalance_release_seconds=parsed("rebalance_release_seconds", _positive_seconds),  # type: ignore[arg-type]
         scheduled_event_lead_seconds=parsed("scheduled_event_lead_seconds", _non_negative_seconds),  # type: ignore[arg-type]
@@ -349,6 +357,13 @@ def _provider(value: str) -> str:
     value = value.lower()
     if value not in PROVIDERS:
         raise ValueError(f"must be one of {', '.join(PROVIDERS)}")
+    return value
+
+
+def _rebalance_action(value: str) -> str:
+    value = value.lower()
+    if value not in REBALANCE_ACTIONS:
+        raise ValueError(f"must be one of {', '.join(REBALANCE_ACTIONS)}")
     return value
 
 

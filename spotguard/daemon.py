@@ -190,7 +190,7 @@ class Daemon:
 
     async def _follow_provider(self) -> None:
         async for notice in self.provider.watch():
-            if notice is not None and self.config.cordon_only:
+            if notice is not None and self.config.cordon_only and not notice.surge_only:
                 notice = replace(notice, cordon_only=True)
             if notice is not None and (self.notice is None or notice.kind != self.notice.kind):
                 self.metrics.notices.labels(provider=self.provider.name, kind=notice.kind.value).inc()
@@ -323,9 +323,11 @@ class Daemon:
         decision = lc.decide(self.state, seen, now=self.clock(), timing=self.timing)
         self.state = decision.state
         after = self.state.progress
-        # The reaction: the first step of a notice, or of the notice that ends a cordon-only one.
-        first_reaction = after is not None and (before is None or (
-            before.phase is lc.Phase.CORDONED and after.phase is not lc.Phase.CORDONED))
+        # The reaction: the first step of a notice, or of the notice that ends a cordon-only one or
+        # a stand-by (which cordoned nothing, so it is no reaction itself).
+        waiting = (lc.Phase.CORDONED, lc.Phase.STANDBY)
+        first_reaction = after is not None and after.phase is not lc.Phase.STANDBY and (
+            before is None or (before.phase in waiting and after.phase is not before.phase))
         await self._execute(decision.actions, first_reaction=first_reaction)
         self._update_gauges(before, after)
         return bool(decision.actions)
@@ -383,6 +385,7 @@ class Daemon:
         progress = self.state.progress
         kind = NoticeKind(progress.notice_kind) if progress.notice_kind in set(NoticeKind) else NoticeKind.PREEMPTION
         return Notice(kind=kind, deadline=progress.deadline, cordon_only=progress.phase is lc.Phase.CORDONED,
+                      surge_only=progress.phase is lc.Phase.STANDBY,
                       source="spotguard.io/ node annotations", detail="resumed before the metadata server answered")
 
     def _seen(self) -> lc.Seen:

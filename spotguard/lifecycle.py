@@ -16,6 +16,8 @@ The path of one notice:
         |       the pods keep serving)                                                          |
         |      cordon-only notice: cordoned --a notice that is more--> (as any notice)          |
         |      (cordon, taint; the pods keep serving)                                           |
+        |      surge-only notice: standby --a notice that is more--> (as any notice)            |
+        |      (placeholders only; no cordon)                                                   |
         +--------------- notice withdrawn: undo only what spotguard did ------------------------+
 
 Surging: on a notice long enough (--surge-min-notice-seconds), each serving pod annotated
@@ -24,6 +26,12 @@ tolerations, never on this node) at a low priority: the node-pool autoscaler add
 while the pod keeps serving. Once every placeholder runs (or the surge's time is up, keeping
 --surge-drain-reserve-seconds for the drain), the pods are deregistered, drained and evicted as
 usual; their replacements preempt the placeholders on the new capacity.
+
+Standing by: a surge-only notice (an AWS rebalance recommendation with --rebalance-action surge)
+says an interruption is more likely, not that one comes. The same placeholders are made, but the
+node is not cordoned and nothing is drained; they are released when the notice is withdrawn (EC2
+drops the recommendation, or --rebalance-release-seconds passed). An interruption that does come
+starts as any notice, and its replacements find the capacity already there.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ class Phase(enum.StrEnum):
     GUARDING = "guarding"
     SURGING = "surging"  # cordoned; the pods keep serving while placeholders bring new capacity
     CORDONED = "cordoned"  # cordoned and tainted only (a cordon-only notice); the pods keep serving
+    STANDBY = "standby"  # not cordoned; placeholders hold capacity in case (a surge-only notice)
     DEREGISTERING = "deregistering"  # cordoned, pods set not-ready; waiting for endpoints to follow
     DRAINING = "draining"  # waiting for vLLM's in-flight requests to finish
     EVICTING = "evicting"  # Eviction API calls, retried while a PDB refuses
@@ -284,6 +293,7 @@ def decide(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
         state = replace(state, progress=progress)
     step = {
         Phase.CORDONED: _cordoned,
+        Phase.STANDBY: _standby,
         Phase.SURGING: _surging,
         Phase.DEREGISTERING: _deregistering,
         Phase.DRAINING: _draining,
@@ -320,6 +330,8 @@ def _start(state: State, seen: Seen, *, now: float, timing: Timing, owned: Progr
     progress, an undo that has not landed) says so."""
     notice = seen.notice
     assert notice is not None
+    if notice.surge_only:
+        return _stand_by(state, seen, now=now)
     fits = not notice.cordon_only and _surge_fits(notice.deadline, now=now, timing=timing)
     surge = _surge_pods(seen.pods) if fits else []
     progress = Progress(
@@ -355,7 +367,7 @@ def _start(state: State, seen: Seen, *, now: float, timing: Timing, owned: Progr
                         f"{notice.deadline - now:.0f}s: cordoned, tainted; {len(surge)} placeholder(s) bring up "
                         f"capacity for the replacements while the pods keep serving (for at most "
                         f"{until - now:.0f}s)", warning=True)
-        return Decision(state, (node_update, *map(CreatePlaceholder, surge), report))
+        return Decision(state, (node_update, *map(CreatePlaceholder, _without_placeholder(surge, seen)), report))
     not_serving = _not_serving(seen.pods)
     report = Report(Reason.TERMINATION_NOTICE,
                     f"{notice.kind.value} notice from {notice.source} ({notice.detail}); the VM goes in "
@@ -395,6 +407,49 @@ def _cordoned(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     if seen.notice.cordon_only:
         return Decision(state, ())
     return _start(state, seen, now=now, timing=timing, owned=state.progress)
+
+
+# -- standing by ------------------------------------------------------------------------------
+
+def _stand_by(state: State, seen: Seen, *, now: float) -> Decision:
+    """A surge-only notice: placeholders for the opted-in pods, nothing else. The node is not
+    cordoned, so spotguard owns nothing on it; an undo of an earlier notice that has not landed
+    (the node's stored progress says so) is finished first."""
+    notice = seen.notice
+    assert notice is not None
+    stored = seen.stored_progress
+    if stored is not None and stored.phase is not Phase.STANDBY:
+        return _cancel(replace(state, progress=stored), seen)
+    progress = Progress(phase=Phase.STANDBY, notice_kind=notice.kind.value, deadline=_stored_time(notice.deadline),
+                        noticed_at=_stored_time(now), phase_since=_stored_time(now),
+                        cordoned_by_us=False, tainted_by_us=False)
+    state = replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset(),
+                    surge_refused=frozenset())
+    surge = _surge_pods(seen.pods)
+    report = Report(Reason.SURGE_STARTED,
+                    f"{notice.kind.value} from {notice.source} ({notice.detail}): {len(surge)} placeholder(s) "
+                    f"bring up capacity in case an interruption follows; not cordoned, the pods keep serving; "
+                    f"released in {max(0.0, notice.deadline - now):.0f}s if none comes")
+    return Decision(state, (UpdateNode(progress=progress), *map(CreatePlaceholder, _without_placeholder(surge, seen)),
+                            report))
+
+
+def _standby(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
+    """Keep a placeholder for each opted-in pod (a pod replaced meanwhile gets a new one, and the
+    old one goes), until a notice that is more than a surge: that one starts as any notice, on a
+    node spotguard has not touched (so nothing it finds there is spotguard's)."""
+    assert seen.notice is not None
+    if not seen.notice.surge_only:
+        return _start(replace(state, progress=None), replace(seen, stored_progress=None), now=now, timing=timing)
+    surge = [pod for pod in _surge_pods(seen.pods) if pod.uid not in state.surge_refused]
+    wanted = {pod.uid for pod in surge}
+    stale = [placeholder for placeholder in seen.placeholders if placeholder.for_uid not in wanted]
+    return Decision(state, (*map(CreatePlaceholder, _without_placeholder(surge, seen)), *map(DeletePlaceholder, stale)))
+
+
+def _without_placeholder(pods: list[PodFacts], seen: Seen) -> list[PodFacts]:
+    have = {placeholder.for_uid for placeholder in seen.placeholders}
+    return [pod for pod in pods if pod.uid not in have]
 
 
 # -- surging ------------------------------------------------------------------------------------
@@ -587,4 +642,7 @@ def _cancel(state: State, seen: Seen) -> Decision:
     per_pod = tuple(Report(Reason.SERVING_RESTORED, "the termination notice was withdrawn: spotguard.io/serving=True",
                            pod=action.pod) for action in restored)
     dropped = tuple(map(DeletePlaceholder, seen.placeholders))
+    if progress.phase is Phase.STANDBY:
+        report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} was withdrawn or its time is up with no "
+                                                 f"interruption: released {len(dropped)} placeholder(s)")
     return Decision(State(), (undo, *restored, *dropped, report, *per_pod))

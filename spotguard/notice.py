@@ -34,3 +34,15 @@ class Notice:
     # Cordon and taint only; the pods keep serving and nothing is evicted (--cordon-only, or
     # --rebalance-action cordon). A later notice without it goes on as usual.
     cordon_only: bool = False
+    # Bring up capacity only: placeholders for the pods opted in to the surge, no cordon, the pods
+    # keep serving (--rebalance-action surge). Its deadline is when the placeholders are released.
+    # A later notice without it goes on as usual, onto the capacity already there.
+    surge_only: bool = False
+
+    def __post_init__(self) -> None:
+        assert not (self.cordon_only and self.surge_only), "a notice is cordon-only or surge-only, not both"
+
+    @property
+    def full(self) -> bool:
+        """A notice that the VM goes: more than a cordon or a surge."""
+        return not (self.cordon_only or self.surge_only)

@@ -19,8 +19,9 @@ alert templating, passed through untouched.
 - name: spotguard.rules
   rules:
     - alert: SpotguardPreemptionInProgress
-      # phase is 1 for exactly one of guarding/cordoned/surging/deregistering/draining/evicting/drained.
-      expr: spotguard_phase{phase!="guarding"} == 1
+      # phase is 1 for exactly one of guarding/cordoned/standby/surging/deregistering/draining/
+      # evicting/drained. standby (a rebalance recommendation's surge) cordons nothing: not a preemption.
+      expr: spotguard_phase{phase!~"guarding|standby"} == 1
       labels:
         {{- toYaml (merge (dict "severity" "info") $extra) | nindent 8 }}
       annotations:
@@ -34,7 +35,8 @@ alert templating, passed through untouched.
           become Ready elsewhere. A notice that is withdrawn (maintenance back to NONE) returns
           the phase to guarding and undoes only what spotguard did. Phase cordoned (--cordon-only,
           or an AWS rebalance recommendation with --rebalance-action cordon) only cordons and
-          taints: the pods keep serving.
+          taints: the pods keep serving. Phase standby (--rebalance-action surge) does not fire
+          this alert: nothing is cordoned, placeholders only bring up capacity in case.
         {{- with include "spotguard.runbookUrl" (dict "root" $ "alert" "SpotguardPreemptionInProgress") }}{{ . | nindent 8 }}{{ end }}
     - alert: SpotguardDrainMissedDeadline
       expr: increase(spotguard_drain_missed_deadline_total[{{ $rule.incidentWindow }}]) > 0

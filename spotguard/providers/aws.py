@@ -15,7 +15,8 @@ A rebalance recommendation (events/recommendations/rebalance) says the risk of a
 went up, not that one is coming, and draining a GPU server on every recommendation would cost the
 capacity spot is bought for: by default it is only logged. --rebalance-action cordon makes it a
 cordon-only notice (no new pods come, the pods keep serving), cordon-and-drain a notice of
---notice-seconds (default 120); either is released --rebalance-release-seconds after the
+--notice-seconds (default 120), surge a surge-only notice (the surge's placeholders bring up capacity
+for the opted-in pods, nothing is cordoned); each is released --rebalance-release-seconds after the
 recommendation's noticeTime if no interruption came, because EC2 keeps the recommendation listed
 and the node would otherwise stay cordoned for good (a complaint NTH's users know).
 
@@ -217,17 +218,18 @@ def rebalance_notice(notice_time: str | None, *, first_seen: float | None, now: 
         at = first_seen
     if now >= at + release_seconds:
         return None
-    cordon_only = action == "cordon"
-    deadline = at + release_seconds if cordon_only else at + (notice_seconds or DEFAULT_SPOT_NOTICE_SECONDS)
+    cordon_only, surge_only = action == "cordon", action == "surge"
+    held = cordon_only or surge_only  # no VM end behind it: it lasts until it is released
+    deadline = at + release_seconds if held else at + (notice_seconds or DEFAULT_SPOT_NOTICE_SECONDS)
     return Notice(kind=NoticeKind.REBALANCE, deadline=deadline, source=f"aws:{REBALANCE_KEY}", detail=notice_time,
-                  cordon_only=cordon_only)
+                  cordon_only=cordon_only, surge_only=surge_only)
 
 
 def earliest(*notices: Notice | None) -> Notice | None:
-    """The notice to act on: one that asks for more than a cordon first, then the one that comes
-    first, a preemption before a maintenance due at the same time."""
+    """The notice to act on: one that says the VM goes (more than a cordon or a surge) first, then
+    the one that comes first, a preemption before a maintenance due at the same time."""
     return min((n for n in notices if n is not None),
-               key=lambda n: (n.cordon_only, n.deadline, n.kind is not NoticeKind.PREEMPTION), default=None)
+               key=lambda n: (not n.full, n.deadline, n.kind is not NoticeKind.PREEMPTION), default=None)
 
 
 def notice_for(action: InstanceAction | None, *, first_seen: float | None,

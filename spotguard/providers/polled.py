@@ -128,4 +128,5 @@ def _only_later(notice: Notice | None, last: Notice | None) -> bool:
     closer for spotguard), and nothing to log. Some metadata servers (AWS's metadata mock with its
     defaults) move the time forward on every read; without this, one log line per poll."""
     return (notice is not None and last is not None and notice.kind == last.kind
-            and notice.cordon_only == last.cordon_only and notice.deadline >= last.deadline)
+            and notice.cordon_only == last.cordon_only and notice.surge_only == last.surge_only
+            and notice.deadline >= last.deadline)

@@ -173,3 +173,76 @@ async def test_a_placeholder_refused_by_a_resource_quota_is_given_up_at_once(wor
     await asyncio.to_thread(wait_until, lambda: world.events(reason="Evicted"), timeout=20,
                             what="the pod evicted")
     assert time.time() - noticed < 30 and not placeholders(world, victim_node)
+
+
+# -- an AWS rebalance recommendation with --rebalance-action surge -------------------------------
+
+async def rebalance_surge_pool(world: World, *, release_seconds: int = 1800, autoscaler_max: int | None = 3) -> str:
+    world.cloud = "aws"
+    world.daemon_env.update({"SPOTGUARD_REBALANCE_ACTION": "surge",
+                             "SPOTGUARD_REBALANCE_RELEASE_SECONDS": str(release_seconds)})
+    victim_node, _ = await surge_pool(world, autoscaler_max=autoscaler_max)
+    return victim_node
+
+
+def untouched(world: World, node: str) -> bool:
+    held = world.node(node)
+    return not held["spec"].get("unschedulable") and not held["spec"].get("taints")
+
+
+async def test_a_rebalance_surge_brings_capacity_first_and_the_interruption_then_lands_on_it(world):
+    victim_node = await rebalance_surge_pool(world)
+    victim = victim_on(world, victim_node)
+    world.vms[victim_node].metadata.rebalance()
+
+    # The placeholder runs on a node the autoscaler added, while the old node is not even cordoned.
+    running = await asyncio.to_thread(
+        wait_until, lambda: [p for p in placeholders(world, victim_node) if p["status"].get("phase") == "Running"],
+        timeout=60, what="the placeholder running on new capacity")
+    assert running[0]["spec"]["nodeName"] in world.autoscaler.nodes_added
+    assert untouched(world, victim_node) and serving(victim_on(world, victim_node)) == "True"
+    assert world.node(victim_node)["metadata"]["annotations"]["spotguard.io/phase"] == "standby"
+    daemon = world.vms[victim_node].daemon
+    assert daemon.metric("spotguard_phase", phase="standby") == 1
+    assert daemon.metric("spotguard_reaction_duration_seconds_count") == 0   # nothing cordoned: no reaction yet
+    assert not world.events(reason="NotServing")
+
+    # The two-minute interruption: drained as any notice, onto the node that is already there.
+    world.preempt(victim_node, vm_lifetime_seconds=60)
+
+    def replacement() -> dict[str, Any] | None:
+        found = [p for p in world.pods("app=vllm") if p["metadata"]["name"] != victim["metadata"]["name"]
+                 and p["spec"].get("nodeName") in world.autoscaler.nodes_added and serving(p) == "True"]
+        return found[0] if found else None
+
+    new_node = (await asyncio.to_thread(wait_until, replacement, timeout=60,
+                                        what="the replacement serving on the surged node"))["spec"]["nodeName"]
+    assert world.autoscaler.nodes_added == [new_node]   # no second node for the replacement
+    assert world.node(victim_node)["spec"].get("unschedulable") is True
+    assert daemon.metric("spotguard_reaction_duration_seconds_count") == 1   # the interruption's
+    assert event_time(world, "SurgeStarted", victim_node) < event_time(world, "TerminationNotice", victim_node)
+    await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=30,
+                            what="the placeholder gone (preempted)")
+
+
+async def test_a_rebalance_surge_survives_a_restart_and_is_released_when_no_interruption_comes(world):
+    victim_node = await rebalance_surge_pool(world, release_seconds=25, autoscaler_max=None)   # stays Pending
+    vm = world.vms[victim_node]
+    vm.metadata.rebalance()
+    created = await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=20,
+                                      what="the placeholder created")
+    vm.daemon.kill()
+    world.start_daemon(vm)
+    await asyncio.to_thread(vm.daemon.wait_ready)
+    await asyncio.sleep(2)   # a few decision steps of the new daemon
+    assert [p["metadata"]["uid"] for p in placeholders(world, victim_node)] == [created[0]["metadata"]["uid"]]
+
+    await asyncio.to_thread(wait_until, lambda: not placeholders(world, victim_node), timeout=40,
+                            what="the placeholder released")
+    await asyncio.to_thread(wait_until, lambda: "spotguard.io/phase" not in
+                            (world.node(victim_node)["metadata"].get("annotations") or {}),
+                            timeout=20, what="the stand-by cleared from the node")
+    assert untouched(world, victim_node) and serving(victim_on(world, victim_node)) == "True"
+    [cancelled] = [e for e in world.events(reason="NoticeCancelled") if e["involvedObject"]["name"] == victim_node]
+    assert "released 1 placeholder(s)" in cancelled["message"]
+    assert not world.events(reason="NotServing") and not world.events(reason="Evicted")

@@ -156,7 +156,7 @@ def test_a_spot_interruption_and_a_scheduled_event_give_the_earlier_deadline():
 REBALANCED_AT = "2023-11-14T22:13:20Z"   # T0
 
 
-@pytest.mark.parametrize("action", ["log", "cordon", "cordon-and-drain"])
+@pytest.mark.parametrize("action", ["log", "cordon", "cordon-and-drain", "surge"])
 def test_a_rebalance_recommendation_is_what_the_action_says_until_it_is_released(action):
     def judged(now: float, **options: object):
         given: dict[str, object] = dict(first_seen=T0, now=now, action=action, release_seconds=1800,
@@ -171,10 +171,11 @@ def test_a_rebalance_recommendation_is_what_the_action_says_until_it_is_released
         return
     notice = judged(T0 + 5)
     assert notice is not None and notice.kind is NoticeKind.REBALANCE and notice.detail == REBALANCED_AT
-    if action == "cordon":
-        assert notice.cordon_only and notice.deadline == T0 + 1800
+    if action in ("cordon", "surge"):   # held until released: no VM end behind them
+        assert (notice.cordon_only, notice.surge_only) == (action == "cordon", action == "surge")
+        assert notice.deadline == T0 + 1800 and not notice.full
     else:
-        assert not notice.cordon_only and notice.deadline == T0 + DEFAULT_SPOT_NOTICE_SECONDS
+        assert notice.full and notice.deadline == T0 + DEFAULT_SPOT_NOTICE_SECONDS
         assert judged(T0 + 5, notice_seconds=60).deadline == T0 + 60
     # Released from the recommendation's own time on, whenever the daemon (re)started.
     assert judged(T0 + 1799.9, first_seen=T0 + 1700) is not None
@@ -191,6 +192,14 @@ def test_a_notice_that_asks_for_more_than_a_cordon_wins_over_an_earlier_cordon()
     maintenance = scheduled_notice((event(T0 + 3000),), now=T0, lead_seconds=3600)
     assert cordon.deadline < maintenance.deadline
     assert earliest(cordon, maintenance) is maintenance and earliest(cordon, None) is cordon
+
+
+def test_an_interruption_wins_over_a_rebalance_surge_that_ends_sooner():
+    surge = rebalance_notice(REBALANCED_AT, first_seen=T0, now=T0, action="surge", release_seconds=60,
+                             notice_seconds=None)
+    spot = notice_for(InstanceAction("terminate", at=T0 + 120), first_seen=T0, notice_seconds=None)
+    assert surge.deadline < spot.deadline
+    assert earliest(surge, spot) is spot and earliest(surge, None) is surge
 
 
 def test_the_lifecycle_state_is_one_word_and_anything_else_is_a_body_error():

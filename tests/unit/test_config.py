@@ -63,6 +63,7 @@ def test_every_setting_reads_its_environment_variable():
     assert (config.asg_termination_action, defaults.asg_termination_action) == ("cordon", "cordon-and-drain")
     assert (config.webhook_template, defaults.webhook_template) == ("{event} on {node}", None)
     assert (defaults.cordon_only, defaults.rebalance_action, defaults.rebalance_release_seconds) == (False, "log", 1800)
+    assert load(["--rebalance-action", "Surge"], {"NODE_NAME": "n"}).rebalance_action == "surge"
     assert (config.exclude_from_load_balancers, defaults.exclude_from_load_balancers) == (True, False)
     assert config.webhook_headers == (("Authorization", "Bearer a,b"), ("X-Team", "gpu")) and defaults.webhook_headers == ()
     assert config.scheduled_event_lead_seconds == 0 and load([], {"NODE_NAME": "n"}).scheduled_event_lead_seconds == 3600
@@ -117,6 +118,8 @@ def test_gce_metadata_host_is_honoured_when_no_url_is_given():
     (["--drain-poll-seconds", "0"], {"NODE_NAME": "n"}, "--drain-poll-seconds / SPOTGUARD_DRAIN_POLL_SECONDS"),
     (["--webhook-template", "{node.__dict__}"], {"NODE_NAME": "n"}, "--webhook-template / SPOTGUARD_WEBHOOK_TEMPLATE"),
     (["--rebalance-action", "drain"], {"NODE_NAME": "n"}, "--rebalance-action / SPOTGUARD_REBALANCE_ACTION"),
+    (["--rebalance-action", "surge", "--surge-min-notice-seconds", "0"], {"NODE_NAME": "n"},
+     "--rebalance-action / SPOTGUARD_REBALANCE_ACTION"),
     (["--rebalance-release-seconds", "0"], {"NODE_NAME": "n"},
      "--rebalance-release-seconds / SPOTGUARD_REBALANCE_RELEASE_SECONDS"),
     (["--scheduled-event-lead-seconds", "-60"], {"NODE_NAME": "n"},
