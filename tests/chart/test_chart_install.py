@@ -446,6 +446,12 @@ def test_on_its_own_node_a_stolen_token_can_only_do_spotguards_job(
                 contains="its own spotguard.io/impending-termination taint")
         _denied(lambda: _call(me, "PATCH", node_path, {"spec": {"unschedulable": False}}, merge),
                 contains="uncordon a Node it cordoned itself")
+        # Nor in two steps: first claiming the admin's cordon (or a load-balancer exclusion) as its own.
+        _denied(lambda: _call(me, "PATCH", node_path, {"metadata": {"annotations": {
+            "spotguard.io/cordoned-by-spotguard": "true"}}}, merge), contains="write that cordons the Node")
+        _denied(lambda: _call(me, "PATCH", node_path, {"metadata": {"annotations": {
+            "spotguard.io/lb-excluded-by-spotguard": "true"}}}, merge),
+            contains="write that adds the exclude-from-external-load-balancers label")
         _denied(lambda: _call(me, "PATCH", node_path, {"spec": {"taints": [
             {"key": "admin/maintenance", "value": "x", "effect": "NoSchedule"},
             {"key": "spotguard.io/impending-termination", "value": "x", "effect": "NoExecute"}]}}, merge),

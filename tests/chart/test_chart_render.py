@@ -142,9 +142,10 @@ def test_examples_select_their_clouds_spot_nodes() -> None:
     assert keys(terms("values-eks.yaml")) == {("eks.amazonaws.com/capacityType", "In", ("SPOT",)),
                                                ("karpenter.sh/capacity-type", "In", ("spot",))}
     assert keys(terms("values-aks.yaml")) == {("kubernetes.azure.com/scalesetpriority", "In", ("spot",))}
-    aks = only(render_objects(example_values(chartlib.CHART_DIR / "examples" / "values-aks.yaml")), "DaemonSet")
-    assert {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot",
-            "effect": "NoSchedule"} in aks["spec"]["template"]["spec"]["tolerations"]
+    # Every example keeps the default: every taint tolerated, AKS's spot taint and a dying node's included.
+    for example in ("values-gke.yaml", "values-eks.yaml", "values-aks.yaml"):
+        daemonset = only(render_objects(example_values(chartlib.CHART_DIR / "examples" / example)), "DaemonSet")
+        assert daemonset["spec"]["template"]["spec"]["tolerations"] == [{"operator": "Exists"}], example
 
 
 def test_affinity_override_replaces_the_default_node_selection() -> None:
