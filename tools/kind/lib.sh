@@ -25,6 +25,7 @@ BASE_IMAGE=spotguard-kind/base:$KUBERNETES_VERSION
 NODE_IMAGE=spotguard-kind/node:$KUBERNETES_VERSION
 CNI_IMAGE=spotguard-kind/cni:1        # referenced by tools/kind/cni.yaml
 PYTHON_IMAGE=spotguard-python:3.11-bookworm
+SPOTGUARD_IMAGE=spotguard:dev        # spotguard_sim.kindbench.IMAGE
 # Every image built here carries this label; its value is a hash of the image's build inputs.
 INPUTS_LABEL=io.spotguard.kind.inputs
 

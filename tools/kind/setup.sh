@@ -14,7 +14,10 @@
 #      tagged as kubeadm expects, the kind base image and the kind node image.
 #   4. spotguard-python:3.11-bookworm, a local base for the project's Dockerfile
 #      (docker build --build-arg PYTHON_IMAGE=spotguard-python:3.11-bookworm .).
-#   5. kind and kubectl linked into /usr/local/bin.
+#   5. spotguard's own image, spotguard:dev, from this checkout's Dockerfile on that base (Docker's
+#      layer cache makes it a no-op when spotguard/ is unchanged; the kind tests rebuild it too,
+#      so they always run the code under test).
+#   6. kind and kubectl linked into /usr/local/bin.
 # Idempotent: each step is skipped when its inputs are unchanged (binaries by cache directory,
 # images by the io.spotguard.kind.inputs label), so a second run is a quick no-op.
 #
@@ -23,6 +26,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$HERE/../.." && pwd)
 # shellcheck source=tools/kind/lib.sh
 source "$HERE/lib.sh"
 
@@ -538,6 +542,16 @@ build_node_image() {
 
 ###############################################################################################
 
+# The product image as users build it: the real Dockerfile, on the local Python base instead of
+# the registry's (its PYTHON_IMAGE build-arg).
+build_spotguard_image() {
+    local start=$SECONDS
+    say "building $SPOTGUARD_IMAGE from $REPO_ROOT/Dockerfile (PYTHON_IMAGE=$PYTHON_IMAGE)"
+    run_logged "$CACHE/logs/spotguard-image.log" \
+        docker build --network host --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" -t "$SPOTGUARD_IMAGE" "$REPO_ROOT"
+    say "  $SPOTGUARD_IMAGE in $((SECONDS - start)) s ($(image_size "$SPOTGUARD_IMAGE"), user $(docker image inspect -f '{{.Config.User}}' "$SPOTGUARD_IMAGE"))"
+}
+
 link_tools() {
     ln -sfn "${BUILT[kind]}/kind" /usr/local/bin/kind
     ln -sfn "$KUBE" /usr/local/bin/kubectl
@@ -558,8 +572,9 @@ main() {
     build_python_image
     build_base_image
     build_node_image
+    build_spotguard_image
     link_tools
-    say "done in $((SECONDS - START)) s: node image $NODE_IMAGE, Python base $PYTHON_IMAGE; next: tools/kind/cluster.sh up"
+    say "done in $((SECONDS - START)) s: node image $NODE_IMAGE, Python base $PYTHON_IMAGE, $SPOTGUARD_IMAGE; next: tools/kind/cluster.sh up"
 }
 
 main "$@"

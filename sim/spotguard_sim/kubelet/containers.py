@@ -369,7 +369,7 @@ class ContainerRunner:
             if "exec" in handler:
                 await self._exec_hook(rt, spec, handler["exec"].get("command") or [])
             elif "httpGet" in handler:
-                await self.http_hook(rt, spec, handler["httpGet"], termination)
+                await self._http_hook(rt, spec, handler["httpGet"], termination)
             elif "sleep" in handler:
                 await asyncio.sleep(float(handler["sleep"].get("seconds") or 0))
             else:

@@ -312,10 +312,6 @@ class IpPool:
     def holder(self, ip: str) -> str | None:
         return self._by_ip.get(int(ipaddress.IPv4Address(ip)))
 
-    def ip_of(self, uid: str) -> str | None:
-        value = self._by_uid.get(uid)
-        return None if value is None else str(ipaddress.IPv4Address(value))
-
     def reserve(self, ip: str, uid: str) -> bool:
         """Mark `ip` as `uid`'s; False when another pod holds it."""
         value = int(ipaddress.IPv4Address(ip))
