@@ -118,15 +118,20 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
     as server-side dry runs: the API server runs every admission policy, answers PDBs, and stores
     nothing. Each verdict is reported, with the policy's own message when it refuses."""
     dry = k.Kube(api.client, node_name=config.node_name, dry_run=True)
+    node = api.get_node()
     now = time.time()
-    exclude = config.exclude_from_load_balancers
+    # What a notice's first write would be on this node as it is now: a cordon or label already
+    # there is not spotguard's (and the chart's policies refuse claiming it).
+    cordon = not k.node_unschedulable(node)
+    exclude = config.exclude_from_load_balancers and not k.node_excluded_from_lb(node)
     progress = lc.Progress(phase=lc.Phase.DEREGISTERING, notice_kind="preemption", deadline=now + 30,
-                           noticed_at=now, phase_since=now, cordoned_by_us=True, tainted_by_us=True,
+                           noticed_at=now, phase_since=now, cordoned_by_us=cordon, tainted_by_us=True,
                            excluded_by_us=exclude)
     label = ", label out of external load balancers" if exclude else ""
-    _verdict(say, f"cordon, taint{label} and annotate node {config.node_name}",
-             lambda: dry.patch_node(lc.UpdateNode(unschedulable=True, taint_value="preemption",
-                                                  exclude_from_lb=True if exclude else None, progress=progress)))
+    _verdict(say, f"{'cordon, ' if cordon else ''}taint{label} and annotate node {config.node_name}",
+             lambda: dry.patch_node(lc.UpdateNode(unschedulable=True if cordon else None, taint_value="preemption",
+                                                  exclude_from_lb=True if exclude else None, progress=progress),
+                                    current=node))
     serving = [pod for pod in pods if k.is_serving_pod(pod)]
     _check_surge(dry, config, serving, say)
     if not serving:
@@ -134,7 +139,7 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
     pod = k.pod_facts(serving[0])
     _verdict(say, f"set {lc.SERVING_CONDITION}=False on {pod.key}",
              lambda: dry.set_serving(pod, False, reason="TerminationNotice", message="spotguard check (dry run)"))
-    node_uid = ((api.get_node() or {}).get("metadata") or {}).get("uid")
+    node_uid = (node.get("metadata") or {}).get("uid")
     _verdict(say, f"record an Event about {pod.key}",
              lambda: dry.record_event(lc.Report(lc.Reason.NOT_SERVING, "spotguard check (dry run)", pod=pod),
                                       node_uid=node_uid))

@@ -3,20 +3,24 @@
 Proves what rendering cannot: the API server accepts every object (including the
 ValidatingAdmissionPolicy's CEL), the DaemonSet controller puts a spotguard pod on GPU spot nodes
 and on no other, and RBAC plus the admission policy allow what the daemon does on its own node
-and refuse the rest. Requests are made as spotguard's ServiceAccount by impersonation, with the
-`authentication.kubernetes.io/node-name` extra that a pod-bound token would carry.
+and refuse the rest. Requests are made with real tokens of spotguard's ServiceAccount, each bound
+(TokenRequest) to a pod of that account on the node in question, as the kubelet mounts them: the
+`authentication.kubernetes.io/node-name` claim the policies read comes from the token itself.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import chartlib
 import helm_python as helm
 import pytest
+import yaml
 from kubernetes import config as kube_config
 
 from spotguard import placeholder
@@ -24,7 +28,6 @@ from spotguard.kube import EVICTION_LABEL
 
 pytestmark = pytest.mark.cluster
 
-NODE_CLAIM_HEADER = "Impersonate-Extra-authentication.kubernetes.io%2Fnode-name"
 PAUSE = "registry.k8s.io/pause:3.10"
 
 
@@ -169,22 +172,54 @@ def _affinity_node(pod: dict[str, Any]) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def as_spotguard(release: dict[str, Any], cluster: Any) -> Callable[..., Any]:
-    """An API client that is spotguard's ServiceAccount on a given node (or on none)."""
+def as_spotguard(release: dict[str, Any], cluster: Any, api_client: Any,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+    """An API client holding a token of spotguard's ServiceAccount: bound to a pod of that account
+    on `node`, as the kubelet mounts it into the spotguard container (so the token carries the
+    node-name claim), or, with None, bound to nothing (a TokenRequest made by hand)."""
+    namespace, account = release["namespace"], release["service_account"]
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    directory = tmp_path_factory.mktemp("tokens")
     clients: list[Any] = []
 
     def make(node: str | None) -> Any:
-        client = kube_config.new_client_from_config(config_file=str(cluster.kubeconfig))
-        client.set_default_header("Impersonate-User",
-                                  f"system:serviceaccount:{release['namespace']}:{release['service_account']}")
+        spec: dict[str, Any] = {"expirationSeconds": 3600}
         if node is not None:
-            client.set_default_header(NODE_CLAIM_HEADER, node)
+            holder = _token_holder(api_client, namespace, account, node)
+            spec["boundObjectRef"] = {"apiVersion": "v1", "kind": "Pod", "name": holder["metadata"]["name"],
+                                      "uid": holder["metadata"]["uid"]}
+        token = _call(api_client, "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
+                      {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})["status"]["token"]
+        claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        assert claims["kubernetes.io"].get("node", {}).get("name") == node, claims
+        path = directory / f"{node or 'unbound'}-{len(clients)}.kubeconfig"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "spotguard",
+            "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
+            "users": [{"name": "spotguard", "user": {"token": token}}],
+            "contexts": [{"name": "spotguard", "context": {"cluster": "local", "user": "spotguard"}}]}))
+        client = kube_config.new_client_from_config(config_file=str(path))
         clients.append(client)
         return client
 
     yield make
     for client in clients:
         client.close()
+
+
+def _token_holder(api_client: Any, namespace: str, account: str, node: str) -> dict[str, Any]:
+    """A pod of spotguard's ServiceAccount bound to `node` (nothing runs it: these nodes have no
+    kubelet), for its tokens: the DaemonSet's own pods are bound only once scheduled."""
+    name = f"token-holder-{node}"
+    try:
+        return _call(api_client, "GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+    except ApiError as error:
+        if error.status != 404:
+            raise
+    pod = _pod(name, node)
+    pod["metadata"]["labels"] = {"app": "token-holder"}
+    pod["spec"].update(serviceAccountName=account, automountServiceAccountToken=False)
+    return _call(api_client, "POST", f"/api/v1/namespaces/{namespace}/pods", pod)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The real daemon, with nothing but the chart's RBAC and admission policies, through a preemption.
 
-test_chart_install.py checks the permissions request by request, by impersonation. This test runs
+test_chart_install.py checks the permissions request by request, with pod-bound tokens. This test runs
 `spotguard run` itself with a real pod-bound ServiceAccount token (TokenRequest bound to the
 spotguard pod the DaemonSet controller created, so the API server adds the node-name claim), so
 any call the daemon makes that the chart forgot would show up as a failed preemption here. And
@@ -91,6 +91,12 @@ async def test_spotguard_check_sees_what_the_policies_refuse(world: World, relea
     node-name claim (requested without a pod) is refused by the chart's policies."""
     node = f"gpu-{uuid.uuid4().hex[:6]}"
     vm = await world.add_vm(node, spotguard=False)
+    # A serving pod on the node, so the check also tries its pods/status write and its pod Event.
+    world.deploy_vllm(replicas=1)
+    vllm = await asyncio.to_thread(wait_until, lambda: next(
+        (p for p in world.pods("app=vllm") if p["spec"].get("nodeName") == node), None), timeout=30,
+        what="the vLLM pod bound to the node")
+    key = f"{world.namespace}/{vllm['metadata']['name']}"
     bound = pod_bound_kubeconfig(world, cluster, release, spotguard_pod(world, release, node),
                                  tmp_path / "bound.kubeconfig")
     unbound_token = world.api.call(
@@ -111,12 +117,22 @@ async def test_spotguard_check_sees_what_the_policies_refuse(world: World, relea
     assert result.returncode == 1, result.stdout
     assert f"FAIL admission: may not cordon, taint and annotate node {node}" in result.stdout
     assert "pod-bound token" in result.stdout
+    assert f"FAIL admission: may not set spotguard.io/serving=False on {key}" in result.stdout
     assert "OK   RBAC patch nodes" in result.stdout      # what RBAC alone would have said
 
     result = await asyncio.to_thread(as_spotguard(bound).check)
     assert f"OK   admission: may cordon, taint and annotate node {node} (dry run)" in result.stdout.splitlines(), \
         result.stdout
+    lines = result.stdout.splitlines()
+    assert f"OK   admission: may set spotguard.io/serving=False on {key} (dry run)" in lines, result.stdout
+    assert f"OK   admission: may record an Event about {key} (dry run)" in lines, result.stdout
     assert "FAIL admission" not in result.stdout
+
+    # On a node an admin cordoned, a notice would not claim that cordon, and the check says so.
+    world.api.call("PATCH", f"/api/v1/nodes/{node}", body={"spec": {"unschedulable": True}},
+                   content_type="application/merge-patch+json")
+    result = await asyncio.to_thread(as_spotguard(bound).check)
+    assert f"OK   admission: may taint and annotate node {node} (dry run)" in result.stdout.splitlines(), result.stdout
 
 
 async def test_daemon_with_a_pod_bound_token_handles_a_preemption_under_the_charts_policies(

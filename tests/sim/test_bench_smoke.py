@@ -66,10 +66,11 @@ def test_admission_part_measures_both_users_at_every_namespace_size(report_and_f
     sizes = report["admission"]["sizes"]
     assert [s["pods_in_namespace"] for s in sizes] == sorted(cfg.admission_pod_counts)
     for size in sizes:
-        for who in ("policy_ms", "control_ms"):
+        for who in ("policy_ms", "control_ms", "event_policy_ms", "event_control_ms"):
             assert size[who]["n"] == cfg.admission_evictions
             assert 0 < size[who]["p50"] <= size[who]["p99"]
         assert size["ratio_p50"] == round(size["policy_ms"]["p50"] / size["control_ms"]["p50"], 2)
+        assert size["event_ratio_p50"] == round(size["event_policy_ms"]["p50"] / size["event_control_ms"]["p50"], 2)
 
 
 @pytest.mark.timeout(1200)

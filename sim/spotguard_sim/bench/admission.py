@@ -1,4 +1,4 @@
-"""The API server's cost of the chart's eviction policies, for `spotguard-sim bench --parts admission`.
+"""The API server's cost of the chart's param policies, for `spotguard-sim bench --parts admission`.
 
 The chart's `-own-evicted-pods` ValidatingAdmissionPolicy (daemonset/templates/validatingadmissionpolicy.yaml)
 sees the evicted pod by taking every Pod of the request's namespace as a param and evaluating its
@@ -10,8 +10,13 @@ a second ServiceAccount with the same RBAC, as kubectl drain or cluster-autoscal
 The requests alternate between the two users, so both see the same machine; the second user's
 latency staying flat as the namespace grows is the evidence that other clients pay nothing.
 
-Evictions are dry runs (`dryRun=All`): admission and the PodDisruptionBudget check run as for a real
-eviction, nothing is deleted, so every sample evicts pods that are still there. Pods are bound to
+The chart's `-own-pod-events` policy works the same way for the Events spotguard records about a
+pod (labelled spotguard.io/reported-by=spotguard, each Pod of the namespace a param), so the same
+is measured for Events: spotguard's, exactly as `Kube.record_event` sends it, against an unlabelled
+Event like the kubelet's, by the second user.
+
+Evictions and Events are dry runs (`dryRun=All`): admission and the PodDisruptionBudget check run as
+for real, nothing is deleted or stored, so every sample evicts pods that are still there. Pods are bound to
 Nodes the simulated kubelet does not manage (`sim.spotguard.io/unmanaged`), so a namespace of
 thousands of pods puts no load on it.
 """
@@ -22,6 +27,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterable
 
+from spotguard import lifecycle as lc
 from spotguard.kube import EVICTION_LABEL, Kube
 from spotguard.kubeapi import Api, KubeError, Obj
 from spotguard_sim.bench.config import BENCH_LABEL
@@ -71,8 +77,8 @@ class _AdmissionBench:
         return created
 
     def set_up(self) -> tuple[Kube, Kube]:
-        """Nodes, namespace, the chart's ClusterRole for two ServiceAccounts, and its eviction policy.
-        Returns (spotguard on its node, the control user)."""
+        """Nodes, namespace, the chart's ClusterRole for two ServiceAccounts, and its eviction and
+        Event policies. Returns (spotguard on its node, the control user)."""
         labels = {BENCH_LABEL: "true"}
         self.create("/api/v1/namespaces", {"metadata": {"name": self.namespace, "labels": labels}})
         for node in self.pods:
@@ -82,7 +88,8 @@ class _AdmissionBench:
         objects = render_objects(name=self.release, namespace=self.namespace, api_versions=[VAP_API])
         role = next(o for o in objects if o["kind"] == "ClusterRole")
         policies = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"
-                    and o["metadata"]["name"].endswith(("-own-evictions", "-own-evicted-pods"))]
+                    and o["metadata"]["name"].endswith(("-own-evictions", "-own-evicted-pods", "-own-events",
+                                                         "-own-pod-events"))]
         bindings = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicyBinding"
                     and o["spec"]["policyName"] in {p["metadata"]["name"] for p in policies}]
         spotguard_sa = next(o for o in objects if o["kind"] == "ServiceAccount")["metadata"]["name"]
@@ -114,12 +121,13 @@ class _AdmissionBench:
             time.sleep(0.2)
 
     def user(self, service_account: str) -> Kube:
-        """A client that is `service_account` on the own node, as with a pod-bound token."""
+        """A client that is `service_account` on the own node, as with a pod-bound token; its writes
+        through `Kube`'s own methods are dry runs."""
         client = self.new_client()
         client.set_default_header("Impersonate-User", f"system:serviceaccount:{self.namespace}:{service_account}")
         client.set_default_header(f"Impersonate-Extra-{NODE_CLAIM.replace('/', '%2F')}", self.own_node)
         self.clients.append(client)
-        return Kube(client, node_name=self.own_node)
+        return Kube(client, node_name=self.own_node, dry_run=True)
 
     def grow_to(self, count: int) -> None:
         """Pods in the namespace, alternating between the two nodes, until there are `count`."""
@@ -145,36 +153,62 @@ class _AdmissionBench:
                   body=_eviction(self.namespace, pod, self.uids[pod], labelled=labelled))
         return time.perf_counter() - began
 
+    def record(self, kube: Kube, pod: str, *, as_spotguard: bool) -> float:
+        """One Event about `pod`: spotguard's own (labelled), or one like the kubelet's (not)."""
+        began = time.perf_counter()
+        if as_spotguard:
+            facts = lc.PodFacts(namespace=self.namespace, name=pod, uid=self.uids[pod], serving=True,
+                                serving_condition=False, not_evictable=None, terminating=False)
+            kube.record_event(lc.Report(lc.Reason.NOT_SERVING, "admission bench", pod=facts), node_uid=None)
+        else:
+            kube.call("POST", f"/api/v1/namespaces/{self.namespace}/events", query={"dryRun": "All"}, body={
+                "metadata": {"generateName": f"{pod}."},
+                "involvedObject": {"kind": "Pod", "apiVersion": "v1", "namespace": self.namespace, "name": pod,
+                                   "uid": self.uids[pod]},
+                "reason": "Killing", "message": "admission bench", "type": "Normal",
+                "source": {"component": "kubelet", "host": self.own_node}})
+        return time.perf_counter() - began
+
     def wait_policy_active(self, spotguard: Kube, timeout: float = 60) -> None:
-        """Until the policy refuses spotguard's eviction of a pod on the other node."""
+        """Until the policies refuse spotguard's eviction of, and Event about, a pod on the other node."""
+        other = self.pods[self.other_node][0]
+        checks = [lambda: self.evict(spotguard, other, labelled=True),
+                  lambda: self.record(spotguard, other, as_spotguard=True)]
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while checks and time.monotonic() < deadline:
             try:
-                self.evict(spotguard, self.pods[self.other_node][0], labelled=True)
+                checks[0]()
             except KubeError as error:
                 if error.status == 403:
-                    return
+                    checks.pop(0)
+                    continue
             time.sleep(0.2)
-        raise TimeoutError("the eviction policy did not become active")
+        if checks:
+            raise TimeoutError("the eviction and Event policies did not become active")
 
     # -- measurement ---------------------------------------------------------------------------
 
     def measure(self, spotguard: Kube, control: Kube, evictions: int) -> dict[str, Any]:
-        """`evictions` dry-run evictions each, of pods on the own node, alternating the two users."""
+        """`evictions` dry-run evictions each, then as many dry-run Events, about pods on the own
+        node, alternating the two users."""
         own = self.pods[self.own_node]
-        samples: dict[str, list[float]] = {"policy": [], "control": []}
+        samples: dict[str, list[float]] = {"policy": [], "control": [], "event_policy": [], "event_control": []}
         for index in range(evictions * 2):
-            who = "policy" if index % 2 == 0 else "control"
+            mine = index % 2 == 0
             pod = own[(index // 2) % len(own)]
-            if who == "policy":
-                samples[who].append(self.evict(spotguard, pod, labelled=True))
-            else:
-                samples[who].append(self.evict(control, pod, labelled=False))
+            samples["policy" if mine else "control"].append(
+                self.evict(spotguard if mine else control, pod, labelled=mine))
+        for index in range(evictions * 2):
+            mine = index % 2 == 0
+            pod = own[(index // 2) % len(own)]
+            samples["event_policy" if mine else "event_control"].append(
+                self.record(spotguard if mine else control, pod, as_spotguard=mine))
         result: dict[str, Any] = {}
         for who, values in samples.items():
             result[f"{who}_ms"] = {"p50": _quantile_ms(values, 0.5), "p99": _quantile_ms(values, 0.99),
                                    "n": len(values)}
         result["ratio_p50"] = round(result["policy_ms"]["p50"] / result["control_ms"]["p50"], 2)
+        result["event_ratio_p50"] = round(result["event_policy_ms"]["p50"] / result["event_control_ms"]["p50"], 2)
         return result
 
     def tear_down(self) -> None:
@@ -201,8 +235,10 @@ def bench_admission(api_client: Any, kubeconfig: Any, *, pod_counts: Iterable[in
         for count in counts:
             bench.grow_to(count)
             result = {"pods_in_namespace": count, **bench.measure(spotguard, control, evictions)}
-            say(f"  {count} pods: policy p50 {result['policy_ms']['p50']} ms, control p50 "
-                f"{result['control_ms']['p50']} ms (x{result['ratio_p50']})")
+            say(f"  {count} pods: eviction p50 {result['policy_ms']['p50']} ms, control p50 "
+                f"{result['control_ms']['p50']} ms (x{result['ratio_p50']}); Event p50 "
+                f"{result['event_policy_ms']['p50']} ms, control p50 {result['event_control_ms']['p50']} ms "
+                f"(x{result['event_ratio_p50']})")
             results.append(result)
         return {"evictions_per_user": evictions, "sizes": results,
                 "definitions": {
@@ -211,6 +247,12 @@ def bench_admission(api_client: Any, kubeconfig: Any, *, pod_counts: Iterable[in
                                  "namespace",
                     "control_ms": "the same eviction, unlabelled, by a ServiceAccount with the same RBAC (what "
                                   "kubectl drain or cluster-autoscaler send), alternating with the first",
-                    "ratio_p50": "policy p50 / control p50"}}
+                    "ratio_p50": "policy p50 / control p50",
+                    "event_policy_ms": "dry-run Event about a pod on its node, as spotguard records it (labelled "
+                                       "spotguard.io/reported-by): the chart's -own-pod-events policy evaluates "
+                                       "once per pod of the namespace",
+                    "event_control_ms": "an unlabelled Event about the same pod, like the kubelet's, by the second "
+                                        "user, alternating with the first",
+                    "event_ratio_p50": "event_policy p50 / event_control p50"}}
     finally:
         bench.tear_down()

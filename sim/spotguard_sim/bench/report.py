@@ -200,13 +200,18 @@ def markdown_table(report: dict[str, Any]) -> str:
             lines.append(f"| {r.get('cloud', 'gce')} | {r['repetitions']} | {pair(r['external_ms'])} | "
                          f"{pair(r['daemon_histogram_ms'])} |")
     if report.get("admission", {}).get("sizes"):
-        lines.append("\nadmission: dry-run eviction latency, the chart's eviction policy against a user it skips\n")
-        lines.append("| pods in namespace | with policy ms p50/p99 | control ms p50/p99 | p50 ratio |")
-        lines.append("|---|---|---|---|")
+        lines.append("\nadmission: dry-run eviction and pod Event latency, the chart's param policies against a "
+                     "user they skip\n")
+        lines.append("| pods in namespace | eviction with policy ms p50/p99 | control ms p50/p99 | p50 ratio | "
+                     "Event with policy ms p50/p99 | control ms p50/p99 | p50 ratio |")
+        lines.append("|---|---|---|---|---|---|---|")
         for size in report["admission"]["sizes"]:
             p, c = size["policy_ms"], size["control_ms"]
+            ep, ec = size.get("event_policy_ms"), size.get("event_control_ms")
+            events = (f"{ep['p50']:g} / {ep['p99']:g} | {ec['p50']:g} / {ec['p99']:g} | {size['event_ratio_p50']:g}"
+                      if ep and ec else "n/a | n/a | n/a")   # runs before the Event policy was measured
             lines.append(f"| {size['pods_in_namespace']} | {p['p50']:g} / {p['p99']:g} | {c['p50']:g} / {c['p99']:g} | "
-                         f"{size['ratio_p50']:g} |")
+                         f"{size['ratio_p50']:g} | {events} |")
     return "\n".join(lines)
 
 
