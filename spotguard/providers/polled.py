@@ -3,6 +3,11 @@
 
 A provider subclasses `PolledProvider`, reads its cloud in `read(http)` and turns that into
 `Notice | None` in `judge(value)` (pure, or keeping the little state it needs).
+
+A provider may also name one URL whose answer changes when a notice comes (`change_watch`): an
+`AnswerWatch` thread then polls just that, cheaply, every --poll-seconds, and the full read runs
+when it sees a change, or every `watched_read_seconds` otherwise (AWS: the spot instance-action
+four times a second, everything else every 5 s).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import structlog
 
 from spotguard.backoff import backoff_delay
 from spotguard.notice import Notice
+from spotguard.providers.answer_watch import AnswerWatch
 from spotguard.providers.base import MetadataFailure, unheard
 from spotguard.providers.http import MetadataBodyError, RequestFailed, session
 
@@ -31,8 +37,9 @@ POLL_SECONDS = 1.0
 
 
 async def poll(read: Callable[[], Awaitable[T]], *, every: float, on_error: Callable[[str], None],
-               on_ok: Callable[[], None], log: Any, backoff_base: float, backoff_cap: float) -> AsyncIterator[T]:
-    """`read()` every `every` seconds, yielding each value.
+               on_ok: Callable[[], None], log: Any, backoff_base: float, backoff_cap: float,
+               woken: asyncio.Event | None = None) -> AsyncIterator[T]:
+    """`read()` every `every` seconds (and, given `woken`, as soon as it is set), yielding each value.
 
     A failed read (RequestFailed, MetadataBodyError) goes to `on_error(reason)` and the log, and is
     retried after a short backoff (capped at `backoff_cap`: the retry delay after an outage is how
@@ -57,7 +64,14 @@ async def poll(read: Callable[[], Awaitable[T]], *, every: float, on_error: Call
             log.info("metadata_recovered", failed_requests=failures)
         failures = 0
         yield value
-        await asyncio.sleep(every)
+        if woken is None:
+            await asyncio.sleep(every)
+            continue
+        try:
+            await asyncio.wait_for(woken.wait(), timeout=every)
+        except asyncio.TimeoutError:
+            pass
+        woken.clear()
 
 
 class PolledProvider(ABC, Generic[T]):
@@ -102,25 +116,49 @@ class PolledProvider(ABC, Generic[T]):
     def judge(self, value: T) -> Notice | None:
         """What one read amounts to (the little state a cloud needs is kept on the provider)."""
 
+    def change_watch(self, wake: Callable[[], None]) -> AnswerWatch | None:
+        """An AnswerWatch that calls `wake` when a notice may have come, or None (the default):
+        then `read` runs every --poll-seconds."""
+        return None
+
+    # With a change watch: how often the full read runs anyway.
+    watched_read_seconds = 5.0
+
     async def watch(self) -> AsyncIterator[Notice | None]:
         """The state at start-up, then every change. Never raises for metadata errors; those go
         to `on_error` and are retried after a short backoff."""
+        woken = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        watch = self.change_watch(lambda: loop.call_soon_threadsafe(woken.set))
+        every = self._poll_seconds if watch is None else max(self._poll_seconds, self.watched_read_seconds)
+        async with session(self.headers) as http:
+            polls = poll(lambda: self.read(http), every=every, on_error=self._on_error,
+                         on_ok=self._on_ok, log=self._log, backoff_base=self._backoff_base,
+                         backoff_cap=self._backoff_cap, woken=None if watch is None else woken)
+            if watch is not None:
+                watch.start()
+            try:
+                async with aclosing(self._changes(polls)) as changes:
+                    async for notice in changes:
+                        yield notice
+            finally:
+                if watch is not None:
+                    watch.stop()
+
+    async def _changes(self, polls: AsyncIterator[T]) -> AsyncIterator[Notice | None]:
+        """The notice each read amounts to, when it differs from the last one."""
         started = False
         last: Notice | None = None
-        async with session(self.headers) as http:
-            polls = poll(lambda: self.read(http), every=self._poll_seconds, on_error=self._on_error,
-                         on_ok=self._on_ok, log=self._log, backoff_base=self._backoff_base,
-                         backoff_cap=self._backoff_cap)
-            async with aclosing(polls):
-                async for value in polls:
-                    notice = self.judge(value)
-                    if started and (notice == last or _only_later(notice, last)):
-                        continue
-                    started, last = True, notice
-                    self._log.info(f"{self.name}_notice_state", notice_kind=notice.kind.value if notice else None,
-                                   deadline=notice.deadline if notice else None,
-                                   detail=notice.detail if notice else None)
-                    yield notice
+        async with aclosing(polls):  # type: ignore[type-var]
+            async for value in polls:
+                notice = self.judge(value)
+                if started and (notice == last or _only_later(notice, last)):
+                    continue
+                started, last = True, notice
+                self._log.info(f"{self.name}_notice_state", notice_kind=notice.kind.value if notice else None,
+                               deadline=notice.deadline if notice else None,
+                               detail=notice.detail if notice else None)
+                yield notice
 
 
 def _only_later(notice: Notice | None, last: Notice | None) -> bool:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import time
 import urllib.error
+import uuid
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import AsyncIterator, Callable, Iterator
 import pytest
 from providerlib import Calls, Watcher, free_port
 from spotguard_sim import paths
+from spotguard_sim.support import wait_until
 
 from spotguard.notice import NoticeKind
 from spotguard.providers.aws import AwsProvider
@@ -156,3 +158,57 @@ async def test_aemm_asg_termination_drains_by_default(aemm, watch):
     if notice is None:
         notice = await watcher.next(timeout=10)
     assert notice is not None and notice.kind is NoticeKind.ASG_TERMINATION and not notice.cordon_only, notice
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+async def test_a_daemon_killed_mid_drain_resumes_the_aemm_notice_it_was_following(aemm, world, tmp_path):
+    """The whole daemon against AEMM on the real control plane. AEMM restarts with a spot notice
+    (the daemon's token is then refused once and renewed), a PDB holds the eviction, the daemon is
+    SIGKILLed and restarted: it resumes from the node's annotations with the first deadline, although
+    AEMM moves the notice's time forward on every read, and drains once the PDB lets it."""
+    from spotguard_sim.world import DaemonProcess
+
+    world.cloud = "aws"
+    node = f"gpu-{uuid.uuid4().hex[:8]}"
+    await world.add_vm(node, spotguard=False)   # the emulator it gets stays unused: AEMM is this VM's IMDS
+    aemm.start("spot", "--mock-delay-sec", "3600")   # no notice yet
+    daemon = DaemonProcess(node=node, kubeconfig=world.kubeconfig, metadata_url=aemm.url, provider="aws",
+                           log_path=tmp_path / "spotguard.log")
+    daemons = [daemon]
+    try:
+        daemon.start()
+        await asyncio.to_thread(daemon.wait_ready)
+        world.deploy_vllm(replicas=1, pdb_min_available=1)
+        [pod] = await asyncio.to_thread(world.wait_ready_pods, 1)
+
+        aemm.stop()
+        aemm.start("spot", "--mock-delay-sec", "0")   # a new AEMM: the old token is unknown to it
+        annotations = lambda: world.node(node)["metadata"].get("annotations") or {}   # noqa: E731
+        await asyncio.to_thread(wait_until, lambda: annotations().get("spotguard.io/phase") == "evicting",
+                                timeout=30, what="the drain held by the PDB")
+        deadline = annotations()["spotguard.io/deadline"]
+        await asyncio.to_thread(wait_until, lambda: world.events(reason="EvictionBlocked"), timeout=20,
+                                what="the eviction refused by the PDB")
+
+        daemon.kill()
+        daemon = DaemonProcess(node=node, kubeconfig=world.kubeconfig, metadata_url=aemm.url, provider="aws",
+                               log_path=tmp_path / "spotguard-2.log")
+        daemons.append(daemon)
+        daemon.start()
+        await asyncio.to_thread(daemon.wait_ready)
+        await asyncio.to_thread(wait_until, lambda: '"resuming"' in daemon.log_path.read_text(), timeout=20,
+                                what="the restarted daemon resuming")
+        await asyncio.sleep(3)   # several polls, each with a later time from AEMM
+        assert annotations()["spotguard.io/deadline"] == deadline
+        assert annotations()["spotguard.io/phase"] == "evicting"
+
+        world.api.call("DELETE", f"/apis/policy/v1/namespaces/{world.namespace}/poddisruptionbudgets/vllm-pdb")
+        await asyncio.to_thread(wait_until, lambda: annotations().get("spotguard.io/phase") == "drained",
+                                timeout=30, what="the drain finished by the restarted daemon")
+        evicted = [e for e in world.events(reason="Evicted") if e["involvedObject"]["name"] == pod["metadata"]["name"]]
+        assert len(evicted) == 1
+        assert world.node(node)["spec"].get("unschedulable") is True
+    finally:
+        for running in daemons:
+            running.stop()

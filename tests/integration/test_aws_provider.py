@@ -89,6 +89,26 @@ async def test_no_notice_then_a_spot_interruption_then_its_withdrawal(emulator, 
     assert emulator.requests["api/token"] == 1
 
 
+async def test_the_cheap_watch_brings_the_notice_between_full_reads(emulator, calls):
+    """Full reads every 30 s: a notice seen within a second can only have come through the
+    AnswerWatch thread polling the instance-action every 0.05 s."""
+    watcher = Watcher(fast_provider(emulator.url, calls, slow_keys_seconds=30.0))
+    try:
+        watcher.start()
+        assert await watcher.next() is None
+        reads = emulator.requests[INSTANCE_ACTION_KEY]
+        await asyncio.sleep(0.5)
+        assert emulator.requests[INSTANCE_ACTION_KEY] >= reads + 5   # the watch's own reads
+        emulator.preempt(action="terminate", seconds=120)
+        notice = await watcher.next(timeout=1.0)
+        assert notice is not None and notice.detail == "terminate"
+        emulator.reset()
+        assert await watcher.next(timeout=1.0) is None
+        assert calls.errors == []
+    finally:
+        await watcher.stop()
+
+
 async def test_interruption_present_at_startup_is_yielded_first(emulator, watcher):
     emulator.preempt(seconds=60)
     watcher.start()
