@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -32,7 +32,24 @@ STATUS = CACHE / "setup.status"   # written by ./dev when it runs tools/kind/set
 RUNS = 2
 
 
-def _wait_for_setup() -> str | None:
+@pytest.fixture(scope="module")
+def say(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """A `[kind] ...` progress line on the terminal at once, captured or not: the CI log shows the
+    image built from the Dockerfile and the cluster created from the local node image even when
+    every test passes."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def write(message: str) -> None:
+        if reporter is None:
+            print(f"[kind] {message}", flush=True)
+            return
+        reporter.ensure_newline()
+        reporter.write(f"[kind] {message}\n", flush=True)
+
+    return write
+
+
+def _wait_for_setup(say: Callable[[str], None]) -> str | None:
     """None when tools/kind/setup.sh has built everything, else why kind cannot run here."""
     deadline, said = time.monotonic() + 3600, 0.0
     while STATUS.exists() and STATUS.read_text().startswith("running"):
@@ -41,7 +58,7 @@ def _wait_for_setup() -> str | None:
         if time.monotonic() - said > 60:
             said = time.monotonic()
             tail = (CACHE / "setup.log").read_text().splitlines()[-1:] if (CACHE / "setup.log").exists() else []
-            print(f"[kind] waiting for tools/kind/setup.sh (background): {tail[0] if tail else ''}", flush=True)
+            say(f"waiting for tools/kind/setup.sh (background): {tail[0] if tail else ''}")
         time.sleep(5)
     if STATUS.exists() and not STATUS.read_text().startswith("ok"):
         return f"tools/kind/setup.sh: {STATUS.read_text().strip()}"
@@ -55,12 +72,11 @@ def _wait_for_setup() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def kind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kindbench.KindCluster]:
-    reason = _wait_for_setup()
+def kind(tmp_path_factory: pytest.TempPathFactory, say: Callable[[str], None]) -> Iterator[kindbench.KindCluster]:
+    reason = _wait_for_setup(say)
     if reason:
         pytest.skip(reason)
-    cluster = kindbench.KindCluster(kubeconfig=tmp_path_factory.mktemp("kind") / "kubeconfig",
-                                    say=lambda message: print(f"[kind] {message}", flush=True))
+    cluster = kindbench.KindCluster(kubeconfig=tmp_path_factory.mktemp("kind") / "kubeconfig", say=say)
     cluster.down()   # a cluster an interrupted run left behind
     try:
         cluster.up(workers=3)   # two replicas, and a third worker for the replacement
@@ -105,14 +121,14 @@ def test_the_chart_installs_and_every_pod_says_its_node_is_protected(kind) -> No
 
 
 @pytest.mark.timeout(2400)
-def test_spotguard_drains_a_real_node_shutdown_and_its_replacement_starts_at_the_notice(kind, measured) -> None:
+def test_spotguard_drains_a_real_node_shutdown_and_its_replacement_starts_at_the_notice(kind, measured, say) -> None:
     runs = [kindbench.run_preemption(kind, scenario="spotguard_drain", rep=rep) for rep in range(RUNS)]
     measured["spotguard_drain"] = runs
     for run in runs:
         assert any("drains its own in-flight" in message for message in run["evicted_events"]), \
             f"spotguard did not evict {run['victim_pod']} at the notice: {run['evicted_events']}"
     summary = kindbench.summarize([r for scenario in measured.values() for r in scenario])
-    print("[kind] " + json.dumps(summary), flush=True)
+    say(json.dumps(summary))
     if os.environ.get("SPOTGUARD_KIND_RESULTS"):
         Path(os.environ["SPOTGUARD_KIND_RESULTS"]).write_text(json.dumps({"summary": summary, "runs": measured},
                                                                         indent=1))
