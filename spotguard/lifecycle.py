@@ -32,6 +32,10 @@ says an interruption is more likely, not that one comes. The same placeholders a
 node is not cordoned and nothing is drained; they are released when the notice is withdrawn (EC2
 drops the recommendation, or --rebalance-release-seconds passed). An interruption that does come
 starts as any notice, and its replacements find the capacity already there.
+
+Stepping back: when the notice that asked for a drain is withdrawn while a lesser one remains (a
+cancelled EC2 scheduled event under a rebalance recommendation's cordon or surge), the pods serve
+again and the node goes to `cordoned` or `standby`, as if only the lesser notice had come.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ def decide(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
         return _cancel(state, seen)
     if progress is None:
         return _start(state, seen, now=now, timing=timing)
+    if not seen.notice.full and progress.phase not in (Phase.CORDONED, Phase.STANDBY):
+        return _step_back(state, seen, now=now)
     # A second notice can only bring the deadline closer (maintenance, then preempted).
     if seen.notice.deadline < progress.deadline:
         progress = replace(progress, deadline=_stored_time(seen.notice.deadline),
@@ -202,6 +208,31 @@ def _cordoned(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     if seen.notice.cordon_only:
         return Decision(state, ())
     return _start(state, seen, now=now, timing=timing, owned=state.progress)
+
+
+def _step_back(state: State, seen: Seen, *, now: float) -> Decision:
+    """The notice that asked for a drain was withdrawn (an EC2 scheduled event cancelled) while a
+    lesser one remains (a rebalance recommendation's cordon or surge): the pods serve again, and
+    only what the remaining one asks for stays. Pods already evicted cannot be brought back."""
+    progress, notice = state.progress, seen.notice
+    assert progress is not None and notice is not None
+    restored = tuple(SetServing(pod, True) for pod in seen.pods
+                     if pod.serving and not pod.terminating and pod.serving_condition is False)
+    phase = Phase.CORDONED if notice.cordon_only else Phase.STANDBY
+    kept = replace(progress, phase=phase, notice_kind=notice.kind.value, deadline=_stored_time(notice.deadline),
+                   phase_since=_stored_time(now), drain_from=None)
+    if phase is Phase.CORDONED:   # the cordon, taint and label stay, and stay spotguard's
+        update, dropped = UpdateNode(progress=kept), tuple(map(DeletePlaceholder, seen.placeholders))
+    else:   # a stand-by cordons nothing: undo what spotguard did; the placeholders stay
+        kept = replace(kept, cordoned_by_us=False, tainted_by_us=False, excluded_by_us=False)
+        update = UpdateNode(unschedulable=False if progress.cordoned_by_us else None,
+                            remove_taint=progress.tainted_by_us,
+                            exclude_from_lb=False if progress.excluded_by_us else None, progress=kept)
+        dropped = ()
+    report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} notice was withdrawn; the "
+                                             f"{notice.kind.value} remains, so the node is {phase.value} and the "
+                                             f"pods serve again")
+    return Decision(State(progress=kept), (update, *restored, *dropped, report))
 
 
 # -- standing by ------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ brings up capacity and touches nothing else, with explicit times (no clock)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from spotguard import lifecycle as lc
 from spotguard.notice import Notice, NoticeKind
 
@@ -148,3 +150,50 @@ def test_a_restarted_daemon_resumes_the_stand_by_without_a_second_placeholder():
     decision = lc.decide(resumed, seen(vllm, placeholders=[placeholder(vllm, running=False)], stored=stored),
                          now=T0 + 30, timing=TIMING)
     assert decision.actions == ()
+
+
+# -- a notice withdrawn while a lesser one remains -----------------------------------------------
+
+CORDON_ONLY = Notice(NoticeKind.REBALANCE, deadline=T0 + 1800, source="aws:events/recommendations/rebalance",
+                     detail="2027-01-15T08:00:00Z", cordon_only=True)
+
+
+def test_a_withdrawn_drain_under_a_remaining_cordon_only_notice_keeps_the_cordon_and_serves_again():
+    vllm, other = pod("vllm-0", surge=False), pod("vllm-1", surge=False)
+    short = Notice(NoticeKind.HOST_MAINTENANCE, deadline=T0 + 300, source="aws:events/maintenance/scheduled",
+                   detail="system-reboot")
+    started = lc.decide(lc.State(), seen(vllm, other, notice=short), now=T0, timing=TIMING)
+    assert started.state.progress.phase is lc.Phase.DEREGISTERING
+    out = replace(vllm, serving_condition=False)
+    stray = placeholder(vllm)   # one left over, say, from an earlier surge
+    decision = lc.decide(started.state, seen(out, other, notice=CORDON_ONLY, placeholders=[stray],
+                                             stored=started.state.progress, cordoned=True, tainted=True),
+                         now=T0 + 20, timing=TIMING)
+    progress = decision.state.progress
+    assert progress.phase is lc.Phase.CORDONED and progress.deadline == T0 + 1800
+    assert progress.notice_kind == "rebalance-recommendation" and progress.cordoned_by_us and progress.tainted_by_us
+    [update] = of_type(decision.actions, lc.UpdateNode)
+    assert (update.unschedulable, update.remove_taint, update.progress) == (None, False, progress)
+    assert of_type(decision.actions, lc.SetServing) == [lc.SetServing(out, True)]
+    assert of_type(decision.actions, lc.DeletePlaceholder) == [lc.DeletePlaceholder(stray)]
+    assert of_type(decision.actions, lc.Report)[0].reason is lc.Reason.NOTICE_CANCELLED
+    # And it stays there: nothing more is done while only the cordon-only notice remains.
+    later = lc.decide(decision.state, seen(vllm, other, notice=CORDON_ONLY, stored=progress, cordoned=True,
+                                           tainted=True), now=T0 + 30, timing=TIMING)
+    assert later.actions == ()
+
+
+def test_a_withdrawn_surge_under_a_remaining_surge_only_notice_uncordons_and_keeps_the_placeholders():
+    vllm = pod("vllm-0")
+    started = lc.decide(lc.State(), seen(vllm, notice=MAINTENANCE), now=T0, timing=TIMING)
+    assert started.state.progress.phase is lc.Phase.SURGING
+    held = placeholder(vllm, running=False)
+    decision = lc.decide(started.state, seen(vllm, placeholders=[held], stored=started.state.progress,
+                                             cordoned=True, tainted=True), now=T0 + 60, timing=TIMING)
+    progress = decision.state.progress
+    assert progress.phase is lc.Phase.STANDBY and not (progress.cordoned_by_us or progress.tainted_by_us)
+    [update] = of_type(decision.actions, lc.UpdateNode)
+    assert update.unschedulable is False and update.remove_taint and update.progress == progress
+    assert of_type(decision.actions, lc.DeletePlaceholder) == [] and of_type(decision.actions, lc.SetServing) == []
+    again = lc.decide(decision.state, seen(vllm, placeholders=[held], stored=progress), now=T0 + 61, timing=TIMING)
+    assert again.actions == ()
