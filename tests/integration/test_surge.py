@@ -54,6 +54,13 @@ def serving(pod: dict[str, Any]) -> str | None:
                  if c["type"] == "spotguard.io/serving"), None)
 
 
+def replacement(world: World, victim: dict[str, Any]) -> dict[str, Any] | None:
+    """A vLLM pod other than `victim`, serving, on a node the autoscaler added."""
+    found = [p for p in world.pods("app=vllm") if p["metadata"]["name"] != victim["metadata"]["name"]
+             and p["spec"].get("nodeName") in world.autoscaler.nodes_added and serving(p) == "True"]
+    return found[0] if found else None
+
+
 def event_time(world: World, reason: str, name: str) -> float:
     from spotguard.providers.http import parse_rfc3339
 
@@ -78,12 +85,7 @@ async def test_the_replacement_lands_on_capacity_the_placeholder_brought_while_t
     # is evicted at once); its replacement preempts the placeholder there. All of that can take
     # well under a second, so the placeholder's Running moment is read from the scheduler's
     # Event, not caught by polling.
-    def replacement() -> dict[str, Any] | None:
-        found = [p for p in world.pods("app=vllm") if p["metadata"]["name"] != victim["metadata"]["name"]
-                 and p["spec"].get("nodeName") in world.autoscaler.nodes_added and serving(p) == "True"]
-        return found[0] if found else None
-
-    new_node = (await asyncio.to_thread(wait_until, replacement, timeout=90,
+    new_node = (await asyncio.to_thread(wait_until, lambda: replacement(world, victim), timeout=90,
                                         what="the replacement serving on the new node"))["spec"]["nodeName"]
     scheduled = [e for e in world.events(reason="Scheduled")
                  if e["involvedObject"]["name"] == placeholder["metadata"]["name"]]
@@ -210,12 +212,7 @@ async def test_a_rebalance_surge_brings_capacity_first_and_the_interruption_then
     # The two-minute interruption: drained as any notice, onto the node that is already there.
     world.preempt(victim_node, vm_lifetime_seconds=60)
 
-    def replacement() -> dict[str, Any] | None:
-        found = [p for p in world.pods("app=vllm") if p["metadata"]["name"] != victim["metadata"]["name"]
-                 and p["spec"].get("nodeName") in world.autoscaler.nodes_added and serving(p) == "True"]
-        return found[0] if found else None
-
-    new_node = (await asyncio.to_thread(wait_until, replacement, timeout=60,
+    new_node = (await asyncio.to_thread(wait_until, lambda: replacement(world, victim), timeout=60,
                                         what="the replacement serving on the surged node"))["spec"]["nodeName"]
     assert world.autoscaler.nodes_added == [new_node]   # no second node for the replacement
     assert world.node(victim_node)["spec"].get("unschedulable") is True
