@@ -118,7 +118,11 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
     as server-side dry runs: the API server runs every admission policy, answers PDBs, and stores
     nothing. Each verdict is reported, with the policy's own message when it refuses."""
     dry = k.Kube(api.client, node_name=config.node_name, dry_run=True)
-    node = api.get_node()
+    try:
+        node = api.get_node()
+    except Exception as error:  # noqa: BLE001 - report, don't crash
+        say("FAIL", f"admission: not tried, node {config.node_name} not readable: {str(error)[:200]}")
+        return
     now = time.time()
     # What a notice's first write would be on this node as it is now: a cordon or label already
     # there is not spotguard's (and the chart's policies refuse claiming it).

@@ -53,6 +53,10 @@ class _Reading:
     stale_reported: bool = False
 
 
+class ClaimTooLate(Exception):
+    """A node write claimed as spotguard's a cordon or label someone else made just before it."""
+
+
 class ListenError(Exception):
     """The health and metrics server cannot listen where configured; one line naming the flag."""
 
@@ -305,7 +309,8 @@ class Daemon:
         progress = self.state.progress
         if progress is not None and self._current_notice() is not None:
             await self._observe(progress.phase)
-        if progress is None and self.notice is not None:
+        waiting = progress is not None and progress.phase in (lc.Phase.CORDONED, lc.Phase.STANDBY)
+        if self.notice is not None and (progress is None or (waiting and self.notice.full)):
             # Ownership (was the node already cordoned by someone else?) and the pods to take out
             # of rotation are decided on this step: read them, rather than trust watch caches that
             # may be behind (by milliseconds, or by minutes if a connection died silently).
@@ -463,6 +468,11 @@ class Daemon:
         try:
             result = await asyncio.to_thread(self._call, action)
         except Exception as error:  # noqa: BLE001 - report, count, and let the next decision ask again
+            if isinstance(error, ClaimTooLate):
+                # Asking again would be refused again: start the notice over from the node as it is.
+                log.warning("node changed before spotguard's first write landed; starting the notice over",
+                            error=str(error))
+                self.state = lc.State()
             if not isinstance(action, lc.Report):  # Events are retried by _execute, not by the loop
                 self.failed_actions += 1
             self._count(names, "error")
@@ -482,12 +492,30 @@ class Daemon:
 
     def _call(self, action: lc.Action) -> Any:
         """The blocking API call for one action (runs in a worker thread)."""
-        result = actions.perform(action, self.kube, node=self.node, pods=self.pods, surge=self.surge)
+        try:
+            result = actions.perform(action, self.kube, node=self.node, pods=self.pods, surge=self.surge)
+        except k.KubeError as error:
+            if error.status == 403 and isinstance(action, lc.UpdateNode) and self._claim_too_late(action):
+                raise ClaimTooLate(str(error)) from error
+            raise
         if isinstance(action, lc.UpdateNode):
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._set_node, result)
             return None
         return result
+
+    def _claim_too_late(self, update: lc.UpdateNode) -> bool:
+        """A notice's first write claimed the cordon (or the load-balancer label) as spotguard's, and
+        someone else made it in the moment before: the node has it and spotguard's annotations do
+        not say it is spotguard's, so the chart's policies refuse the claim (rightly)."""
+        if update.progress is None:
+            return False
+        node = self.kube.get_node()
+        stored = k.progress_from_node(node)
+        cordon = update.progress.cordoned_by_us and k.node_unschedulable(node) and not (stored and stored.cordoned_by_us)
+        label = update.progress.excluded_by_us and k.node_excluded_from_lb(node) and not (
+            stored and stored.excluded_by_us)
+        return bool(cordon or label)
 
     # -- telling people ----------------------------------------------------------------------
 
@@ -518,7 +546,7 @@ class Daemon:
         self.metrics.set_phase(phase)
         self.metrics.seconds_to_deadline.set(max(0.0, after.deadline - self.clock()) if after else 0)
         if before is not None and before.phase is lc.Phase.DRAINING and after is not None \
-                and after.phase is not lc.Phase.DRAINING:
+                and after.phase is lc.Phase.EVICTING:   # a drain that ended (not one stepped back from)
             self.metrics.drain.observe(max(0.0, self.clock() - before.noticed_at))
         # A blocked pod that is gone or finished (the kubelet stopped it) is blocked no more.
         live = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in self.pods.values()

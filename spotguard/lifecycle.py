@@ -132,7 +132,7 @@ def _start(state: State, seen: Seen, *, now: float, timing: Timing, owned: Progr
     notice = seen.notice
     assert notice is not None
     if notice.surge_only:
-        return _stand_by(state, seen, now=now)
+        return _stand_by(state, seen, now=now, owned=owned or seen.stored_progress)
     fits = not notice.cordon_only and _surge_fits(notice.deadline, now=now, timing=timing)
     surge = _surge_pods(seen.pods) if fits else []
     progress = Progress(
@@ -157,8 +157,8 @@ def _start(state: State, seen: Seen, *, now: float, timing: Timing, owned: Progr
     )
     state = replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset(),
                     surge_refused=frozenset())
-    if notice.cordon_only:
-        return Decision(state, (node_update, Report(
+    if notice.cordon_only:   # a cordon-only node does not surge: placeholders left from a stand-by go
+        return Decision(state, (node_update, *map(DeletePlaceholder, seen.placeholders), Report(
             Reason.CORDONED, f"{notice.kind.value} notice from {notice.source} ({notice.detail}): cordoned and "
                              "tainted only; the pods keep serving", warning=True)))
     if surge:
@@ -206,7 +206,7 @@ def _cordoned(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     recommendation): that one starts as any notice, the cordon and taint staying spotguard's."""
     assert seen.notice is not None
     if seen.notice.cordon_only:
-        return Decision(state, ())
+        return Decision(state, _keep_serving(seen.pods))   # the pods serve: new ones too
     return _start(state, seen, now=now, timing=timing, owned=state.progress)
 
 
@@ -216,48 +216,45 @@ def _step_back(state: State, seen: Seen, *, now: float) -> Decision:
     only what the remaining one asks for stays. Pods already evicted cannot be brought back."""
     progress, notice = state.progress, seen.notice
     assert progress is not None and notice is not None
+    if notice.surge_only:
+        # A stand-by cordons nothing: undo what spotguard did, as on any withdrawn notice but
+        # keeping the placeholders; the stand-by starts once the node says the undo landed.
+        return _cancel(state, seen, keep_placeholders=True)
+    # Cordon-only: the cordon, taint and label stay, and stay spotguard's.
+    kept = replace(progress, phase=Phase.CORDONED, notice_kind=notice.kind.value,
+                   deadline=_stored_time(notice.deadline), phase_since=_stored_time(now), drain_from=None)
     restored = tuple(SetServing(pod, True) for pod in seen.pods
                      if pod.serving and not pod.terminating and pod.serving_condition is False)
-    phase = Phase.CORDONED if notice.cordon_only else Phase.STANDBY
-    kept = replace(progress, phase=phase, notice_kind=notice.kind.value, deadline=_stored_time(notice.deadline),
-                   phase_since=_stored_time(now), drain_from=None)
-    if phase is Phase.CORDONED:   # the cordon, taint and label stay, and stay spotguard's
-        update, dropped = UpdateNode(progress=kept), tuple(map(DeletePlaceholder, seen.placeholders))
-    else:   # a stand-by cordons nothing: undo what spotguard did; the placeholders stay
-        kept = replace(kept, cordoned_by_us=False, tainted_by_us=False, excluded_by_us=False)
-        update = UpdateNode(unschedulable=False if progress.cordoned_by_us else None,
-                            remove_taint=progress.tainted_by_us,
-                            exclude_from_lb=False if progress.excluded_by_us else None, progress=kept)
-        dropped = ()
     report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} notice was withdrawn; the "
-                                             f"{notice.kind.value} remains, so the node is {phase.value} and the "
+                                             f"{notice.kind.value} remains, so the node is only cordoned and the "
                                              f"pods serve again")
-    return Decision(State(progress=kept), (update, *restored, *dropped, report))
+    return Decision(State(progress=kept), (UpdateNode(progress=kept), *restored,
+                                           *map(DeletePlaceholder, seen.placeholders), report))
 
 
 # -- standing by ------------------------------------------------------------------------------
 
-def _stand_by(state: State, seen: Seen, *, now: float) -> Decision:
+def _stand_by(state: State, seen: Seen, *, now: float, owned: Progress | None) -> Decision:
     """A surge-only notice: placeholders for the opted-in pods, nothing else. The node is not
-    cordoned, so spotguard owns nothing on it; an undo of an earlier notice that has not landed
-    (the node's stored progress says so) is finished first."""
+    cordoned, so spotguard owns nothing on it: what an earlier notice made spotguard's (`owned`:
+    the state's progress, or the node's, for an undo that has not landed) is undone first."""
     notice = seen.notice
     assert notice is not None
-    stored = seen.stored_progress
-    if stored is not None and stored.phase is not Phase.STANDBY:
-        return _cancel(replace(state, progress=stored), seen)
+    if owned is not None and owned.phase is not Phase.STANDBY:
+        return _cancel(replace(state, progress=owned), seen, keep_placeholders=True)
     progress = Progress(phase=Phase.STANDBY, notice_kind=notice.kind.value, deadline=_stored_time(notice.deadline),
                         noticed_at=_stored_time(now), phase_since=_stored_time(now),
                         cordoned_by_us=False, tainted_by_us=False)
     state = replace(state, progress=progress, evicted=frozenset(), attempts={}, reported=frozenset(),
                     surge_refused=frozenset())
     surge = _surge_pods(seen.pods)
-    report = Report(Reason.SURGE_STARTED,
-                    f"{notice.kind.value} from {notice.source} ({notice.detail}): {len(surge)} placeholder(s) "
-                    f"bring up capacity in case an interruption follows; not cordoned, the pods keep serving; "
-                    f"released in {max(0.0, notice.deadline - now):.0f}s if none comes")
-    return Decision(state, (UpdateNode(progress=progress), *map(CreatePlaceholder, _without_placeholder(surge, seen)),
-                            report))
+    # Said (Event, webhook) only where there is something to surge: every node sees the recommendation.
+    report = (Report(Reason.SURGE_STARTED,
+                     f"{notice.kind.value} from {notice.source} ({notice.detail}): {len(surge)} placeholder(s) "
+                     f"bring up capacity in case an interruption follows; not cordoned, the pods keep serving; "
+                     f"released in {max(0.0, notice.deadline - now):.0f}s if none comes"),) if surge else ()
+    return Decision(state, (UpdateNode(progress=progress), *_keep_serving(seen.pods),
+                            *map(CreatePlaceholder, _without_placeholder(surge, seen)), *report))
 
 
 def _standby(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
@@ -270,7 +267,9 @@ def _standby(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisio
     surge = [pod for pod in _surge_pods(seen.pods) if pod.uid not in state.surge_refused]
     wanted = {pod.uid for pod in surge}
     stale = [placeholder for placeholder in seen.placeholders if placeholder.for_uid not in wanted]
-    return Decision(state, (*map(CreatePlaceholder, _without_placeholder(surge, seen)), *map(DeletePlaceholder, stale)))
+    # The node is not cordoned: new pods come, and serve.
+    return Decision(state, (*_keep_serving(seen.pods), *map(CreatePlaceholder, _without_placeholder(surge, seen)),
+                            *map(DeletePlaceholder, stale)))
 
 
 def _without_placeholder(pods: list[PodFacts], seen: Seen) -> list[PodFacts]:
@@ -453,7 +452,9 @@ def report_once(state: State, report: Report) -> tuple[State, list[Action]]:
     return replace(state, reported=state.reported | {key}), [report]
 
 
-def _cancel(state: State, seen: Seen) -> Decision:
+def _cancel(state: State, seen: Seen, *, keep_placeholders: bool = False) -> Decision:
+    """Undo what spotguard did for the notice in `state` (only that: ownership says what), serve
+    again, and (unless kept for a stand-by that follows) delete the placeholders."""
     progress = state.progress
     assert progress is not None
     restored = tuple(SetServing(pod, True) for pod in seen.pods
@@ -467,7 +468,7 @@ def _cancel(state: State, seen: Seen) -> Decision:
                                        f"spotguard's cordon and taint{kept}{gone}")
     per_pod = tuple(Report(Reason.SERVING_RESTORED, "the termination notice was withdrawn: spotguard.io/serving=True",
                            pod=action.pod) for action in restored)
-    dropped = tuple(map(DeletePlaceholder, seen.placeholders))
+    dropped = () if keep_placeholders else tuple(map(DeletePlaceholder, seen.placeholders))
     if progress.phase is Phase.STANDBY:
         report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} was withdrawn or its time is up with no "
                                                  f"interruption: released {len(dropped)} placeholder(s)")

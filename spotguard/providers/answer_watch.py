@@ -61,23 +61,34 @@ class AnswerWatch:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        # The first answer wakes too: a notice that came between the provider's first read and
+        # this thread's first one would otherwise be taken as the way things are.
         last: Answer | None = None
         while not self._stopped.is_set():
             headers = self._headers()
             if headers is not None:
                 answer = self._ask(headers)
-                if last is not None and answer != last:
-                    self._wake()
+                if answer != last and not self._stopped.is_set():
+                    try:
+                        self._wake()
+                    except RuntimeError:   # the provider's event loop is gone: nobody to tell
+                        break
                 last = answer
             self._stopped.wait(self._every)
         self._close()
 
     def _ask(self, headers: dict[str, str]) -> Answer:
-        try:
-            return self._get(headers)
-        except Exception:  # noqa: BLE001 - any failure is one answer; the provider's own read says which
-            self._close()
-            return b"error", b""
+        for attempt in (1, 2):
+            reused = self._socket is not None
+            try:
+                return self._get(headers)
+            except Exception:  # noqa: BLE001 - any failure is one answer; the provider's own read says which
+                self._close()
+                # A kept-alive connection the server closed while idle fails without saying anything
+                # about the server: ask once more on a new one before calling it an answer.
+                if not (reused and attempt == 1):
+                    break
+        return b"error", b""
 
     def _get(self, headers: dict[str, str]) -> Answer:
         if self._request is None or self._request[0] != headers:
@@ -94,12 +105,15 @@ class AnswerWatch:
         status = head[9:12]
         fields = head.lower()
         start = fields.find(b"\r\ncontent-length:")
-        if start < 0 or b"\r\nconnection: close" in fields:
+        if start < 0 or b"\r\nconnection: close" in fields or fields.startswith(b"http/1.0"):
             # No length to read up to (chunked, or read-until-close): compare what came, start afresh.
             self._close()
             return status, body
         end = fields.find(b"\r\n", start + 2)
-        length = min(int(fields[start + 17:end if end > 0 else len(fields)].strip()), _MAX_ANSWER_BYTES)
+        length = int(fields[start + 17:end if end > 0 else len(fields)].strip())
+        if length > _MAX_ANSWER_BYTES:   # more than any metadata answer: compare the start, do not keep the rest
+            self._close()
+            return status, body[:_MAX_ANSWER_BYTES]
         while len(body) < length:
             more = self._socket.recv(_MAX_ANSWER_BYTES)
             if not more:

@@ -307,8 +307,8 @@ class AwsProvider(PolledProvider[AwsReading]):
         """The instance-action, polled every --poll-seconds by a thread with the session token the
         full reads keep fresh (before the first, nothing: the first full read comes at once). Not
         worth a thread when the full reads are that frequent anyway."""
-        if self._poll_seconds >= self.watched_read_seconds:
-            return None
+        if self._poll_seconds >= self.watched_read_seconds or not self.root_url.startswith("http://"):
+            return None   # (IMDS speaks plain HTTP; this reader speaks nothing else)
         return AnswerWatch(self.root_url + META + INSTANCE_ACTION_KEY, every=self._poll_seconds, wake=wake,
                            headers=lambda: None if self._token is None else {TOKEN_HEADER: self._token},
                            timeout=self._request_timeout)

@@ -118,6 +118,17 @@ def test_image_defaults_to_app_version_and_digest_wins() -> None:
     assert container["image"] == f"r.example/sg@{digest}"
 
 
+def test_a_rebalance_surge_without_the_surge_is_refused_at_render() -> None:
+    # Else every spotguard pod would refuse to start (--rebalance-action surge needs the surge on).
+    for values, api_versions in (({"rebalanceAction": "surge"}, []),
+                                 ({"rebalanceAction": "surge", "surge": {"enabled": False}}, [VAP_API])):
+        with pytest.raises(helm.HelmRenderError, match="rebalanceAction: surge needs the surge on"):
+            render(values, api_versions=api_versions)
+    env = {e["name"]: e.get("value") for e in only(render_objects({"rebalanceAction": "surge"}, api_versions=[VAP_API]),
+                                                   "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SPOTGUARD_REBALANCE_ACTION"] == "surge" and env["SPOTGUARD_SURGE_MIN_NOTICE_SECONDS"] != "0"
+
+
 def test_listen_must_use_the_metrics_port() -> None:
     with pytest.raises(helm.HelmRenderError, match="must end in :9101"):
         render({"listen": "0.0.0.0:9000"})

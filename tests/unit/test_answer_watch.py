@@ -28,6 +28,7 @@ class Metadata(ThreadingHTTPServer):
         self.tokens: list[str | None] = []
         self.connections = 0
         self.down = False   # drop every connection without an answer
+        self.close_next = False   # close the connection after the next answer
         super().__init__(("127.0.0.1", 0), _Handler)
 
     @property
@@ -52,6 +53,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(self.server.body)))
         self.end_headers()
         self.wfile.write(self.server.body)
+        if self.server.close_next:
+            self.server.close_next, self.close_connection = False, True
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -89,14 +92,14 @@ def watching() -> Iterator[Any]:
 def test_it_wakes_once_per_change_and_not_while_the_answer_stays(metadata, watching):
     wakes = watching(metadata.url)
     wait_until(lambda: len(metadata.tokens) >= 10, timeout=5, what="ten reads")
-    assert wakes == []
+    assert len(wakes) == 1   # the first answer: what came before the watch began is not taken for granted
     metadata.status, metadata.body = 200, b'{"action": "terminate", "time": "2027-01-15T08:00:00Z"}'
-    wait_until(lambda: len(wakes) == 1, timeout=5, what="a wake for the notice")
+    wait_until(lambda: len(wakes) == 2, timeout=5, what="a wake for the notice")
     seen = len(metadata.tokens)
     wait_until(lambda: len(metadata.tokens) >= seen + 10, timeout=5, what="ten more reads")
-    assert len(wakes) == 1
+    assert len(wakes) == 2
     metadata.body = b'{"action": "terminate", "time": "2027-01-15T08:00:05Z"}'   # the same status, a new body
-    wait_until(lambda: len(wakes) == 2, timeout=5, what="a wake for the changed body")
+    wait_until(lambda: len(wakes) == 3, timeout=5, what="a wake for the changed body")
     # All of it over one kept-alive connection.
     assert metadata.connections == 1
 
@@ -115,13 +118,24 @@ def test_the_headers_are_read_anew_and_none_means_no_read_yet(metadata, watching
 def test_an_outage_and_its_end_are_two_changes_and_never_an_exception(metadata, watching):
     wakes = watching(metadata.url)
     wait_until(lambda: len(metadata.tokens) >= 3, timeout=5, what="reads")
+    assert len(wakes) == 1
     metadata.down = True
-    wait_until(lambda: len(wakes) == 1, timeout=5, what="a wake for the dropped connection")
+    wait_until(lambda: len(wakes) == 2, timeout=5, what="a wake for the dropped connection")
     connections = metadata.connections
     wait_until(lambda: metadata.connections >= connections + 5, timeout=5, what="five more attempts")
-    assert len(wakes) == 1   # still failing: the same answer
+    assert len(wakes) == 2   # still failing: the same answer
     metadata.down = False
-    wait_until(lambda: len(wakes) == 2, timeout=5, what="a wake for the server back")
+    wait_until(lambda: len(wakes) == 3, timeout=5, what="a wake for the server back")
+
+
+def test_a_kept_alive_connection_the_server_closed_is_asked_again_not_an_outage(metadata, watching):
+    wakes = watching(metadata.url)
+    wait_until(lambda: len(metadata.tokens) >= 3, timeout=5, what="reads")
+    metadata.close_next = True   # the server drops the idle connection once, as servers do
+    connections = metadata.connections
+    wait_until(lambda: metadata.connections > connections and len(metadata.tokens) >= 10, timeout=5,
+               what="reads on a new connection")
+    assert len(wakes) == 1
 
 
 @pytest.mark.parametrize("answer", [
@@ -150,9 +164,11 @@ def test_garbage_answers_are_answers_and_the_thread_goes_on(watching, answer):
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     try:
-        watching(f"http://127.0.0.1:{listener.getsockname()[1]}/latest/meta-data/spot/instance-action")
-        # It keeps asking (a new connection each time: every one of these answers ends its connection).
+        wakes = watching(f"http://127.0.0.1:{listener.getsockname()[1]}/latest/meta-data/spot/instance-action")
+        # It keeps asking (a new connection each time: every one of these answers ends its connection),
+        # and the same garbage every time is one answer: one wake, the first.
         wait_until(lambda: len(served) >= 5, timeout=5, what="five answers served")
+        assert len(wakes) == 1
     finally:
         stop.set()
         server.join(timeout=2)

@@ -183,17 +183,43 @@ def test_a_withdrawn_drain_under_a_remaining_cordon_only_notice_keeps_the_cordon
     assert later.actions == ()
 
 
-def test_a_withdrawn_surge_under_a_remaining_surge_only_notice_uncordons_and_keeps_the_placeholders():
+def test_a_withdrawn_surge_under_a_remaining_surge_only_notice_undoes_the_cordon_then_stands_by():
     vllm = pod("vllm-0")
     started = lc.decide(lc.State(), seen(vllm, notice=MAINTENANCE), now=T0, timing=TIMING)
-    assert started.state.progress.phase is lc.Phase.SURGING
+    surging = started.state.progress
+    assert surging.phase is lc.Phase.SURGING
     held = placeholder(vllm, running=False)
-    decision = lc.decide(started.state, seen(vllm, placeholders=[held], stored=started.state.progress,
-                                             cordoned=True, tainted=True), now=T0 + 60, timing=TIMING)
-    progress = decision.state.progress
-    assert progress.phase is lc.Phase.STANDBY and not (progress.cordoned_by_us or progress.tainted_by_us)
-    [update] = of_type(decision.actions, lc.UpdateNode)
-    assert update.unschedulable is False and update.remove_taint and update.progress == progress
-    assert of_type(decision.actions, lc.DeletePlaceholder) == [] and of_type(decision.actions, lc.SetServing) == []
-    again = lc.decide(decision.state, seen(vllm, placeholders=[held], stored=progress), now=T0 + 61, timing=TIMING)
-    assert again.actions == ()
+    # First the undo, exactly as for a withdrawn notice, but the placeholder stays.
+    undo = lc.decide(started.state, seen(vllm, placeholders=[held], stored=surging, cordoned=True, tainted=True),
+                     now=T0 + 60, timing=TIMING)
+    [update] = of_type(undo.actions, lc.UpdateNode)
+    assert update.unschedulable is False and update.remove_taint and update.clear_progress
+    assert of_type(undo.actions, lc.DeletePlaceholder) == [] and undo.state.progress is None
+    # The undo did not land (the node still says surging, still cordoned): asked again, ownership intact.
+    again = lc.decide(undo.state, seen(vllm, placeholders=[held], stored=surging, cordoned=True, tainted=True),
+                      now=T0 + 61, timing=TIMING)
+    [update] = of_type(again.actions, lc.UpdateNode)
+    assert update.unschedulable is False and update.remove_taint and again.state.progress is None
+    # Once it has, the stand-by starts, with the placeholder it has.
+    standby = lc.decide(again.state, seen(vllm, placeholders=[held]), now=T0 + 62, timing=TIMING)
+    assert standby.state.progress.phase is lc.Phase.STANDBY
+    assert of_type(standby.actions, lc.CreatePlaceholder) == [] and of_type(standby.actions, lc.DeletePlaceholder) == []
+
+
+def test_new_pods_serve_on_a_node_standing_by_or_only_cordoned():
+    newcomer = lc.PodFacts(namespace="ml", name="vllm-9", uid="uid-vllm-9", serving=True, serving_condition=None,
+                           not_evictable=None, terminating=False, surge=True)
+    state = standing_by(pod("vllm-0"))
+    decision = lc.decide(state, seen(pod("vllm-0"), newcomer, stored=state.progress), now=T0 + 5, timing=TIMING)
+    assert lc.SetServing(newcomer, True) in decision.actions
+    cordoned = lc.decide(lc.State(), seen(newcomer, notice=CORDON_ONLY), now=T0, timing=TIMING)
+    assert cordoned.state.progress.phase is lc.Phase.CORDONED
+    later = lc.decide(cordoned.state, seen(newcomer, notice=CORDON_ONLY, stored=cordoned.state.progress,
+                                           cordoned=True, tainted=True), now=T0 + 5, timing=TIMING)
+    assert of_type(later.actions, lc.SetServing) == [lc.SetServing(newcomer, True)]
+
+
+def test_no_event_where_nothing_is_opted_in_to_the_surge():
+    decision = lc.decide(lc.State(), seen(pod("vllm-0", surge=False)), now=T0, timing=TIMING)
+    assert decision.state.progress.phase is lc.Phase.STANDBY
+    assert of_type(decision.actions, lc.Report) == [] and of_type(decision.actions, lc.CreatePlaceholder) == []

@@ -34,9 +34,9 @@ RUNS = 2
 
 @pytest.fixture(scope="module")
 def say(request: pytest.FixtureRequest) -> Callable[[str], None]:
-    """A `[kind] ...` progress line on the terminal at once, captured or not: the CI log shows the
-    image built from the Dockerfile and the cluster created from the local node image even when
-    every test passes."""
+    """A `[kind] ...` progress line on pytest's terminal at once, past its output capture: the CI
+    log shows the image built from the Dockerfile and the cluster created from the local node image
+    even when every test passes (without a terminal reporter, a plain print, captured)."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
 
     def write(message: str) -> None:
