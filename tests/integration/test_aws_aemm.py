@@ -179,7 +179,11 @@ async def test_a_daemon_killed_mid_drain_resumes_the_aemm_notice_it_was_followin
     try:
         daemon.start()
         await asyncio.to_thread(daemon.wait_ready)
-        world.deploy_vllm(replicas=1, pdb_min_available=1)
+        # IfHealthyBudget (the default) with one replica: the only pod, once not-ready, may not be evicted.
+        world.deploy_vllm(replicas=1)
+        world.api.call("POST", f"/apis/policy/v1/namespaces/{world.namespace}/poddisruptionbudgets", body={
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "vllm-pdb"},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "vllm"}}}})
         [pod] = await asyncio.to_thread(world.wait_ready_pods, 1)
 
         aemm.stop()
