@@ -81,7 +81,7 @@ async def bench_reaction(ctx: Context, reps: int, *, cloud: str = "gce") -> dict
         buckets = await daemon_metrics(vm.daemon) or ""
         return {
             "cloud": cloud, "repetitions": reps, "loadavg_1m": round(os.getloadavg()[0], 2),
-            "external_ms": quantiles_ms(external),
+            "poll_seconds": POLL_CYCLE_SECONDS.get(cloud), "external_ms": quantiles_ms(external),
             "own_writes_ms": quantiles_ms(own_writes),
             "daemon_histogram_ms": quantiles_ms(daemon_side),
             "daemon_histogram_buckets": histogram_buckets(buckets, "spotguard_reaction_duration_seconds"),

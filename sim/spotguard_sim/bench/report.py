@@ -139,9 +139,11 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
             for cloud, colour in (("aws", "#ef6c00"), ("azure", "#00838f")):
                 polled = (report.get("reaction_polled") or {}).get(cloud)
                 values = sorted(v for v in (polled or {}).get("samples_ms", {}).get("external", []) if v is not None)
+                every = (polled or {}).get("poll_seconds")   # absent in runs before it was recorded
+                polling = f"polled every {every:g} s" if every else "polled"
                 if values:
                     left.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post",
-                              label=f"{cloud} (polled 1/s), external (p99 {quantile(values, 0.99):.0f} ms)",
+                              label=f"{cloud} ({polling}), external (p99 {quantile(values, 0.99):.0f} ms)",
                               color=colour, linestyle="--")
             left.axvline(100, color="#c62828", linestyle="--", label="target p99 100 ms (GCE)")
             left.set_xscale("log")
