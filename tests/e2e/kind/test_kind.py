@@ -38,13 +38,15 @@ def say(request: pytest.FixtureRequest) -> Callable[[str], None]:
     log shows the image built from the Dockerfile and the cluster created from the local node image
     even when every test passes (without a terminal reporter, a plain print, captured)."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
 
     def write(message: str) -> None:
-        if reporter is None:
+        if reporter is None or capture is None:
             print(f"[kind] {message}", flush=True)
             return
-        reporter.ensure_newline()
-        reporter.write(f"[kind] {message}\n", flush=True)
+        with capture.global_and_fixture_disabled():   # else the line lands in the captured output
+            reporter.ensure_newline()
+            reporter.write(f"[kind] {message}\n", flush=True)
 
     return write
 
