@@ -97,8 +97,10 @@ class Server:
 
     def body(self, seconds: float, *, stream: bool = True) -> dict[str, Any]:
         """A completion that runs for about `seconds` on this server."""
+        # Capped below the server's --max-model-len (65536), which refuses anything longer.
+        tokens = min(60_000, max(2, round(seconds / self.token_seconds)))
         body = {"model": MODEL, "prompt": "The quick brown fox", "stream": stream, "ignore_eos": True,
-                "temperature": 0, "max_tokens": max(2, round(seconds / self.token_seconds))}
+                "temperature": 0, "max_tokens": tokens}
         if self.kind == "fake":
             body["sim_token_interval"] = FAKE_TOKEN_SECONDS
         return body
@@ -292,10 +294,14 @@ async def test_when_the_drain_runs_out_streams_go_silent_and_the_process_waits_f
     server.sigterm()
     signalled = time.monotonic()
     await asyncio.sleep(5.0)
-    assert all(s.outcome == "open" for s in streams), [s.outcome for s in streams]
+    # Real vLLM varies here too: the streams are left open and silent, or (seen once in a CI run,
+    # all three) ended with its in-band error and [DONE], no finish reason. Never completed.
+    outcomes = [s.outcome for s in streams]
+    assert set(outcomes) <= {"open", "None + [DONE]"}, outcomes
     assert all(s.last_data is not None and s.last_data - signalled < 3.5 for s in streams), "no data after N"
     assert await get_status(session, server.url + "/health") is None, "the listener is closed after N"
-    assert server.alive(), "the process waits while clients are connected"
+    if "open" in outcomes:
+        assert server.alive(), "the process waits while clients are connected"
     for s in streams:
         assert s.task is not None
         s.task.cancel()
