@@ -256,7 +256,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         raise ConfigError(f"--safety-margin-seconds / SPOTGUARD_SAFETY_MARGIN_SECONDS: must be shorter than the "
                           f"notice ({shortest:g} s, {told}), got {margin:g}")
     rebalance_action = parsed("rebalance_action", _rebalance_action)
-    if rebalance_action == "surge" and not parsed("surge_min_notice_seconds", _non_negative_seconds):
+    surge_min_notice_seconds = parsed("surge_min_notice_seconds", _non_negative_seconds)
+    if rebalance_action == "surge" and not surge_min_notice_seconds:
         raise ConfigError("--rebalance-action / SPOTGUARD_REBALANCE_ACTION: surge needs the surge on "
                           "(--surge-min-notice-seconds above 0), got surge with it 0")
     return Config(
@@ -272,7 +273,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         max_drain_seconds=parsed("max_drain_seconds", _positive_seconds),  # type: ignore[arg-type]
         drain_poll_seconds=parsed("drain_poll_seconds", _positive_seconds),  # type: ignore[arg-type]
         log_level=parsed("log_level", _log_level),  # type: ignore[arg-type]
-        surge_min_notice_seconds=parsed("surge_min_notice_seconds", _non_negative_seconds),  # type: ignore[arg-type]
+        surge_min_notice_seconds=surge_min_notice_seconds,  # type: ignore[arg-type]
         surge_drain_reserve_seconds=parsed("surge_drain_reserve_seconds", _non_negative_seconds),  # type: ignore[arg-type]
         surge_priority_class=parsed("surge_priority_class", _object_name),  # type: ignore[arg-type]
         surge_placeholder_image=parsed("surge_placeholder_image", _image),  # type: ignore[arg-type]

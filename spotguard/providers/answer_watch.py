@@ -2,10 +2,10 @@
 milliseconds and wakes the provider when the answer changes.
 
 Why a thread and a raw socket: a four-times-a-second poll through aiohttp costs about 1 ms of CPU
-per read in the event loop (4.5 mCPU measured on an idle node), most of it request building and
+per read in the event loop (an idle daemon: 4.0 mCPU, bench 00:10), most of it request building and
 response parsing that a change detector does not need. Here one keep-alive connection carries a
 request prebuilt as bytes, and only the status line, the Content-Length and the body are looked
-at (0.67 mCPU measured for the same four reads a second). The provider still reads and judges
+at (an idle daemon with this watch: 1.33 mCPU, bench 07:30; docs/BENCHMARKS.md). The provider still reads and judges
 everything through its normal path (aiohttp, bounded bodies, parsers, error reporting): this only
 tells it *when*, so what it acts on never comes from this crude HTTP reader.
 

@@ -2,7 +2,7 @@
 rebalance recommendation and the Auto Scaling target lifecycle state.
 
 EC2 has no hanging GET, so this polls the spot instance-action every 0.25 s by default
-(`--poll-seconds`) with an `AnswerWatch` thread (cheap: 0.67 mCPU measured), and reads and judges
+(`--poll-seconds`) with a cheap `AnswerWatch` thread, and reads and judges
 everything when its answer changes, or every 5 s (`providers.polled`).
 
 Three layers, like the GCE provider:

@@ -13,6 +13,7 @@ four times a second, everything else every 5 s).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from contextlib import aclosing
@@ -67,10 +68,8 @@ async def poll(read: Callable[[], Awaitable[T]], *, every: float, on_error: Call
         if woken is None:
             await asyncio.sleep(every)
             continue
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):   # the interval is up: read anyway
             await asyncio.wait_for(woken.wait(), timeout=every)
-        except asyncio.TimeoutError:
-            pass
         woken.clear()
 
 

@@ -322,6 +322,7 @@ def test_endpointslice_ready_follows_the_readiness_gate(core, api_client, namesp
     wait_for(lambda: endpoint_ready() is True, timeout=10, what="the endpoint to become ready")
     set_gate(core, namespace, "serving", "False")
     wait_for(lambda: endpoint_ready() is False, timeout=10, what="the endpoint to become not ready")
+    assert endpoint_ready() is False   # wait_for raises on a timeout; this says what is checked
 
 
 def test_fake_vllm_pod_serves_on_its_ip_and_is_ready_only_once_healthy(core, namespace, sim_node, cluster):
@@ -434,7 +435,7 @@ def test_an_http_prestop_hook_is_called_before_sigterm(core, namespace, sim_node
             self.end_headers()
 
         def log_message(self, *args: Any) -> None:
-            pass
+            """No access log on the test's stderr."""
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -57,7 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.close_next, self.close_connection = False, True
 
     def log_message(self, *args: Any) -> None:
-        pass
+        """No access log on the test's stderr."""
 
 
 @pytest.fixture
