@@ -18,30 +18,23 @@ if ! command -v apt-get >/dev/null 2>&1; then
     echo "install-prometheus: apt-get not found; install Prometheus 2.x (promtool) another way and put promtool on PATH" >&2
     exit 1
 fi
+# As root, or through sudo when it needs no password (./dev demo as a user); else say what to do.
+as_root=()
 if [ "$(id -u)" -ne 0 ]; then
-    echo "install-prometheus: must run as root to apt-get install prometheus (try: sudo $0)" >&2
-    exit 1
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        as_root=(sudo -n)
+    else
+        echo "install-prometheus: installing Debian's prometheus needs root (try: sudo $0)" >&2
+        exit 1
+    fi
 fi
 
-export DEBIAN_FRONTEND=noninteractive
-# policy-rc.d exit 101 tells invoke-rc.d "do not start services" for the duration of the install,
-# so the package's postinst cannot start prometheus where there is an init system.
-policy_rc=/usr/sbin/policy-rc.d
-created_policy=0
-if [ ! -e "$policy_rc" ]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy_rc"
-    chmod 755 "$policy_rc"
-    created_policy=1
-fi
-cleanup() { if [ "$created_policy" = 1 ]; then rm -f "$policy_rc"; fi; }
-trap cleanup EXIT
-
-apt-get update
-apt-get install -y --no-install-recommends prometheus
+# The package's postinst may not start prometheus where there is an init system.
+"${as_root[@]}" bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" --no-service-start prometheus
 
 # Belt and braces: where systemd runs, make sure the service is neither running nor enabled.
-systemctl disable --now prometheus 2>/dev/null || true
-systemctl disable --now prometheus-node-exporter 2>/dev/null || true
+"${as_root[@]}" systemctl disable --now prometheus 2>/dev/null || true
+"${as_root[@]}" systemctl disable --now prometheus-node-exporter 2>/dev/null || true
 
 # Anything the package started anyway (without systemd some postinst scripts fall back to starting
 # the daemon directly) is stopped by its own pid. Processes are matched on their executable path,
@@ -50,7 +43,7 @@ for exe in /usr/bin/prometheus /usr/bin/prometheus-node-exporter; do
     for proc in /proc/[0-9]*; do
         if [ "$(readlink "$proc/exe" 2>/dev/null || true)" = "$exe" ]; then
             echo "install-prometheus: stopping $exe (pid ${proc#/proc/}) started by the package"
-            kill "${proc#/proc/}" 2>/dev/null || true
+            "${as_root[@]}" kill "${proc#/proc/}" 2>/dev/null || true
         fi
     done
 done

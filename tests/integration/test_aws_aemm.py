@@ -28,7 +28,7 @@ from spotguard_sim.support import wait_until
 from spotguard.notice import NoticeKind
 from spotguard.providers.aws import AwsProvider
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.awstools, pytest.mark.timeout(120)]
 
 
 

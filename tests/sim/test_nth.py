@@ -16,7 +16,7 @@ from spotguard_sim.bench import nth
 from spotguard_sim.support import wait_until
 from spotguard_sim.world import World
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.cluster, pytest.mark.awstools, pytest.mark.timeout(180)]
 
 
 def _pids_running(executable: Path) -> list[int]:

@@ -67,9 +67,8 @@ ensure_packages() {
     done
     if ((${#missing[@]})); then
         say "installing Debian packages: ${missing[*]}"
-        run_logged "$CACHE/logs/apt.log" apt-get update
-        run_logged "$CACHE/logs/apt.log" \
-            env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+        # through the project's apt lock: ./dev test installs Prometheus in the foreground meanwhile
+        run_logged "$CACHE/logs/apt.log" bash "$REPO_ROOT/scripts/apt-install.sh" "${missing[@]}"
     fi
 }
 

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,43 +26,19 @@ from spotguard_sim import kindbench
 
 pytestmark = [pytest.mark.kind, pytest.mark.slow]
 
-CACHE = Path(os.environ.get("SPOTGUARD_CACHE_DIR") or Path.home() / ".cache" / "spotguard") / "kind"
-STATUS = CACHE / "setup.status"   # written by ./dev when it runs tools/kind/setup.sh in the background
 RUNS = 2
 
 
 @pytest.fixture(scope="module")
-def say(request: pytest.FixtureRequest) -> Callable[[str], None]:
-    """A `[kind] ...` progress line on pytest's terminal at once, past its output capture: the CI
-    log shows the image built from the Dockerfile and the cluster created from the local node image
-    even when every test passes (without a terminal reporter, a plain print, captured)."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-
-    def write(message: str) -> None:
-        if reporter is None or capture is None:
-            print(f"[kind] {message}", flush=True)
-            return
-        with capture.global_and_fixture_disabled():   # else the line lands in the captured output
-            reporter.ensure_newline()
-            reporter.write(f"[kind] {message}\n", flush=True)
-
-    return write
+def say(progress: Callable[[str], None]) -> Callable[[str], None]:
+    """`[kind] ...` lines on the terminal at once: the CI log shows the image built from the
+    Dockerfile and the cluster created from the local node image even when every test passes."""
+    return lambda message: progress(f"[kind] {message}")
 
 
-def _wait_for_setup(say: Callable[[str], None]) -> str | None:
-    """None when tools/kind/setup.sh has built everything, else why kind cannot run here."""
-    deadline, said = time.monotonic() + 3600, 0.0
-    while STATUS.exists() and STATUS.read_text().startswith("running"):
-        if time.monotonic() > deadline:
-            return "tools/kind/setup.sh still running after an hour"
-        if time.monotonic() - said > 60:
-            said = time.monotonic()
-            tail = (CACHE / "setup.log").read_text().splitlines()[-1:] if (CACHE / "setup.log").exists() else []
-            say(f"waiting for tools/kind/setup.sh (background): {tail[0] if tail else ''}")
-        time.sleep(5)
-    if STATUS.exists() and not STATUS.read_text().startswith("ok"):
-        return f"tools/kind/setup.sh: {STATUS.read_text().strip()}"
+def _why_kind_cannot_run() -> str | None:
+    """None when tools/kind/setup.sh has built everything (conftest waited for ./dev test's
+    background run of it), else why kind cannot run here."""
     if shutil.which("docker") is None or shutil.which("kind") is None or shutil.which("kubectl") is None:
         return "no docker, kind or kubectl on PATH (run tools/kind/setup.sh)"
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
@@ -75,7 +50,7 @@ def _wait_for_setup(say: Callable[[str], None]) -> str | None:
 
 @pytest.fixture(scope="module")
 def kind(tmp_path_factory: pytest.TempPathFactory, say: Callable[[str], None]) -> Iterator[kindbench.KindCluster]:
-    reason = _wait_for_setup(say)
+    reason = _why_kind_cannot_run()
     if reason:
         pytest.skip(reason)
     cluster = kindbench.KindCluster(kubeconfig=tmp_path_factory.mktemp("kind") / "kubeconfig", say=say)
