@@ -68,3 +68,15 @@ def test_vllms_abort_ending_is_seen_although_done_follows() -> None:
 def test_an_error_event_is_seen() -> None:
     end = stream(TOKEN, b'{"error":{"message":"boom","code":500}}', b"[DONE]")
     assert end.error == "boom" and end.done
+
+
+def test_a_reaction_only_run_plots_one_full_width_panel_not_half_a_blank_figure(tmp_path) -> None:
+    from PIL import Image
+    from spotguard_sim.bench.report import write_plots
+
+    reaction = {"repetitions": 3, "samples_ms": {"external": [20.0, 25.0, 40.0], "own_writes": [22.0, 27.0, 41.0],
+                                                 "daemon": [18.0, 21.0, 30.0]}}
+    (path,) = write_plots({"reaction": reaction}, [], tmp_path)
+    assert path.name == "reaction.png"
+    with Image.open(path) as image:
+        assert image.size[0] == 7 * 110   # one 7-inch panel at 110 dpi (two panels were 12 inches)

@@ -126,9 +126,13 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
                 if values:
                     rows.append((f"{profile_name} {name}: {what}", values, colour))
     if reaction or rows:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, max(4.2, 0.26 * len(rows) + 1.2)),
-                                          gridspec_kw={"width_ratios": (1, 1.15)})
-        if reaction:
+        height = max(4.2, 0.26 * len(rows) + 1.2)
+        if reaction and rows:
+            fig, (left, right) = plt.subplots(1, 2, figsize=(12, height), gridspec_kw={"width_ratios": (1, 1.15)})
+        else:   # one part measured: one panel, not half a figure left blank
+            fig, only = plt.subplots(figsize=(7, height))
+            left, right = (only, None) if reaction else (None, only)
+        if left is not None:
             for key, label, colour in (("external", "external: cordoned + pod Ready=False", "#1565c0"),
                                        ("own_writes", "external: cordoned + serving=False", "#8e24aa"),
                                        ("daemon", "daemon's own histogram", "#2e7d32")):
@@ -151,9 +155,7 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
             left.set_ylabel("fraction of notices")
             left.set_title(f"spotguard reaction, {reaction['repetitions']} notices, idle node", fontsize=10)
             left.legend(fontsize=7, loc="lower right")
-        else:
-            left.set_visible(False)
-        if rows:
+        if right is not None:
             for index, (_, values, colour) in enumerate(rows):
                 right.scatter(values, [index] * len(values), s=16, color=colour)
             right.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=7)
@@ -163,8 +165,6 @@ def write_plots(report: dict[str, Any], runs: list[dict[str, Any]], directory: P
             right.axvline(100, color="#c62828", linestyle="--", linewidth=0.8)
             right.set_xlabel("ms from notice (log scale), one dot per run")
             right.set_title("under load, per scenario run", fontsize=10)
-        else:
-            right.set_visible(False)
         fig.tight_layout()
         path = directory / "reaction.png"
         fig.savefig(path, dpi=110)
