@@ -116,10 +116,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         marks = [i for i, marker in enumerate(STEP_OF_MARKER, start=1) if item.get_closest_marker(marker)]
         return max(marks, default=0)
 
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
     module_rank: dict[str, int] = {}
     for item in items:
-        module_rank[item.nodeid.split("::")[0]] = max(module_rank.get(item.nodeid.split("::")[0], 0), rank(item))
-    items.sort(key=lambda item: module_rank[item.nodeid.split("::")[0]])
+        module_rank[module(item)] = max(module_rank.get(module(item), 0), rank(item))
+    items.sort(key=lambda item: module_rank[module(item)])
 
 
 @pytest.hookimpl(hookwrapper=True)
