@@ -28,6 +28,8 @@ class ActionName(enum.StrEnum):
     EVICT = "evict"
     CREATE_PLACEHOLDER = "create_placeholder"
     DELETE_PLACEHOLDER = "delete_placeholder"
+    RELEASE = "release"
+    READOPT = "readopt"
     UNCORDON = "uncordon"
     UNTAINT = "untaint"
     EXCLUDE_FROM_LB = "exclude_from_lb"
@@ -59,6 +61,10 @@ def names(action: lc.Action) -> list[ActionName]:
             return [ActionName.CREATE_PLACEHOLDER]
         case lc.DeletePlaceholder():
             return [ActionName.DELETE_PLACEHOLDER]
+        case lc.ReleasePod():
+            return [ActionName.RELEASE]
+        case lc.ReadoptPod():
+            return [ActionName.READOPT]
         case lc.Report():
             return [ActionName.EVENT]
         case _:
@@ -81,6 +87,10 @@ def dry_run_key(action: lc.Action) -> tuple[Any, ...]:
             return ("placeholder", action.pod.uid)
         case lc.DeletePlaceholder():
             return ("delete-placeholder", action.placeholder.namespace, action.placeholder.name)
+        case lc.ReleasePod():
+            return ("release", action.pod.uid)
+        case lc.ReadoptPod():
+            return ("readopt", action.pod.uid)
         case lc.Report():
             return ("event", action.reason, action.pod.uid if action.pod else None)
         case _:
@@ -107,6 +117,12 @@ def log_fields(action: lc.Action, progress: lc.Progress | None, now: float) -> d
             fields["pod"] = action.pod.key
         case lc.DeletePlaceholder():
             fields["placeholder"] = f"{action.placeholder.namespace}/{action.placeholder.name}"
+        case lc.ReleasePod():
+            fields["pod"] = action.pod.key
+            fields["replicaset"] = (action.pod.release_key or "").partition("/")[0]
+        case lc.ReadoptPod():
+            fields["pod"] = action.pod.key
+            fields["replicaset"] = (action.pod.released_from or "").partition("/")[0]
         case lc.Report():
             if action.pod is not None:
                 fields["pod"] = action.pod.key
@@ -115,8 +131,8 @@ def log_fields(action: lc.Action, progress: lc.Progress | None, now: float) -> d
     return fields
 
 
-# A placeholder the API server refuses for good (a ResourceQuota, an admission policy, an invalid
-# spec): asking again would not help. Other failures (429, 5xx, timeouts) are asked again.
+# A placeholder or release the API server refuses for good (a ResourceQuota, an admission policy,
+# an invalid spec): asking again would not help. Other failures (429, 5xx, timeouts) are asked again.
 _REFUSALS = (400, 403, 422)
 
 
@@ -128,7 +144,8 @@ def perform(action: lc.Action, kube: k.Kube, *, node: k.Obj | None, pods: Mappin
 
     Returns, by action: UpdateNode -> the node as the API server now has it; SetServing -> None;
     Evict -> (EvictionOutcome, detail); CreatePlaceholder -> True (created), False (there already,
-    or the pod is gone) or the API server's refusal as a string; DeletePlaceholder -> None;
+    or the pod is gone) or the API server's refusal as a string; ReleasePod -> True (released),
+    False (the pod is gone) or the refusal as a string; DeletePlaceholder, ReadoptPod -> None;
     Report -> True. Raises on failure.
     """
     match action:
@@ -154,6 +171,18 @@ def perform(action: lc.Action, kube: k.Kube, *, node: k.Obj | None, pods: Mappin
                 raise
         case lc.DeletePlaceholder():
             kube.delete_placeholder(action.placeholder)
+            return None
+        case lc.ReleasePod():
+            assert action.pod.release_key is not None
+            try:
+                return kube.release_pod(action.pod, action.pod.release_key)
+            except k.KubeError as error:
+                if error.status in _REFUSALS:
+                    return str(error)[:300]
+                raise
+        case lc.ReadoptPod():
+            assert action.pod.released_from is not None
+            kube.readopt_pod(action.pod, action.pod.released_from)
             return None
         case lc.Report():
             kube.record_event(action, node_uid=(node or {}).get("metadata", {}).get("uid"))

@@ -28,7 +28,7 @@ from spotguard import actions
 from spotguard import kube as k
 from spotguard import evictions as ev
 from spotguard import lifecycle as lc
-from spotguard import placeholder, vllm, webhooks
+from spotguard import handover, placeholder, vllm, webhooks
 from spotguard.backoff import backoff_delay
 from spotguard.config import Config
 from spotguard.notice import Notice, NoticeKind
@@ -88,6 +88,8 @@ class Daemon:
         self.pods_synced = False
         self.readings: dict[str, _Reading] = {}
         self.endpoints: dict[str, bool] = {}
+        # Pod uid -> has the ReplicaSet it was released from every replica Ready again (surging)?
+        self.replacements: dict[str, bool] = {}
         self.notice_received_at: float | None = None  # monotonic, for the reaction histogram
         self.dry_run_done: set[str] = set()
         self.failed_actions = 0
@@ -349,6 +351,23 @@ class Daemon:
                 log.warning("endpointslices not readable", error=str(error)[:300])
         if phase is lc.Phase.DRAINING and serving:
             await asyncio.gather(*(self._read_in_flight(pod) for pod in serving))
+        if phase is lc.Phase.SURGING:
+            await self._read_replacements(serving)
+
+    async def _read_replacements(self, serving: list[k.Obj]) -> None:
+        """For each pod handed over: has its former ReplicaSet every replica Ready again?"""
+        released = {}
+        for pod in serving:
+            found = handover.released_from(pod)
+            if found is not None:
+                released[pod["metadata"]["uid"]] = (pod["metadata"]["namespace"], "/".join(found))
+        for uid, (namespace, key) in released.items():
+            try:
+                self.replacements[uid] = await asyncio.to_thread(self.kube.replicas_ready, namespace, key)
+            except Exception as error:  # noqa: BLE001 - not known yet: the surge waits, bounded by its time
+                self.metrics.kube_errors.labels(operation="get_replicaset").inc()
+                log.warning("replicaset not readable", replicaset=key, error=str(error)[:300])
+                self.replacements.pop(uid, None)
 
     async def _read_in_flight(self, pod: k.Obj) -> None:
         uid, key = pod["metadata"]["uid"], f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
@@ -399,7 +418,8 @@ class Daemon:
         for uid, pod in self.pods.items():
             reading = self.readings.get(uid, _Reading())
             facts.append(k.pod_facts(pod, endpoints_ready=self.endpoints.get(uid), in_flight=reading.in_flight,
-                                     metrics_unreadable=reading.unreadable))
+                                     metrics_unreadable=reading.unreadable,
+                                     replacement_ready=self.replacements.get(uid)))
         return lc.Seen(notice=self._current_notice(), node_unschedulable=k.node_unschedulable(self.node),
                        node_has_taint=k.node_has_taint(self.node), pods=tuple(facts),
                        node_excluded_from_lb=k.node_excluded_from_lb(self.node),
@@ -420,10 +440,11 @@ class Daemon:
             self.notice_received_at = None
         reports = [a for a in planned if isinstance(a, lc.Report)]
         await asyncio.gather(*(self._do(a) for a in planned if isinstance(a, lc.DeletePlaceholder)))
-        creations = [a for a in planned if isinstance(a, lc.CreatePlaceholder)]
-        for create, result in zip(creations, await asyncio.gather(*(self._do(a) for a in creations))):
+        await asyncio.gather(*(self._do(a) for a in planned if isinstance(a, lc.ReadoptPod)))
+        surges = [a for a in planned if isinstance(a, (lc.CreatePlaceholder, lc.ReleasePod))]
+        for surge, result in zip(surges, await asyncio.gather(*(self._do(a) for a in surges))):
             if isinstance(result, str):  # refused for good: the surge goes on without this pod
-                self.state, follow = lc.record_placeholder_refused(self.state, create.pod, result)
+                self.state, follow = lc.record_surge_refused(self.state, surge, result)
                 reports.extend(follow)
         evictions = [a for a in planned if isinstance(a, lc.Evict)]
         results = await asyncio.gather(*(self._do(action) for action in evictions))

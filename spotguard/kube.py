@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from spotguard import placeholder
+from spotguard import handover, placeholder
 from spotguard.kubeapi import USER_AGENT, Api, KubeError, ListWatch, Obj  # noqa: F401 - re-exported
 from spotguard.evictions import EvictionOutcome
 from spotguard.lifecycle import (
@@ -124,6 +124,39 @@ class Kube(Api):
                 return False
             raise
         return True
+
+    # -- surge hand-over (spotguard.handover) --------------------------------------------------
+
+    def release_pod(self, pod: PodFacts, key: str) -> bool:
+        """Take the pod from its ReplicaSet; False when it is gone (or is another pod by now)."""
+        return self._patch_pod_metadata(pod, handover.release_patch(pod.uid, key))
+
+    def readopt_pod(self, pod: PodFacts, key: str) -> None:
+        self._patch_pod_metadata(pod, handover.readopt_patch(pod.uid, key))
+
+    def _patch_pod_metadata(self, pod: PodFacts, patch: Obj) -> bool:
+        try:
+            self.call("PATCH", f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}", body=patch,
+                      content_type=_MERGE_PATCH, query=self.write_query)
+        except KubeError as error:
+            if error.status in (404, 409):  # 409: the uid precondition, a same-named pod
+                return False
+            raise
+        return True
+
+    def replicas_ready(self, namespace: str, key: str) -> bool:
+        """Has the ReplicaSet `key` ("<replicaset>/<hash>") names every replica Ready (without the
+        pods released from it)?"""
+        name, _, template_hash = key.partition("/")
+        try:
+            replicaset = self.call("GET", f"/apis/apps/v1/namespaces/{namespace}/replicasets/{name}")
+        except KubeError as error:
+            if error.status == 404:
+                return handover.replicas_ready(None, [])
+            raise
+        pods = self.call("GET", f"/api/v1/namespaces/{namespace}/pods",
+                         query={"labelSelector": f"{handover.TEMPLATE_HASH_LABEL}={template_hash}"})
+        return handover.replicas_ready(replicaset, pods.get("items", []))
 
     def delete_placeholder(self, found: PlaceholderFacts) -> None:
         try:
@@ -253,7 +286,7 @@ def condition_status(pod: Obj, condition_type: str) -> bool | None:
 
 
 def pod_facts(pod: Obj, *, endpoints_ready: bool | None = None, in_flight: int | None = None,
-              metrics_unreadable: bool = False) -> PodFacts:
+              metrics_unreadable: bool = False, replacement_ready: bool | None = None) -> PodFacts:
     metadata = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     grace = spec.get("terminationGracePeriodSeconds")
@@ -271,6 +304,9 @@ def pod_facts(pod: Obj, *, endpoints_ready: bool | None = None, in_flight: int |
         metrics_unreadable=metrics_unreadable,
         drains_itself=drains_on_sigterm(pod),
         surge=placeholder.wants_surge(pod),
+        release_key=handover.release_key(pod),
+        released_from="/".join(released) if (released := handover.released_from(pod)) else None,
+        replacement_ready=replacement_ready,
     )
 
 

@@ -21,11 +21,15 @@ The path of one notice:
         +--------------- notice withdrawn: undo only what spotguard did ------------------------+
 
 Surging: on a notice long enough (--surge-min-notice-seconds), each serving pod annotated
-spotguard.io/surge: "true" gets a placeholder pod shaped like it (same requests, selectors,
-tolerations, never on this node) at a low priority: the node-pool autoscaler adds a node for it
-while the pod keeps serving. Once every placeholder runs (or the surge's time is up, keeping
---surge-drain-reserve-seconds for the drain), the pods are deregistered, drained and evicted as
-usual; their replacements preempt the placeholders on the new capacity.
+spotguard.io/surge: "true" has its replacement brought up while it keeps serving. A Deployment's
+pod is handed over (spotguard.handover): released from its ReplicaSet, which starts the replacement
+at once (Pending, it makes the node-pool autoscaler add a node); the pod is drained once the
+ReplicaSet has every replica Ready again, so the pool never serves with one fewer. Any other pod (a
+StatefulSet's) gets a placeholder shaped like it (same requests, selectors, tolerations, never on
+this node) at a low priority, which brings the node; its replacement preempts the placeholder there
+after the eviction. Once every replacement is Ready and every placeholder runs (or the surge's time
+is up, keeping --surge-drain-reserve-seconds for the drain), the pods are deregistered, drained and
+evicted as usual. A withdrawn notice gives released pods back to their ReplicaSets.
 
 Standing by: a surge-only notice (an AWS rebalance recommendation with --rebalance-action surge)
 says an interruption is more likely, not that one comes. The same placeholders are made, but the
@@ -63,6 +67,8 @@ from spotguard.lifecycle_types import (  # noqa: F401 - re-exported
     Evict,
     CreatePlaceholder,
     DeletePlaceholder,
+    ReleasePod,
+    ReadoptPod,
     Report,
     Action,
     Decision,
@@ -80,8 +86,10 @@ def decide(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
             # An undo that did not land, or a notice withdrawn while the daemon was down.
             return _cancel(replace(state, progress=seen.stored_progress), seen)
         if progress is None:
-            # Placeholders with no notice behind them: left by a daemon that stopped mid-surge.
-            return Decision(state, (*_keep_serving(seen.pods), *map(DeletePlaceholder, seen.placeholders)))
+            # Placeholders and released pods with no notice behind them: left by a daemon that
+            # stopped mid-surge.
+            return Decision(state, (*_keep_serving(seen.pods), *map(DeletePlaceholder, seen.placeholders),
+                                    *_readopt(seen.pods)))
         return _cancel(state, seen)
     if progress is None:
         return _start(state, seen, now=now, timing=timing)
@@ -163,12 +171,15 @@ def _start(state: State, seen: Seen, *, now: float, timing: Timing, owned: Progr
                              "tainted only; the pods keep serving", warning=True)))
     if surge:
         until = _surge_until(progress, timing)
+        handed = sum(1 for pod in surge if _hands_over(pod))
         report = Report(Reason.SURGE_STARTED,
                         f"{notice.kind.value} notice from {notice.source} ({notice.detail}); the VM goes in "
-                        f"{notice.deadline - now:.0f}s: cordoned, tainted; {len(surge)} placeholder(s) bring up "
-                        f"capacity for the replacements while the pods keep serving (for at most "
-                        f"{until - now:.0f}s)", warning=True)
-        return Decision(state, (node_update, *map(CreatePlaceholder, _without_placeholder(surge, seen)), report))
+                        f"{notice.deadline - now:.0f}s: cordoned, tainted; {handed} pod(s) handed over to "
+                        f"replacements started now, {len(surge) - handed} placeholder(s) bring up capacity; "
+                        f"the pods keep serving (for at most {until - now:.0f}s)", warning=True)
+        asks = _surge_asks(state, surge, seen)
+        state, released = _released_reports(state, asks)
+        return Decision(state, (node_update, *asks, report, *released))
     not_serving = _not_serving(seen.pods)
     report = Report(Reason.TERMINATION_NOTICE,
                     f"{notice.kind.value} notice from {notice.source} ({notice.detail}); the VM goes in "
@@ -228,8 +239,10 @@ def _step_back(state: State, seen: Seen, *, now: float) -> Decision:
     report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} notice was withdrawn; the "
                                              f"{notice.kind.value} remains, so the node is only cordoned and the "
                                              f"pods serve again")
-    return Decision(State(progress=kept), (UpdateNode(progress=kept), *restored,
-                                           *map(DeletePlaceholder, seen.placeholders), report))
+    readopt = _readopt(seen.pods)
+    return Decision(State(progress=kept), (UpdateNode(progress=kept), *restored, *readopt,
+                                           *map(DeletePlaceholder, seen.placeholders), report,
+                                           *_readopted_reports(readopt)))
 
 
 # -- standing by ------------------------------------------------------------------------------
@@ -277,6 +290,45 @@ def _without_placeholder(pods: list[PodFacts], seen: Seen) -> list[PodFacts]:
     return [pod for pod in pods if pod.uid not in have]
 
 
+# -- handing over (spotguard.handover) --------------------------------------------------------
+
+def _hands_over(pod: PodFacts) -> bool:
+    """A Deployment's pod: its ReplicaSet replaces it while it serves; no placeholder."""
+    return pod.release_key is not None or pod.released_from is not None
+
+
+def _surge_asks(state: State, pods: list[PodFacts], seen: Seen) -> list[Action]:
+    """What the surge still needs for these pods: released from their ReplicaSets, or placeholders."""
+    asks: list[Action] = []
+    for pod in pods:
+        if pod.uid in state.surge_refused or pod.released_from is not None:
+            continue
+        asks.append(ReleasePod(pod) if pod.release_key is not None else CreatePlaceholder(pod))
+    have = {placeholder.for_uid for placeholder in seen.placeholders}
+    return [ask for ask in asks if not (isinstance(ask, CreatePlaceholder) and ask.pod.uid in have)]
+
+
+def _released_reports(state: State, asks: list[Action]) -> tuple[State, list[Action]]:
+    """Once per pod: a release is asked again until the watch shows it landed."""
+    reports: list[Action] = []
+    for ask in asks:
+        if isinstance(ask, ReleasePod):
+            state, first = report_once(state, Report(
+                Reason.RELEASED, "taken from its ReplicaSet, which starts its replacement now; it serves until that "
+                                 "one is Ready", pod=ask.pod))
+            reports += first
+    return state, reports
+
+
+def _readopt(pods: tuple[PodFacts, ...]) -> tuple[ReadoptPod, ...]:
+    return tuple(ReadoptPod(pod) for pod in pods if pod.released_from is not None and not pod.terminating)
+
+
+def _readopted_reports(actions: tuple[ReadoptPod, ...]) -> tuple[Report, ...]:
+    return tuple(Report(Reason.READOPTED, "the notice was withdrawn: given back to its ReplicaSet, which removes "
+                                          "the replica it added", pod=action.pod) for action in actions)
+
+
 # -- surging ------------------------------------------------------------------------------------
 
 def _surge_pods(pods: tuple[PodFacts, ...]) -> list[PodFacts]:
@@ -294,38 +346,51 @@ def _surge_fits(deadline: float, *, now: float, timing: Timing) -> bool:
 
 
 def _surging(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
-    """Wait until every opted-in pod's placeholder runs (creating missing ones), or the surge's
-    time is up; then take the pods out of rotation and go on as after any notice."""
+    """Wait until every opted-in pod's replacement is Ready (handed over) or its placeholder runs,
+    asking for what is missing, or until the surge's time is up; then take the pods out of rotation
+    and go on as after any notice."""
     assert state.progress is not None
     placeholders = {placeholder.for_uid: placeholder for placeholder in seen.placeholders}
+
+    def covered(pod: PodFacts) -> bool:
+        if _hands_over(pod):
+            return pod.released_from is not None and pod.replacement_ready is True
+        return pod.uid in placeholders and placeholders[pod.uid].running
+
     pods = _surge_pods(seen.pods)
-    waiting = [pod for pod in pods if pod.uid not in state.surge_refused
-               and not (pod.uid in placeholders and placeholders[pod.uid].running)]
+    waiting = [pod for pod in pods if pod.uid not in state.surge_refused and not covered(pod)]
     if waiting and now < _surge_until(state.progress, timing):
-        return Decision(state, tuple(CreatePlaceholder(pod) for pod in waiting if pod.uid not in placeholders))
+        asks = _surge_asks(state, waiting, seen)
+        state, released = _released_reports(state, asks)
+        return Decision(state, (*asks, *released))
     actions: list[Action] = []
     for pod in waiting:  # the surge's time is up: drain without them, and leave nothing behind
-        state, first = report_once(state, Report(
-            Reason.SURGE_GIVEN_UP, "its placeholder did not run on new capacity in time; draining without it",
-            pod=pod, warning=True))
+        late = ("its replacement was not Ready in time; draining it anyway (the replacement still comes)"
+                if pod.released_from is not None else
+                "it was not released from its ReplicaSet in time; draining without a replacement started"
+                if _hands_over(pod) else "its placeholder did not run on new capacity in time; draining without it")
+        state, first = report_once(state, Report(Reason.SURGE_GIVEN_UP, late, pod=pod, warning=True))
         actions += first
         if pod.uid in placeholders:
             actions.append(DeletePlaceholder(placeholders[pod.uid]))
     ready = len(pods) - len(waiting)
-    actions.append(Report(Reason.SURGE_READY, f"{ready} of {len(pods)} placeholder(s) running on new capacity; "
-                                              "taking the pods out of rotation"))
+    actions.append(Report(Reason.SURGE_READY, f"{ready} of {len(pods)} pod(s) have their replacement Ready or a "
+                                              "placeholder running on new capacity; taking the pods out of rotation"))
     state = replace(state, progress=replace(state.progress, drain_from=_stored_time(now)))
     state, node_update = _move(state, Phase.DEREGISTERING, now=now)
     not_serving = _not_serving(seen.pods)
     return Decision(state, (*actions, node_update, *not_serving, *_not_serving_reports(not_serving)))
 
 
-def record_placeholder_refused(state: State, pod: PodFacts, detail: str) -> tuple[State, tuple[Report, ...]]:
-    """The API server refused a placeholder (a ResourceQuota, a policy): the surge goes on without it."""
-    state = replace(state, surge_refused=state.surge_refused | {pod.uid})
+def record_surge_refused(state: State, action: CreatePlaceholder | ReleasePod,
+                         detail: str) -> tuple[State, tuple[Report, ...]]:
+    """The API server refused a placeholder or a release (a ResourceQuota, a policy): the surge goes
+    on without that pod."""
+    state = replace(state, surge_refused=state.surge_refused | {action.pod.uid})
+    what = "its placeholder" if isinstance(action, CreatePlaceholder) else "its release from its ReplicaSet"
     state, reports = report_once(state, Report(
-        Reason.SURGE_GIVEN_UP, f"its placeholder was refused ({detail}); it will be drained without one",
-        pod=pod, warning=True))
+        Reason.SURGE_GIVEN_UP, f"{what} was refused ({detail}); it will be drained without a replacement started",
+        pod=action.pod, warning=True))
     return state, tuple(reports)
 
 
@@ -469,7 +534,8 @@ def _cancel(state: State, seen: Seen, *, keep_placeholders: bool = False) -> Dec
     per_pod = tuple(Report(Reason.SERVING_RESTORED, "the termination notice was withdrawn: spotguard.io/serving=True",
                            pod=action.pod) for action in restored)
     dropped = () if keep_placeholders else tuple(map(DeletePlaceholder, seen.placeholders))
+    readopt = _readopt(seen.pods)
     if progress.phase is Phase.STANDBY:
         report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} was withdrawn or its time is up with no "
                                                  f"interruption: released {len(dropped)} placeholder(s)")
-    return Decision(State(), (undo, *restored, *dropped, report, *per_pod))
+    return Decision(State(), (undo, *restored, *readopt, *dropped, report, *per_pod, *_readopted_reports(readopt)))

@@ -17,7 +17,7 @@ TAINT_KEY = "spotguard.io/impending-termination"
 
 class Phase(enum.StrEnum):
     GUARDING = "guarding"
-    SURGING = "surging"  # cordoned; the pods keep serving while placeholders bring new capacity
+    SURGING = "surging"  # cordoned; the pods keep serving while their replacements start elsewhere
     CORDONED = "cordoned"  # cordoned and tainted only (a cordon-only notice); the pods keep serving
     STANDBY = "standby"  # not cordoned; placeholders hold capacity in case (a surge-only notice)
     DEREGISTERING = "deregistering"  # cordoned, pods set not-ready; waiting for endpoints to follow
@@ -46,7 +46,9 @@ class Reason(enum.StrEnum):
     EVICTED = "Evicted"  # pod: the Eviction API accepted it
     EVICTION_BLOCKED = "EvictionBlocked"  # pod: a PodDisruptionBudget refused; retried
     EVICTION_FAILED = "EvictionFailed"  # pod: the Eviction API failed otherwise; retried
-    SURGE_GIVEN_UP = "SurgeGivenUp"  # pod: its placeholder was refused or did not run in time
+    SURGE_GIVEN_UP = "SurgeGivenUp"  # pod: its placeholder or replacement was refused or late
+    RELEASED = "Released"  # pod: taken from its ReplicaSet, which starts the replacement now
+    READOPTED = "Readopted"  # pod: given back to its ReplicaSet after a cancellation
 
 
 class NotEvictable(enum.StrEnum):
@@ -87,8 +89,15 @@ class PodFacts:
     # while it drains; other serving pods are drained first, then evicted.
     drains_itself: bool = False
     # Annotated spotguard.io/surge: "true" and owned by a ReplicaSet or StatefulSet (something
-    # that replaces it): on a long notice, capacity for its replacement is brought up first.
+    # that replaces it), or released from one: on a long notice, its replacement comes first.
     surge: bool = False
+    # "<replicaset>/<pod-template-hash>" of a Deployment's pod, which a surge hands over to its
+    # replacement (spotguard.handover) instead of making it a placeholder; None for other pods.
+    release_key: str | None = None
+    # The same, for a pod spotguard released (spotguard.io/released-from), else None.
+    released_from: str | None = None
+    # For a released pod: has its former ReplicaSet every replica Ready again? None: not known.
+    replacement_ready: bool | None = None
 
     @property
     def key(self) -> str:
@@ -175,7 +184,8 @@ class State:
     attempts: Mapping[str, EvictionAttempt] = field(default_factory=dict)
     # Events already recorded for this notice, so a level-triggered loop reports each thing once.
     reported: frozenset[str] = frozenset()
-    # Pods whose placeholder the API server refused (quota, policy): the surge goes on without them.
+    # Pods whose placeholder or release the API server refused (quota, policy): the surge goes on
+    # without them.
     surge_refused: frozenset[str] = frozenset()
 
 
@@ -220,6 +230,20 @@ class DeletePlaceholder:
 
 
 @dataclass(frozen=True)
+class ReleasePod:
+    """Take the pod from its ReplicaSet (spotguard.handover): the replacement starts now."""
+
+    pod: PodFacts
+
+
+@dataclass(frozen=True)
+class ReadoptPod:
+    """Give a released pod back to its ReplicaSet (a withdrawn notice)."""
+
+    pod: PodFacts
+
+
+@dataclass(frozen=True)
 class Report:
     """A Kubernetes Event (on the pod when given, else the node) and a log line."""
 
@@ -229,7 +253,7 @@ class Report:
     warning: bool = False
 
 
-Action = Union[UpdateNode, SetServing, Evict, CreatePlaceholder, DeletePlaceholder, Report]
+Action = Union[UpdateNode, SetServing, Evict, CreatePlaceholder, DeletePlaceholder, ReleasePod, ReadoptPod, Report]
 
 
 @dataclass(frozen=True)

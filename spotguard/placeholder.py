@@ -19,6 +19,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from spotguard.handover import RELEASED_ANNOTATION
+
 Obj = dict[str, Any]
 
 # Labels of every placeholder: the node whose pod it stands in for (the daemon lists and the chart's
@@ -37,11 +39,13 @@ class Settings:
 
 
 def wants_surge(pod: Obj) -> bool:
-    """Annotated spotguard.io/surge: "true", and owned by a controller that replaces it."""
+    """Annotated spotguard.io/surge: "true", and owned by a controller that replaces it (or released
+    from one by spotguard: spotguard.handover)."""
     metadata = pod.get("metadata") or {}
-    opted_in = str((metadata.get("annotations") or {}).get(SURGE_ANNOTATION, "")).strip().lower() == "true"
-    replaced = any(ref.get("controller") and ref.get("kind") in REPLACING_OWNERS
-                   for ref in metadata.get("ownerReferences") or [])
+    annotations = metadata.get("annotations") or {}
+    opted_in = str(annotations.get(SURGE_ANNOTATION, "")).strip().lower() == "true"
+    replaced = RELEASED_ANNOTATION in annotations or any(
+        ref.get("controller") and ref.get("kind") in REPLACING_OWNERS for ref in metadata.get("ownerReferences") or [])
     return opted_in and replaced
 
 

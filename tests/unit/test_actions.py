@@ -15,6 +15,10 @@ from spotguard.observability import ACTIONS
 
 POD = lc.PodFacts(namespace="ml", name="vllm-0", uid="uid-0", serving=True, serving_condition=True,
                   not_evictable=None, terminating=False)
+RELEASABLE = lc.PodFacts(namespace="ml", name="vllm-1", uid="uid-1", serving=True, serving_condition=True,
+                         not_evictable=None, terminating=False, surge=True, release_key="vllm-7d9f/7d9f")
+RELEASED = lc.PodFacts(namespace="ml", name="vllm-1", uid="uid-1", serving=True, serving_condition=True,
+                       not_evictable=None, terminating=False, surge=True, released_from="vllm-7d9f/7d9f")
 PROGRESS = lc.Progress(phase=lc.Phase.DRAINING, notice_kind="preemption", deadline=130.0, noticed_at=100.0,
                        phase_since=101.0, cordoned_by_us=True, tainted_by_us=True)
 # One of each action type: the union's members, found from the type itself, so a new member that is
@@ -25,6 +29,8 @@ EXAMPLES: dict[type, lc.Action] = {
     lc.Evict: lc.Evict(POD, 25),
     lc.CreatePlaceholder: lc.CreatePlaceholder(POD),
     lc.DeletePlaceholder: lc.DeletePlaceholder(lc.PlaceholderFacts("ml", "vllm-0-surge-uid-0", "uid-0", True)),
+    lc.ReleasePod: lc.ReleasePod(RELEASABLE),
+    lc.ReadoptPod: lc.ReadoptPod(RELEASED),
     lc.Report: lc.Report(lc.Reason.EVICTED, "evicted", pod=POD),
 }
 PODS = {"uid-0": {"metadata": {"name": "vllm-0", "namespace": "ml", "uid": "uid-0"},
@@ -61,6 +67,15 @@ class RecordingKube:
     def delete_placeholder(self, found):  # type: ignore[no-untyped-def]
         self.calls.append(f"delete_placeholder:{found.name}")
 
+    def release_pod(self, pod, key):  # type: ignore[no-untyped-def]
+        self.calls.append(f"release_pod:{pod.name}:{key}")
+        if self.refuse:
+            raise k.KubeError(self.refuse, "denied by spotguard-own-pods")
+        return True
+
+    def readopt_pod(self, pod, key):  # type: ignore[no-untyped-def]
+        self.calls.append(f"readopt_pod:{pod.name}:{key}")
+
     def record_event(self, report, *, node_uid):  # type: ignore[no-untyped-def]
         self.calls.append(f"event:{report.reason}:{node_uid}")
 
@@ -90,7 +105,8 @@ def test_effects_are_the_adapter_calls_the_contract_names() -> None:
         perform(action, kube)
     assert kube.calls == ["patch_node", "set_serving:False:TerminationNotice", "evict:25",
                           "create_placeholder:vllm-0-surge-uid-0:spotguard-placeholder",
-                          "delete_placeholder:vllm-0-surge-uid-0", "event:Evicted:node-uid"]
+                          "delete_placeholder:vllm-0-surge-uid-0", "release_pod:vllm-1:vllm-7d9f/7d9f",
+                          "readopt_pod:vllm-1:vllm-7d9f/7d9f", "event:Evicted:node-uid"]
 
 
 def test_a_placeholder_refused_for_good_comes_back_as_the_reason_others_raise() -> None:
@@ -102,6 +118,13 @@ def test_a_placeholder_refused_for_good_comes_back_as_the_reason_others_raise() 
                                             serving_condition=True, not_evictable=None, terminating=False))
     kube = RecordingKube()
     assert perform(gone, kube) is False and kube.calls == []
+
+
+def test_a_release_refused_for_good_comes_back_as_the_reason_others_raise() -> None:
+    release = EXAMPLES[lc.ReleasePod]
+    assert perform(release, RecordingKube(refuse=403)) == "HTTP 403: denied by spotguard-own-pods"
+    with pytest.raises(k.KubeError):
+        perform(release, RecordingKube(refuse=503))
 
 
 def test_one_node_patch_counts_as_each_thing_it_does() -> None:

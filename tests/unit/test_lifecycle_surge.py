@@ -119,15 +119,15 @@ def test_when_the_surge_time_is_up_it_is_given_up_and_the_pending_placeholder_de
     given_up = [r for r in of_type(decision.actions, lc.Report) if r.reason is lc.Reason.SURGE_GIVEN_UP]
     assert [r.pod for r in given_up] == [stuck] and given_up[0].warning
     ready_report = next(r for r in of_type(decision.actions, lc.Report) if r.reason is lc.Reason.SURGE_READY)
-    assert ready_report.message.startswith("1 of 2 placeholder(s) running")
+    assert ready_report.message.startswith("1 of 2 pod(s) have their replacement Ready or a placeholder running")
 
 
 def test_a_refused_placeholder_is_reported_once_and_the_surge_goes_on_without_it():
     refused, fine = pod("vllm-0"), pod("vllm-1")
     state = surging(refused, fine)
-    state, reports = lc.record_placeholder_refused(state, refused, "HTTP 403: exceeded quota: gpu")
+    state, reports = lc.record_surge_refused(state, lc.CreatePlaceholder(refused), "HTTP 403: exceeded quota: gpu")
     assert [r.reason for r in reports] == [lc.Reason.SURGE_GIVEN_UP] and "exceeded quota" in reports[0].message
-    assert lc.record_placeholder_refused(state, refused, "again")[1] == ()
+    assert lc.record_surge_refused(state, lc.CreatePlaceholder(refused), "again")[1] == ()
     # Not asked for again; the other one is awaited, then both go.
     decision = lc.decide(state, after(state, refused, fine), now=T0 + 1, timing=TIMING)
     assert decision.actions == (lc.CreatePlaceholder(fine),)
