@@ -17,7 +17,7 @@ from spotguard import kube as k
 from spotguard import kubeapi
 from spotguard import evictions as ev
 from spotguard import lifecycle as lc
-from spotguard import placeholder, providers, vllm
+from spotguard import handover, placeholder, providers, vllm
 from spotguard.config import Config
 
 # (verb, resource, group, subresource): every call the daemon makes.
@@ -35,8 +35,9 @@ REQUIRED_ACCESS = (
     ("list", "endpointslices", "discovery.k8s.io", ""),
     ("list", "poddisruptionbudgets", "policy", ""),
 )
-# With the surge on: its placeholders.
-SURGE_ACCESS = (("create", "pods", "", ""), ("delete", "pods", "", ""))
+# With the surge on: its placeholders, and Deployment pods handed over to their replacements.
+SURGE_ACCESS = (("create", "pods", "", ""), ("delete", "pods", "", ""), ("patch", "pods", "", ""),
+                ("get", "replicasets", "apps", ""))
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,9 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
 
 
 def _check_surge(dry: k.Kube, config: Config, serving: list[k.Obj], say: Callable[[str, str], None]) -> None:
-    """Whether a long notice would surge here: on or off, and a placeholder of the first opted-in
-    pod sent as a dry run (the API server checks the PriorityClass, quotas and the chart's policy)."""
+    """Whether a long notice would surge here: on or off; the release of the first opted-in
+    Deployment pod and the placeholder of the first other one sent as dry runs (the API server
+    checks the chart's policies, the PriorityClass and quotas)."""
     if not config.surge_min_notice_seconds:
         say("OK", "surge: off (--surge-min-notice-seconds 0): long notices drain without bringing capacity first")
         return
@@ -167,10 +169,19 @@ def _check_surge(dry: k.Kube, config: Config, serving: list[k.Obj], say: Callabl
         say("OK", f"surge: on for notices of {config.surge_min_notice_seconds:g} s or more; no serving pod here is "
                   f"annotated {placeholder.SURGE_ANNOTATION}: \"true\" (and owned by a ReplicaSet or StatefulSet)")
         return
-    settings = placeholder.Settings(priority_class=config.surge_priority_class, image=config.surge_placeholder_image)
-    manifest = placeholder.manifest(surging[0], node_name=config.node_name, settings=settings)
-    _verdict(say, f"create the surge placeholder of {_key(surging[0])} at PriorityClass "
-                  f"{config.surge_priority_class}", lambda: dry.create_placeholder(manifest))
+    handed = [pod for pod in surging if handover.release_key(pod)]
+    if handed:
+        facts = k.pod_facts(handed[0])
+        key = facts.release_key
+        assert key is not None
+        _verdict(say, f"hand {_key(handed[0])} over to a replacement (release it from ReplicaSet "
+                      f"{key.partition('/')[0]})", lambda: dry.release_pod(facts, key))
+    others = [pod for pod in surging if not handover.release_key(pod)]
+    if others:
+        settings = placeholder.Settings(priority_class=config.surge_priority_class, image=config.surge_placeholder_image)
+        manifest = placeholder.manifest(others[0], node_name=config.node_name, settings=settings)
+        _verdict(say, f"create the surge placeholder of {_key(others[0])} at PriorityClass "
+                      f"{config.surge_priority_class}", lambda: dry.create_placeholder(manifest))
 
 
 def _verdict(say: Callable[[str, str], None], what: str, write: Callable[[], object]) -> None:

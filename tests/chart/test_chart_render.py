@@ -19,8 +19,9 @@ MONITORING_ON = {
 }
 CORE_KINDS = ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
 # One policy (and binding) per kind of object: nodes, pods, evictions, core and events.k8s.io Events.
-# With the policies, the surge is on: its policy and PriorityClass come with them.
-VAP_KINDS = ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 7 + ["PriorityClass"]
+# With the policies, the surge is on: its two policies (placeholders, hand-overs) and PriorityClass
+# come with them.
+VAP_KINDS = ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 8 + ["PriorityClass"]
 MONITORING_KINDS = ["ConfigMap", "PodMonitor", "PrometheusRule", "Service", "ServiceMonitor"]
 
 
