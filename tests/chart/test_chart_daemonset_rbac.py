@@ -253,7 +253,7 @@ def _policies(values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]
 
 def test_admission_policies_apply_to_spotguards_service_account_only() -> None:
     policies, bindings = _policies({"serviceAccount": {"name": "guard"}})
-    assert len(policies) == len(bindings) == 7
+    assert len(policies) == len(bindings) == 8
     param_policies = ("-own-evicted-pods", "-own-pod-events")
     user = f'request.userInfo.username == "system:serviceaccount:{chartlib.NAMESPACE}:guard"'
     for policy in policies:
@@ -275,7 +275,7 @@ def test_admission_policies_apply_to_spotguards_service_account_only() -> None:
     assert all(b["spec"]["validationActions"] == ["Deny"] for b in bindings)
 
 
-def test_with_the_policies_the_surge_may_create_and_delete_pods_and_nothing_else_is_added() -> None:
+def test_with_the_policies_the_surge_may_create_delete_and_patch_pods_and_read_replicasets() -> None:
     role = only(render_objects(api_versions=[VAP_API]), "ClusterRole")
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
@@ -283,7 +283,8 @@ def test_with_the_policies_the_surge_may_create_and_delete_pods_and_nothing_else
             for resource in rule["resources"]:
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
     pods = granted.pop(("", "pods"))
-    assert pods == {"get", "list", "watch", "create", "delete"}
+    assert pods == {"get", "list", "watch", "create", "delete", "patch"}
+    assert granted.pop(("apps", "replicasets")) == {"get"}
     assert granted == {key: verbs for key, verbs in EXPECTED_PERMISSIONS.items() if key != ("", "pods")}
     priority_class = only(render_objects(api_versions=[VAP_API]), "PriorityClass")
     assert priority_class["metadata"]["name"] == "spotguard-placeholder"   # <fullname>-placeholder
@@ -304,12 +305,14 @@ def test_admission_policies_cover_every_write_the_role_allows() -> None:
     admitted = {"patch": "UPDATE", "create": "CREATE", "delete": "DELETE"}
     writes = {(g, r, admitted[v]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
               for v in rule["verbs"] if v in admitted and r != "selfsubjectaccessreviews"}
-    assert ("", "pods", "CREATE") in writes and ("", "pods", "DELETE") in writes
+    assert {("", "pods", "CREATE"), ("", "pods", "DELETE"), ("", "pods", "UPDATE")} <= writes
     assert writes <= covered
     by_name = {policy["metadata"]["name"].rsplit("-own-", 1)[1]:
                " ".join(v["expression"] for v in policy["spec"]["validations"]) for policy in policies}
     assert "object.metadata.name == variables.node" in by_name["nodes"]
     assert "object.spec.nodeName == variables.node" in by_name["pods"]
+    assert "oldObject.spec.nodeName == variables.node" in by_name["handed-over-pods"]
+    assert "object.spec == oldObject.spec" in by_name["handed-over-pods"]
     assert "oldObject.spec.nodeName == variables.node" in by_name["pods"]
     # Evictions: spotguard's must carry the label that routes them to the policy reading the pod.
     assert "object.metadata.labels['spotguard.io/evicted-by'] == 'spotguard'" in by_name["evictions"]

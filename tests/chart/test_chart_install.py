@@ -23,7 +23,7 @@ import pytest
 import yaml
 from kubernetes import config as kube_config
 
-from spotguard import placeholder
+from spotguard import handover, placeholder
 from spotguard.kube import EVICTION_LABEL
 
 pytestmark = pytest.mark.cluster
@@ -588,6 +588,71 @@ def test_spotguard_may_create_and_delete_only_placeholders_of_its_own_node(
     _denied(lambda: _call(other_node, "DELETE", f"{pods}/{created['metadata']['name']}?dryRun=All"),
             contains="may only delete its own surge placeholders")
     _call(me, "DELETE", f"{pods}/{created['metadata']['name']}")
+
+
+def test_spotguard_may_hand_over_only_opted_in_pods_of_its_own_node_and_only_as_it_does(
+        release: dict[str, Any], as_spotguard: Callable[..., Any], api_client: Any) -> None:
+    """RBAC lets spotguard patch any pod; the -own-handed-over-pods policy keeps that to taking a
+    surge pod's pod-template-hash label off on its own node (with the annotation naming its own
+    ReplicaSet and hash) and giving it back, and nothing else."""
+    nodes, namespace = release["nodes"], release["namespace"]
+    pods, merge = f"/api/v1/namespaces/{namespace}/pods", "application/merge-patch+json"
+
+    def replicaset(name: str, node: str, *, surge: bool = True) -> dict[str, Any]:
+        """A ReplicaSet as a Deployment makes it, of one pod bound to `node` (no kubelet runs it)."""
+        labels = {"app": name, "pod-template-hash": "7d9f"}
+        annotations = {"spotguard.io/surge": "true"} if surge else {}
+        body = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": f"{name}-7d9f"},
+                "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+                    "metadata": {"labels": labels, "annotations": annotations},
+                    "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0,
+                             "containers": [{"name": "main", "image": PAUSE}]}}}}
+        _call(api_client, "POST", f"/apis/apps/v1/namespaces/{namespace}/replicasets", body)
+        return _wait(lambda: [p for p in _call(api_client, "GET", f"{pods}?labelSelector=app%3D{name}")["items"]
+                              if p["metadata"].get("ownerReferences")], timeout=30, what=f"{name}'s pod")[0]
+
+    own, other, plain = (replicaset("handed", nodes["gpu_spot"]), replicaset("elsewhere", nodes["gpu_preemptible"]),
+                         replicaset("plain", nodes["gpu_spot"], surge=False))
+    me = as_spotguard(nodes["gpu_spot"])
+
+    def release_of(pod: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+        return handover.release_patch(pod["metadata"]["uid"], key or f"{pod['metadata']['labels']['app']}-7d9f/7d9f")
+
+    def patch(client: Any, pod: dict[str, Any], body: dict[str, Any], *, dry: bool = True) -> dict[str, Any]:
+        return _call(client, "PATCH", f"{pods}/{pod['metadata']['name']}" + ("?dryRun=All" if dry else ""), body, merge)
+
+    def refused_probe() -> bool:   # policies take effect a moment after they are created
+        try:
+            patch(me, other, release_of(other))
+        except ApiError as error:
+            return error.status == 403 and "hand over pods on its own node" in error.message
+        return False
+
+    _wait(refused_probe, timeout=30, what="the hand-over policy to refuse another node's pod")
+    bad = {
+        "another node's pod": (other, release_of(other)),
+        "a pod not opted in": (plain, release_of(plain)),
+        "another ReplicaSet named": (own, release_of(own, "victim-rs/7d9f")),
+        "the label off, no annotation": (own, {"metadata": {"labels": {"pod-template-hash": None}}}),
+        "another hash given": (own, {"metadata": {"labels": {"pod-template-hash": "evil"}}}),
+        "another label changed": (own, {"metadata": {"labels": {"app": "hijacked"}}}),
+        "an annotation of its own choosing": (own, {"metadata": {"annotations": {"prometheus.io/scrape": "true"}}}),
+        "the image changed": (own, {"spec": {"containers": [{"name": "main", "image": "attacker/miner:latest"}]}}),
+    }
+    for what, (pod, body) in bad.items():
+        print(f"a hand-over of {what}: refused?")   # shown if the next line fails
+        _denied(lambda: patch(me, pod, body), contains=("hand over", "hand-over"))
+    # What the daemon does is admitted: released (for real, so the way back can be tried), then given
+    # back only with the hash the annotation names.
+    released = patch(me, own, release_of(own), dry=False)
+    assert "pod-template-hash" not in released["metadata"]["labels"]
+    readopt = handover.readopt_patch(own["metadata"]["uid"], "handed-7d9f/7d9f")
+    wrong_hash = handover.readopt_patch(own["metadata"]["uid"], "handed-7d9f/other")
+    _denied(lambda: patch(me, own, wrong_hash), contains="gives back only the hash")
+    _denied(lambda: patch(as_spotguard(nodes["gpu_preemptible"]), own, readopt), contains="hand over pods on its own node")
+    given_back = patch(me, own, readopt, dry=False)
+    assert given_back["metadata"]["labels"]["pod-template-hash"] == "7d9f"
+    assert handover.RELEASED_ANNOTATION not in (given_back["metadata"].get("annotations") or {})
 
 
 def _minimal_crd(kind: str, plural: str) -> dict[str, Any]:

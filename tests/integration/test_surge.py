@@ -2,10 +2,10 @@
 real garbage collector, the autoscaler emulator and real `spotguard run` processes.
 
 A pool of GPU nodes (one nvidia.com/gpu each, as `sim.spotguard.io/gpus` makes the simulated kubelet
-report), a vLLM Deployment of one pod per node asking for that GPU and annotated
-spotguard.io/surge, and a GCE host-maintenance notice whose window starts 90 s later. With
---surge-min-notice-seconds 60 and --surge-drain-reserve-seconds 30, the surge may last until 55 s
-after the notice.
+report), a vLLM Deployment (handed over: spotguard.handover) or StatefulSet (placeholders) of one pod
+per node asking for that GPU and annotated spotguard.io/surge, and a GCE host-maintenance notice
+whose window starts 90 s later. With --surge-min-notice-seconds 60 and
+--surge-drain-reserve-seconds 30, the surge may last until 55 s after the notice.
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ WINDOW_S = 90.0
 PLACEHOLDER = "spotguard.io/placeholder-node"
 
 
-async def surge_pool(world: World, *, nodes: int = 2, autoscaler_max: int | None = 3) -> list[str]:
-    """`nodes` GPU nodes with spotguard, a vLLM pod on each (1 GPU, surge), and (unless
-    `autoscaler_max` is None) the autoscaler, allowed that many nodes in the pool."""
+async def surge_pool(world: World, *, nodes: int = 2, autoscaler_max: int | None = 3,
+                     statefulset: bool = False) -> list[str]:
+    """`nodes` GPU nodes with spotguard, a vLLM pod on each (1 GPU, surge; a Deployment's, or a
+    StatefulSet's), and (unless `autoscaler_max` is None) the autoscaler, allowed that many nodes."""
     world.daemon_env.update(SURGE_ENV)
     world.ensure_placeholder_priority_class()
     names = [f"gpu-{uuid.uuid4().hex[:8]}" for _ in range(nodes)]
     await asyncio.gather(*(world.add_vm(name, labels=GPU_NODE) for name in names))
-    world.deploy_vllm(replicas=nodes, shutdown_timeout=10, drains_on_sigterm=True, surge=True, gpus=1)
+    world.deploy_vllm(replicas=nodes, shutdown_timeout=10, drains_on_sigterm=True, surge=True, gpus=1,
+                      statefulset=statefulset)
     await asyncio.to_thread(world.wait_ready_pods, nodes)
     if autoscaler_max is not None:
         await world.start_autoscaler(provisioning_delay=3.0, max_nodes=autoscaler_max)
@@ -55,10 +57,19 @@ def serving(pod: dict[str, Any]) -> str | None:
 
 
 def replacement(world: World, victim: dict[str, Any]) -> dict[str, Any] | None:
-    """A vLLM pod other than `victim`, serving, on a node the autoscaler added."""
-    found = [p for p in world.pods("app=vllm") if p["metadata"]["name"] != victim["metadata"]["name"]
+    """A vLLM pod other than `victim` (a StatefulSet's has its name), serving, on a node the
+    autoscaler added."""
+    found = [p for p in world.pods("app=vllm") if p["metadata"]["uid"] != victim["metadata"]["uid"]
              and p["spec"].get("nodeName") in world.autoscaler.nodes_added and serving(p) == "True"]
     return found[0] if found else None
+
+
+def current(world: World, pod: dict[str, Any]) -> dict[str, Any] | None:
+    return next((p for p in world.pods("app=vllm") if p["metadata"]["uid"] == pod["metadata"]["uid"]), None)
+
+
+def released_from(pod: dict[str, Any] | None) -> str | None:
+    return ((pod or {}).get("metadata", {}).get("annotations") or {}).get("spotguard.io/released-from")
 
 
 def event_time(world: World, reason: str, name: str) -> float:
@@ -70,7 +81,7 @@ def event_time(world: World, reason: str, name: str) -> float:
 
 
 async def test_the_replacement_lands_on_capacity_the_placeholder_brought_while_the_pod_served(world):
-    victim_node, _ = await surge_pool(world)
+    victim_node, _ = await surge_pool(world, statefulset=True)
     victim = victim_on(world, victim_node)
     world.maintenance(victim_node, in_seconds=WINDOW_S)
 
@@ -100,7 +111,8 @@ async def test_the_replacement_lands_on_capacity_the_placeholder_brought_while_t
 
 
 async def test_a_withdrawn_notice_deletes_the_placeholder_and_the_pods_never_stopped_serving(world):
-    victim_node, _ = await surge_pool(world, autoscaler_max=None)   # no capacity comes: it stays pending
+    # no capacity comes: it stays pending
+    victim_node, _ = await surge_pool(world, autoscaler_max=None, statefulset=True)
     vm = world.vms[victim_node]
     world.maintenance(victim_node, in_seconds=WINDOW_S)
     await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=30,
@@ -120,7 +132,7 @@ async def test_a_withdrawn_notice_deletes_the_placeholder_and_the_pods_never_sto
 
 
 async def test_a_daemon_killed_mid_surge_resumes_it_without_a_second_placeholder(world):
-    victim_node, _ = await surge_pool(world, autoscaler_max=None)
+    victim_node, _ = await surge_pool(world, autoscaler_max=None, statefulset=True)
     vm = world.vms[victim_node]
     world.maintenance(victim_node, in_seconds=WINDOW_S)
     await asyncio.to_thread(wait_until, lambda: placeholders(world, victim_node), timeout=30,
@@ -137,7 +149,7 @@ async def test_a_daemon_killed_mid_surge_resumes_it_without_a_second_placeholder
 
 async def test_a_placeholder_with_no_capacity_in_time_is_given_up_and_the_drain_goes_on(world):
     # The pool may not grow: the placeholder stays Pending until the surge's time is up.
-    victim_node, _ = await surge_pool(world, autoscaler_max=2)
+    victim_node, _ = await surge_pool(world, autoscaler_max=2, statefulset=True)
     victim = victim_on(world, victim_node)
     noticed = world.maintenance(victim_node, in_seconds=WINDOW_S)
 
@@ -155,7 +167,7 @@ async def test_a_placeholder_with_no_capacity_in_time_is_given_up_and_the_drain_
 
 
 async def test_a_placeholder_refused_by_a_resource_quota_is_given_up_at_once(world):
-    victim_node, _ = await surge_pool(world)
+    victim_node, _ = await surge_pool(world, statefulset=True)
     victim = victim_on(world, victim_node)
     quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "gpus", "namespace": world.namespace},
              "spec": {"hard": {"requests.nvidia.com/gpu": "2"}}}
@@ -175,6 +187,94 @@ async def test_a_placeholder_refused_by_a_resource_quota_is_given_up_at_once(wor
     await asyncio.to_thread(wait_until, lambda: world.events(reason="Evicted"), timeout=20,
                             what="the pod evicted")
     assert time.time() - noticed < 30 and not placeholders(world, victim_node)
+
+
+# -- a Deployment's pod, handed over to its replacement ----------------------------------------
+
+async def test_a_deployments_pod_is_handed_over_and_the_pool_never_serves_with_one_fewer(world):
+    victim_node, _ = await surge_pool(world)
+    victim = victim_on(world, victim_node)
+    fewest: list[int] = []
+    stop = asyncio.Event()
+
+    async def count_serving() -> None:
+        """Ready pods serving (the gate True, not terminating), sampled from the notice on."""
+        while not stop.is_set():
+            pods = await asyncio.to_thread(world.pods, "app=vllm")
+            fewest.append(sum(1 for p in pods if serving(p) == "True" and not p["metadata"].get("deletionTimestamp")
+                              and any(c["type"] == "Ready" and c["status"] == "True"
+                                      for c in p.get("status", {}).get("conditions", []))))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(count_serving())
+    try:
+        world.maintenance(victim_node, in_seconds=WINDOW_S)
+        # Released: the hash label off, the annotation naming its ReplicaSet, let go by it; serving.
+        let_go = await asyncio.to_thread(
+            wait_until, lambda: (p := current(world, victim)) is not None and released_from(p)
+            and not p["metadata"].get("ownerReferences") and p, timeout=30, what="the pod released")
+        assert "pod-template-hash" not in let_go["metadata"]["labels"]
+        assert released_from(let_go) == (f"{victim['metadata']['ownerReferences'][0]['name']}/"
+                                         f"{victim['metadata']['labels']['pod-template-hash']}")
+        assert serving(let_go) == "True"
+        new_node = (await asyncio.to_thread(wait_until, lambda: replacement(world, victim), timeout=90,
+                                            what="the replacement serving on the new node"))["spec"]["nodeName"]
+        await asyncio.to_thread(wait_until, lambda: [e for e in world.events(reason="Evicted")
+                                                     if e["involvedObject"]["uid"] == victim["metadata"]["uid"]],
+                                timeout=60, what="the released pod evicted")
+        await asyncio.sleep(1)
+    finally:
+        stop.set()
+        await sampler
+    assert fewest and min(fewest) >= 2, f"fewest pods serving: {min(fewest)}"
+    assert world.autoscaler.nodes_added == [new_node]
+    assert not placeholders(world, victim_node) and not world.events(reason="SurgeGivenUp")
+    assert event_time(world, "Released", victim["metadata"]["name"]) <= \
+        event_time(world, "SurgeReady", victim_node) <= event_time(world, "NotServing", victim["metadata"]["name"])
+    # The ReplicaSet is whole, and nothing replaces the released pod a second time.
+    await asyncio.to_thread(wait_until, lambda: len([p for p in world.pods("app=vllm")
+                                                     if not p["metadata"].get("deletionTimestamp")]) == 2,
+                            timeout=60, what="two pods again")
+
+
+async def test_a_withdrawn_notice_gives_the_released_pod_back_and_the_replicaset_drops_the_surplus(world):
+    victim_node, _ = await surge_pool(world, autoscaler_max=None)   # the replacement stays Pending
+    victim = victim_on(world, victim_node)
+    world.maintenance(victim_node, in_seconds=WINDOW_S)
+    await asyncio.to_thread(wait_until, lambda: released_from(current(world, victim)), timeout=30,
+                            what="the pod released")
+    await asyncio.to_thread(wait_until, lambda: len(world.pods("app=vllm")) == 3, timeout=30,
+                            what="the replacement created (Pending)")
+    world.vms[victim_node].metadata.set_maintenance("NONE")
+
+    def given_back() -> bool:
+        pod = current(world, victim)
+        return (pod is not None and released_from(pod) is None and "pod-template-hash" in pod["metadata"]["labels"]
+                and bool(pod["metadata"].get("ownerReferences")))
+
+    await asyncio.to_thread(wait_until, given_back, timeout=30, what="the pod given back to its ReplicaSet")
+    await asyncio.to_thread(wait_until, lambda: len([p for p in world.pods("app=vllm")
+                                                     if not p["metadata"].get("deletionTimestamp")]) == 2,
+                            timeout=30, what="the surplus replica removed by the ReplicaSet")
+    assert current(world, victim) is not None and serving(current(world, victim)) == "True"
+    assert [e["involvedObject"]["name"] for e in world.events(reason="Readopted")] == [victim["metadata"]["name"]]
+    assert not world.events(reason="NotServing") and not world.events(reason="Evicted")
+
+
+async def test_a_daemon_killed_mid_hand_over_resumes_it_without_a_second_release(world):
+    victim_node, _ = await surge_pool(world, autoscaler_max=None)
+    vm = world.vms[victim_node]
+    victim = victim_on(world, victim_node)
+    world.maintenance(victim_node, in_seconds=WINDOW_S)
+    await asyncio.to_thread(wait_until, lambda: len(world.pods("app=vllm")) == 3, timeout=30,
+                            what="the pod released and its replacement created")
+    vm.daemon.kill()
+    world.start_daemon(vm)
+    await asyncio.to_thread(vm.daemon.wait_ready)
+    await asyncio.sleep(3)   # a few decision steps of the new daemon
+    assert len(world.pods("app=vllm")) == 3 and len(world.events(reason="Released")) == 1
+    assert world.node(victim_node)["metadata"]["annotations"]["spotguard.io/phase"] == "surging"
+    assert serving(current(world, victim)) == "True"
 
 
 # -- an AWS rebalance recommendation with --rebalance-action surge -------------------------------
