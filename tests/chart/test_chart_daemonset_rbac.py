@@ -347,8 +347,8 @@ def test_admission_policy_can_start_in_warn_mode() -> None:
 def test_the_eviction_node_check_can_be_turned_off_for_very_large_namespaces() -> None:
     policies, bindings = _policies({"validatingAdmissionPolicy": {"evictionNodeCheck": False}})
     names = sorted(p["metadata"]["name"].rsplit("-own-", 1)[1] for p in policies)
-    assert names == ["events", "evictions", "nodes", "placeholders", "pod-events", "pods"]
-    assert len(bindings) == 6
+    assert names == ["events", "evictions", "handed-over-pods", "nodes", "placeholders", "pod-events", "pods"]
+    assert len(bindings) == 7
     assert all("paramRef" not in b["spec"] for b in bindings if not b["spec"]["policyName"].endswith("pod-events"))
     # Nor are label and uid asked for: they only route evictions to the check that is gone.
     evictions = next(p for p in policies if p["metadata"]["name"].endswith("-own-evictions"))
