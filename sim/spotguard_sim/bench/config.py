@@ -128,9 +128,9 @@ SCENARIOS = {
         Scenario("spotguard_drain", "spotguard", True,
                  "spotguard; vLLM --shutdown-timeout and the pod annotated drains-on-sigterm (evicted at the notice)"),
         Scenario("spotguard_surge", "spotguard", True,
-                 "spotguard_drain with the pod annotated spotguard.io/surge: a placeholder brings a node first, "
-                 "the pod serves until it runs, then leaves and its replacement preempts the placeholder "
-                 "(long notices only)", surge=True),
+                 "spotguard_drain with the pod annotated spotguard.io/surge: handed over (released from its "
+                 "ReplicaSet, whose replacement starts at once and brings a node), it serves until the "
+                 "replacement is Ready, then leaves (long notices only)", surge=True),
     )
 }
 
