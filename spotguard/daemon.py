@@ -361,13 +361,14 @@ class Daemon:
             found = handover.released_from(pod)
             if found is not None:
                 released[pod["metadata"]["uid"]] = (pod["metadata"]["namespace"], "/".join(found))
+        known: dict[str, bool] = {}
         for uid, (namespace, key) in released.items():
             try:
-                self.replacements[uid] = await asyncio.to_thread(self.kube.replicas_ready, namespace, key)
-            except Exception as error:  # noqa: BLE001 - not known yet: the surge waits, bounded by its time
+                known[uid] = await asyncio.to_thread(self.kube.replicas_ready, namespace, key)
+            except Exception as error:  # noqa: BLE001 - not known: the surge waits, bounded by its time
                 self.metrics.kube_errors.labels(operation="get_replicaset").inc()
                 log.warning("replicaset not readable", replicaset=key, error=str(error)[:300])
-                self.replacements.pop(uid, None)
+        self.replacements = known
 
     async def _read_in_flight(self, pod: k.Obj) -> None:
         uid, key = pod["metadata"]["uid"], f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
