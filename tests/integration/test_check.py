@@ -48,19 +48,25 @@ async def test_check_fails_with_reasons_for_a_missing_node_and_unreachable_metad
     assert result.stdout.splitlines()[-1].startswith("NOT PROTECTED")
 
 
-async def test_check_tries_the_surge_placeholder_of_an_opted_in_pod_as_a_dry_run(world, cluster):
+async def test_check_tries_the_surge_hand_over_and_placeholder_of_opted_in_pods_as_dry_runs(world, cluster):
     world.ensure_placeholder_priority_class()
     node = f"gpu-{uuid.uuid4().hex[:8]}"
-    vm = await world.add_vm(node, labels={"sim.spotguard.io/gpus": "1"})
-    world.deploy_vllm(replicas=1, surge=True, gpus=1)
-    pod = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
-    key = f"{world.namespace}/{pod['metadata']['name']}"
+    vm = await world.add_vm(node)
+    world.deploy_vllm(replicas=1, surge=True)                         # a Deployment's pod: handed over
+    world.deploy_vllm("db", replicas=1, surge=True, statefulset=True)   # a StatefulSet's: a placeholder
+    web = (await asyncio.to_thread(world.wait_ready_pods, 1))[0]
+    db = (await asyncio.to_thread(world.wait_ready_pods, 1, "app=db"))[0]
+    replicaset = web["metadata"]["ownerReferences"][0]["name"]
     result = await asyncio.to_thread(vm.daemon.check)
     lines = result.stdout.splitlines()
-    assert f"OK   admission: may create the surge placeholder of {key} at PriorityClass spotguard-placeholder " \
-           "(dry run)" in lines, result.stdout
-    assert any(line.startswith("OK") and "RBAC create pods" == line[5:] for line in lines)
+    assert f"OK   admission: may hand {world.namespace}/{web['metadata']['name']} over to a replacement (release " \
+           f"it from ReplicaSet {replicaset}) (dry run)" in lines, result.stdout
+    assert f"OK   admission: may create the surge placeholder of {world.namespace}/{db['metadata']['name']} at " \
+           "PriorityClass spotguard-placeholder (dry run)" in lines, result.stdout
+    for access in ("create pods", "patch pods", "get replicasets"):
+        assert any(line.startswith("OK") and f"RBAC {access}" == line[5:] for line in lines), access
     assert not world.pods("spotguard.io/placeholder-node"), "a dry run stores nothing"
+    assert "pod-template-hash" in world.pods("app=vllm")[0]["metadata"]["labels"], "a dry run releases nothing"
     # A PriorityClass that does not exist (the chart's not installed) is what the API server says.
     vm.daemon.extra_env = {**vm.daemon.extra_env, "SPOTGUARD_SURGE_PRIORITY_CLASS": "no-such-class"}
     result = await asyncio.to_thread(vm.daemon.check)
