@@ -11,9 +11,9 @@ The path of one notice:
     guarding --notice--> deregistering --endpoints not-ready--> draining --in-flight 0--> evicting
         ^    \             (cordon, taint,      (or wait bounded)          (or budget spent)    |
         |     \             serving=False)                                                     v
-        |      long notice, pods opted in: surging --placeholders run--^                     drained
-        |      (cordon, taint, placeholders;       (or the surge's time is up)                  |
-        |       the pods keep serving)                                                          |
+        |      long notice, pods opted in: surging --replacements up--^                      drained
+        |      (cordon, taint, hand-overs or       (or the surge's time is up)                  |
+        |       placeholders; the pods keep serving)                                            |
         |      cordon-only notice: cordoned --a notice that is more--> (as any notice)          |
         |      (cordon, taint; the pods keep serving)                                           |
         |      surge-only notice: standby --a notice that is more--> (as any notice)            |
