@@ -159,8 +159,9 @@ def _check_admission(api: k.Kube, config: Config, pods: list[k.Obj], say: Callab
 
 def _check_surge(dry: k.Kube, config: Config, serving: list[k.Obj], say: Callable[[str, str], None]) -> None:
     """Whether a long notice would surge here: on or off; the release of the first opted-in
-    Deployment pod and the placeholder of the first other one sent as dry runs (the API server
-    checks the chart's policies, the PriorityClass and quotas)."""
+    Deployment pod and the placeholder of the first other one (and, standing by on rebalance
+    recommendations, of that Deployment pod too) sent as dry runs (the API server checks the
+    chart's policies, the PriorityClass and quotas)."""
     if not config.surge_min_notice_seconds:
         say("OK", "surge: off (--surge-min-notice-seconds 0): long notices drain without bringing capacity first")
         return
@@ -176,11 +177,15 @@ def _check_surge(dry: k.Kube, config: Config, serving: list[k.Obj], say: Callabl
         assert key is not None
         _verdict(say, f"hand {_key(handed[0])} over to a replacement (release it from ReplicaSet "
                       f"{key.partition('/')[0]})", lambda: dry.release_pod(facts, key))
-    others = [pod for pod in surging if not handover.release_key(pod)]
-    if others:
-        settings = placeholder.Settings(priority_class=config.surge_priority_class, image=config.surge_placeholder_image)
-        manifest = placeholder.manifest(others[0], node_name=config.node_name, settings=settings)
-        _verdict(say, f"create the surge placeholder of {_key(others[0])} at PriorityClass "
+    # Placeholders: for a pod that cannot be handed over, and, when a rebalance recommendation
+    # stands by with placeholders (--rebalance-action surge), for one that can too.
+    others = [pod for pod in surging if not handover.release_key(pod)][:1]
+    if config.rebalance_action == "surge":
+        others += handed[:1]
+    settings = placeholder.Settings(priority_class=config.surge_priority_class, image=config.surge_placeholder_image)
+    for pod in others:
+        manifest = placeholder.manifest(pod, node_name=config.node_name, settings=settings)
+        _verdict(say, f"create the surge placeholder of {_key(pod)} at PriorityClass "
                       f"{config.surge_priority_class}", lambda: dry.create_placeholder(manifest))
 
 

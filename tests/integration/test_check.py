@@ -67,6 +67,13 @@ async def test_check_tries_the_surge_hand_over_and_placeholder_of_opted_in_pods_
         assert any(line.startswith("OK") and f"RBAC {access}" == line[5:] for line in lines), access
     assert not world.pods("spotguard.io/placeholder-node"), "a dry run stores nothing"
     assert "pod-template-hash" in world.pods("app=vllm")[0]["metadata"]["labels"], "a dry run releases nothing"
+    # A rebalance recommendation that surges stands by with placeholders, the Deployment's pod's too.
+    plain_env = vm.daemon.extra_env
+    vm.daemon.extra_env = {**plain_env, "SPOTGUARD_REBALANCE_ACTION": "surge"}
+    standing_by = await asyncio.to_thread(vm.daemon.check)
+    assert f"OK   admission: may create the surge placeholder of {world.namespace}/{web['metadata']['name']} at " \
+           "PriorityClass spotguard-placeholder (dry run)" in standing_by.stdout.splitlines(), standing_by.stdout
+    vm.daemon.extra_env = plain_env
     # A PriorityClass that does not exist (the chart's not installed) is what the API server says.
     vm.daemon.extra_env = {**vm.daemon.extra_env, "SPOTGUARD_SURGE_PRIORITY_CLASS": "no-such-class"}
     result = await asyncio.to_thread(vm.daemon.check)
