@@ -145,8 +145,8 @@ def perform(action: lc.Action, kube: k.Kube, *, node: k.Obj | None, pods: Mappin
     Returns, by action: UpdateNode -> the node as the API server now has it; SetServing -> None;
     Evict -> (EvictionOutcome, detail); CreatePlaceholder -> True (created), False (there already,
     or the pod is gone) or the API server's refusal as a string; ReleasePod -> True (released),
-    False (the pod is gone) or the refusal as a string; DeletePlaceholder, ReadoptPod -> None;
-    Report -> True. Raises on failure.
+    False (the pod is gone) or the refusal as a string; ReadoptPod -> None or the refusal as a
+    string; DeletePlaceholder -> None; Report -> True. Raises on failure.
     """
     match action:
         case lc.UpdateNode():
@@ -182,7 +182,12 @@ def perform(action: lc.Action, kube: k.Kube, *, node: k.Obj | None, pods: Mappin
                 raise
         case lc.ReadoptPod():
             assert action.pod.released_from is not None
-            kube.readopt_pod(action.pod, action.pod.released_from)
+            try:
+                kube.readopt_pod(action.pod, action.pod.released_from)
+            except k.KubeError as error:
+                if error.status in _REFUSALS:
+                    return str(error)[:300]
+                raise
             return None
         case lc.Report():
             kube.record_event(action, node_uid=(node or {}).get("metadata", {}).get("uid"))

@@ -28,12 +28,13 @@ from spotguard import actions
 from spotguard import kube as k
 from spotguard import evictions as ev
 from spotguard import lifecycle as lc
-from spotguard import handover, placeholder, vllm, webhooks
+from spotguard import placeholder, vllm, webhooks
 from spotguard.backoff import backoff_delay
 from spotguard.config import Config
 from spotguard.notice import Notice, NoticeKind
 from spotguard.observability import Metrics, health_app
 from spotguard.providers import Provider
+from spotguard.replacements import Replacements
 
 log = structlog.get_logger("spotguard")
 WATCH_TIMEOUT_SECONDS = 300
@@ -88,8 +89,7 @@ class Daemon:
         self.pods_synced = False
         self.readings: dict[str, _Reading] = {}
         self.endpoints: dict[str, bool] = {}
-        # Pod uid -> has the ReplicaSet it was released from every replica Ready again (surging)?
-        self.replacements: dict[str, bool] = {}
+        self.replacements = Replacements(kube, on_error=metrics.kube_errors.labels(operation="get_replicaset").inc)
         self.notice_received_at: float | None = None  # monotonic, for the reaction histogram
         self.dry_run_done: set[str] = set()
         self.failed_actions = 0
@@ -311,6 +311,7 @@ class Daemon:
         progress = self.state.progress
         if progress is not None and self._current_notice() is not None:
             await self._observe(progress.phase)
+        await self.replacements.refresh(self.pods.values())
         waiting = progress is not None and progress.phase in (lc.Phase.CORDONED, lc.Phase.STANDBY)
         if self.notice is not None and (progress is None or (waiting and self.notice.full)):
             # Ownership (was the node already cordoned by someone else?) and the pods to take out
@@ -351,24 +352,6 @@ class Daemon:
                 log.warning("endpointslices not readable", error=str(error)[:300])
         if phase is lc.Phase.DRAINING and serving:
             await asyncio.gather(*(self._read_in_flight(pod) for pod in serving))
-        if phase is lc.Phase.SURGING:
-            await self._read_replacements(serving)
-
-    async def _read_replacements(self, serving: list[k.Obj]) -> None:
-        """For each pod handed over: has its former ReplicaSet every replica Ready again?"""
-        released = {}
-        for pod in serving:
-            found = handover.released_from(pod)
-            if found is not None:
-                released[pod["metadata"]["uid"]] = (pod["metadata"]["namespace"], "/".join(found))
-        known: dict[str, bool] = {}
-        for uid, (namespace, key) in released.items():
-            try:
-                known[uid] = await asyncio.to_thread(self.kube.replicas_ready, namespace, key)
-            except Exception as error:  # noqa: BLE001 - not known: the surge waits, bounded by its time
-                self.metrics.kube_errors.labels(operation="get_replicaset").inc()
-                log.warning("replicaset not readable", replicaset=key, error=str(error)[:300])
-        self.replacements = known
 
     async def _read_in_flight(self, pod: k.Obj) -> None:
         uid, key = pod["metadata"]["uid"], f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
@@ -420,7 +403,7 @@ class Daemon:
             reading = self.readings.get(uid, _Reading())
             facts.append(k.pod_facts(pod, endpoints_ready=self.endpoints.get(uid), in_flight=reading.in_flight,
                                      metrics_unreadable=reading.unreadable,
-                                     replacement_ready=self.replacements.get(uid)))
+                                     replacement_ready=self.replacements.ready.get(uid)))
         return lc.Seen(notice=self._current_notice(), node_unschedulable=k.node_unschedulable(self.node),
                        node_has_taint=k.node_has_taint(self.node), pods=tuple(facts),
                        node_excluded_from_lb=k.node_excluded_from_lb(self.node),
@@ -433,7 +416,10 @@ class Daemon:
         """Node and readiness changes first and together (they are the reaction), then evictions,
         then Events."""
         urgent = [a for a in planned if isinstance(a, (lc.UpdateNode, lc.SetServing))]
-        await asyncio.gather(*(self._do(action) for action in urgent))
+        done = await asyncio.gather(*(self._do(action) for action in urgent))
+        # A release before the node records the surge could be undone by a restart that finds no
+        # surge on the node: it waits for the next step.
+        node_written = all(ok is not None or not isinstance(a, lc.UpdateNode) for a, ok in zip(urgent, done))
         if first_reaction and self.notice_received_at is not None:
             reaction = time.monotonic() - self.notice_received_at
             self.metrics.reaction.observe(reaction)
@@ -441,12 +427,19 @@ class Daemon:
             self.notice_received_at = None
         reports = [a for a in planned if isinstance(a, lc.Report)]
         await asyncio.gather(*(self._do(a) for a in planned if isinstance(a, lc.DeletePlaceholder)))
-        await asyncio.gather(*(self._do(a) for a in planned if isinstance(a, lc.ReadoptPod)))
-        surges = [a for a in planned if isinstance(a, (lc.CreatePlaceholder, lc.ReleasePod))]
+        surges = [a for a in planned if isinstance(a, (lc.CreatePlaceholder, lc.ReadoptPod))
+                  or (isinstance(a, lc.ReleasePod) and node_written)]
+        not_released: set[str] = {a.pod.uid for a in planned if isinstance(a, lc.ReleasePod) and a not in surges}
         for surge, result in zip(surges, await asyncio.gather(*(self._do(a) for a in surges))):
+            if isinstance(surge, lc.ReleasePod) and result is not True:
+                not_released.add(surge.pod.uid)
             if isinstance(result, str):  # refused for good: the surge goes on without this pod
                 self.state, follow = lc.record_surge_refused(self.state, surge, result)
                 reports.extend(follow)
+        # "Released" only for a release that landed; it is asked again, and said then, otherwise.
+        reports = [r for r in reports if not (r.reason is lc.Reason.RELEASED and r.pod and r.pod.uid in not_released)]
+        self.state = replace(self.state, reported=self.state.reported - {f"{lc.Reason.RELEASED}:{uid}"
+                                                                         for uid in not_released})
         evictions = [a for a in planned if isinstance(a, lc.Evict)]
         results = await asyncio.gather(*(self._do(action) for action in evictions))
         for evict, result in zip(evictions, results):

@@ -9,12 +9,16 @@ spotguard does that on a long notice, and takes the released pod out of rotation
 ReplicaSet has all its replicas Ready again: the pool never serves with one replica fewer. The
 replacement is an ordinary pod of the ReplicaSet: Pending, it makes the node-pool autoscaler add
 the capacity it needs (no placeholder is needed). Its former ReplicaSet is remembered in an
-annotation, so a restarted daemon knows the pod, and a withdrawn notice gives the label back (the
-ReplicaSet adopts the pod again and removes the surplus, which ranks the replacement, Ready for less
-time, first).
+annotation, so a restarted daemon knows the pod.
 
-StatefulSet pods cannot be handed over (a replacement would take the same name): they surge with a
-placeholder (spotguard.placeholder).
+A withdrawn notice gives the label back, with the lowest pod-deletion-cost: the ReplicaSet adopts
+the pod again and removes one replica, and it removes a not-ready one first (the replacement, while
+it still starts), else the lowest cost, this pod. It never picks another Ready pod, here or on
+another node.
+
+StatefulSet pods cannot be handed over (a replacement would take the same name), nor pods with a
+PersistentVolumeClaim (a ReadWriteOnce volume would hold the replacement until the pod is gone):
+they surge with a placeholder (spotguard.placeholder).
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ TEMPLATE_HASH_LABEL = "pod-template-hash"
 # "<replicaset>/<pod-template-hash>" on a pod spotguard released; the chart's admission policy
 # checks that it names the pod's own ReplicaSet and hash.
 RELEASED_ANNOTATION = "spotguard.io/released-from"
+# The ReplicaSet controller removes pods with a lower cost first (after unscheduled, pending and
+# not-ready ones): a pod given back goes before any other Ready pod.
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+LOWEST_DELETION_COST = str(-2**31)
 
 
 def release_key(pod: Obj) -> str | None:
@@ -35,8 +43,10 @@ def release_key(pod: Obj) -> str | None:
     metadata = pod.get("metadata") or {}
     template_hash = (metadata.get("labels") or {}).get(TEMPLATE_HASH_LABEL)
     owners = [ref.get("name") for ref in metadata.get("ownerReferences") or []
-              if ref.get("controller") and ref.get("kind") == "ReplicaSet" and ref.get("name")]
-    if not template_hash or len(owners) != 1:
+              if ref.get("controller") and ref.get("kind") == "ReplicaSet" and ref.get("apiVersion") == "apps/v1"
+              and ref.get("name")]
+    claims = any("persistentVolumeClaim" in volume for volume in (pod.get("spec") or {}).get("volumes") or [])
+    if not template_hash or len(owners) != 1 or claims:
         return None
     return f"{owners[0]}/{template_hash}"
 
@@ -55,10 +65,12 @@ def release_patch(uid: str, key: str) -> Obj:
 
 
 def readopt_patch(uid: str, key: str) -> Obj:
-    """Merge patch that gives a released pod its label back, so its ReplicaSet adopts it again."""
+    """Merge patch that gives a released pod its label back, so its ReplicaSet adopts it again, and
+    the lowest deletion cost, so of the replicas it then has one too many of it removes a not-ready
+    one or this one."""
     template_hash = key.partition("/")[2]
     return {"metadata": {"uid": uid, "labels": {TEMPLATE_HASH_LABEL: template_hash},
-                         "annotations": {RELEASED_ANNOTATION: None}}}
+                         "annotations": {RELEASED_ANNOTATION: None, DELETION_COST_ANNOTATION: LOWEST_DELETION_COST}}}
 
 
 def replicas_ready(replicaset: Obj | None, pods: list[Obj]) -> bool:

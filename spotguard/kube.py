@@ -148,14 +148,15 @@ class Kube(Api):
         """Has the ReplicaSet `key` ("<replicaset>/<hash>") names every replica Ready (without the
         pods released from it)?"""
         name, _, template_hash = key.partition("/")
+        cached = {"resourceVersion": "0"}   # served from the API server's watch cache, not etcd
         try:
-            replicaset = self.call("GET", f"/apis/apps/v1/namespaces/{namespace}/replicasets/{name}")
+            replicaset = self.call("GET", f"/apis/apps/v1/namespaces/{namespace}/replicasets/{name}", query=cached)
         except KubeError as error:
             if error.status == 404:
                 return handover.replicas_ready(None, [])
             raise
         pods = self.call("GET", f"/api/v1/namespaces/{namespace}/pods",
-                         query={"labelSelector": f"{handover.TEMPLATE_HASH_LABEL}={template_hash}"})
+                         query={**cached, "labelSelector": f"{handover.TEMPLATE_HASH_LABEL}={template_hash}"})
         return handover.replicas_ready(replicaset, pods.get("items", []))
 
     def delete_placeholder(self, found: PlaceholderFacts) -> None:

@@ -89,7 +89,7 @@ def decide(state: State, seen: Seen, *, now: float, timing: Timing) -> Decision:
             # Placeholders and released pods with no notice behind them: left by a daemon that
             # stopped mid-surge.
             return Decision(state, (*_keep_serving(seen.pods), *map(DeletePlaceholder, seen.placeholders),
-                                    *_readopt(seen.pods)))
+                                    *_readopt(state, seen.pods)))
         return _cancel(state, seen)
     if progress is None:
         return _start(state, seen, now=now, timing=timing)
@@ -217,7 +217,8 @@ def _cordoned(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisi
     recommendation): that one starts as any notice, the cordon and taint staying spotguard's."""
     assert seen.notice is not None
     if seen.notice.cordon_only:
-        return Decision(state, _keep_serving(seen.pods))   # the pods serve: new ones too
+        # The pods serve: new ones too; a pod a give-back missed is asked for again.
+        return Decision(state, (*_keep_serving(seen.pods), *_readopt(state, seen.pods)))
     return _start(state, seen, now=now, timing=timing, owned=state.progress)
 
 
@@ -239,7 +240,7 @@ def _step_back(state: State, seen: Seen, *, now: float) -> Decision:
     report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} notice was withdrawn; the "
                                              f"{notice.kind.value} remains, so the node is only cordoned and the "
                                              f"pods serve again")
-    readopt = _readopt(seen.pods)
+    readopt = _readopt(state, seen.pods)
     return Decision(State(progress=kept), (UpdateNode(progress=kept), *restored, *readopt,
                                            *map(DeletePlaceholder, seen.placeholders), report,
                                            *_readopted_reports(readopt)))
@@ -280,9 +281,9 @@ def _standby(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisio
     surge = [pod for pod in _surge_pods(seen.pods) if pod.uid not in state.surge_refused]
     wanted = {pod.uid for pod in surge}
     stale = [placeholder for placeholder in seen.placeholders if placeholder.for_uid not in wanted]
-    # The node is not cordoned: new pods come, and serve.
+    # The node is not cordoned: new pods come, and serve; a pod a give-back missed is asked for again.
     return Decision(state, (*_keep_serving(seen.pods), *map(CreatePlaceholder, _without_placeholder(surge, seen)),
-                            *map(DeletePlaceholder, stale)))
+                            *map(DeletePlaceholder, stale), *_readopt(state, seen.pods)))
 
 
 def _without_placeholder(pods: list[PodFacts], seen: Seen) -> list[PodFacts]:
@@ -320,13 +321,17 @@ def _released_reports(state: State, asks: list[Action]) -> tuple[State, list[Act
     return state, reports
 
 
-def _readopt(pods: tuple[PodFacts, ...]) -> tuple[ReadoptPod, ...]:
-    return tuple(ReadoptPod(pod) for pod in pods if pod.released_from is not None and not pod.terminating)
+def _readopt(state: State, pods: tuple[PodFacts, ...]) -> tuple[ReadoptPod, ...]:
+    """Released pods with no surge behind them any more, to give back (not those the API server
+    refused to take back: asked again, it would refuse again)."""
+    return tuple(ReadoptPod(pod) for pod in pods if pod.released_from is not None and pod.release_key is None
+                 and pod.surge and not pod.terminating and pod.uid not in state.surge_refused)
 
 
 def _readopted_reports(actions: tuple[ReadoptPod, ...]) -> tuple[Report, ...]:
     return tuple(Report(Reason.READOPTED, "the notice was withdrawn: given back to its ReplicaSet, which removes "
-                                          "the replica it added", pod=action.pod) for action in actions)
+                                          "one replica: a not-ready one (the replacement, while it starts), else "
+                                          "this one", pod=action.pod) for action in actions)
 
 
 # -- surging ------------------------------------------------------------------------------------
@@ -358,11 +363,14 @@ def _surging(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisio
         return pod.uid in placeholders and placeholders[pod.uid].running
 
     pods = _surge_pods(seen.pods)
+    # A stand-by's placeholder for a pod now handed over holds capacity its replacement can use.
+    held = tuple(DeletePlaceholder(placeholders[pod.uid]) for pod in pods
+                 if pod.released_from is not None and pod.uid in placeholders)
     waiting = [pod for pod in pods if pod.uid not in state.surge_refused and not covered(pod)]
     if waiting and now < _surge_until(state.progress, timing):
         asks = _surge_asks(state, waiting, seen)
         state, released = _released_reports(state, asks)
-        return Decision(state, (*asks, *released))
+        return Decision(state, (*held, *asks, *released))
     actions: list[Action] = []
     for pod in waiting:  # the surge's time is up: drain without them, and leave nothing behind
         late = ("its replacement was not Ready in time; draining it anyway (the replacement still comes)"
@@ -373,6 +381,7 @@ def _surging(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisio
         actions += first
         if pod.uid in placeholders:
             actions.append(DeletePlaceholder(placeholders[pod.uid]))
+    actions += [delete for delete in held if delete not in actions]
     ready = len(pods) - len(waiting)
     actions.append(Report(Reason.SURGE_READY, f"{ready} of {len(pods)} pod(s) have their replacement Ready or a "
                                               "placeholder running on new capacity; taking the pods out of rotation"))
@@ -382,11 +391,16 @@ def _surging(state: State, seen: Seen, *, now: float, timing: Timing) -> Decisio
     return Decision(state, (*actions, node_update, *not_serving, *_not_serving_reports(not_serving)))
 
 
-def record_surge_refused(state: State, action: CreatePlaceholder | ReleasePod,
+def record_surge_refused(state: State, action: CreatePlaceholder | ReleasePod | ReadoptPod,
                          detail: str) -> tuple[State, tuple[Report, ...]]:
     """The API server refused a placeholder or a release (a ResourceQuota, a policy): the surge goes
-    on without that pod."""
+    on without that pod. Or it refused to take a released pod back: it is not asked again."""
     state = replace(state, surge_refused=state.surge_refused | {action.pod.uid})
+    if isinstance(action, ReadoptPod):
+        state, reports = report_once(state, Report(
+            Reason.SURGE_GIVEN_UP, f"giving it back to its ReplicaSet was refused ({detail}); it stays released "
+                                   "(its ReplicaSet has one pod more until it is deleted)", pod=action.pod, warning=True))
+        return state, tuple(reports)
     what = "its placeholder" if isinstance(action, CreatePlaceholder) else "its release from its ReplicaSet"
     state, reports = report_once(state, Report(
         Reason.SURGE_GIVEN_UP, f"{what} was refused ({detail}); it will be drained without a replacement started",
@@ -534,7 +548,7 @@ def _cancel(state: State, seen: Seen, *, keep_placeholders: bool = False) -> Dec
     per_pod = tuple(Report(Reason.SERVING_RESTORED, "the termination notice was withdrawn: spotguard.io/serving=True",
                            pod=action.pod) for action in restored)
     dropped = () if keep_placeholders else tuple(map(DeletePlaceholder, seen.placeholders))
-    readopt = _readopt(seen.pods)
+    readopt = _readopt(state, seen.pods)
     if progress.phase is Phase.STANDBY:
         report = Report(Reason.NOTICE_CANCELLED, f"the {progress.notice_kind} was withdrawn or its time is up with no "
                                                  f"interruption: released {len(dropped)} placeholder(s)")

@@ -653,10 +653,15 @@ def test_spotguard_may_hand_over_only_opted_in_pods_of_its_own_node_and_only_as_
     readopt = handover.readopt_patch(own["metadata"]["uid"], "handed-7d9f/7d9f")
     wrong_hash = handover.readopt_patch(own["metadata"]["uid"], "handed-7d9f/other")
     _denied(lambda: patch(me, own, wrong_hash), contains="gives back only the hash")
+    # Given back at the usual deletion cost, the ReplicaSet could remove another Ready pod of its own.
+    keeps_cost = json.loads(json.dumps(readopt))
+    del keeps_cost["metadata"]["annotations"][handover.DELETION_COST_ANNOTATION]
+    _denied(lambda: patch(me, own, keeps_cost), contains="lowest")
     _denied(lambda: patch(as_spotguard(nodes["gpu_preemptible"]), own, readopt), contains="hand over pods on its own node")
     given_back = patch(me, own, readopt, dry=False)
     assert given_back["metadata"]["labels"]["pod-template-hash"] == "7d9f"
     assert handover.RELEASED_ANNOTATION not in (given_back["metadata"].get("annotations") or {})
+    assert given_back["metadata"]["annotations"][handover.DELETION_COST_ANNOTATION] == "-2147483648"
 
 
 def _minimal_crd(kind: str, plural: str) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class RecordingKube:
 
     def readopt_pod(self, pod, key):  # type: ignore[no-untyped-def]
         self.calls.append(f"readopt_pod:{pod.name}:{key}")
+        if self.refuse:
+            raise k.KubeError(self.refuse, "denied by spotguard-own-handed-over-pods")
 
     def record_event(self, report, *, node_uid):  # type: ignore[no-untyped-def]
         self.calls.append(f"event:{report.reason}:{node_uid}")
@@ -120,11 +122,16 @@ def test_a_placeholder_refused_for_good_comes_back_as_the_reason_others_raise() 
     assert perform(gone, kube) is False and kube.calls == []
 
 
-def test_a_release_refused_for_good_comes_back_as_the_reason_others_raise() -> None:
+def test_a_release_or_give_back_refused_for_good_comes_back_as_the_reason_others_raise() -> None:
     release = EXAMPLES[lc.ReleasePod]
     assert perform(release, RecordingKube(refuse=403)) == "HTTP 403: denied by spotguard-own-pods"
     with pytest.raises(k.KubeError):
         perform(release, RecordingKube(refuse=503))
+    give_back = EXAMPLES[lc.ReadoptPod]
+    assert perform(give_back, RecordingKube(refuse=403)) == "HTTP 403: denied by spotguard-own-handed-over-pods"
+    assert perform(give_back, RecordingKube()) is None
+    with pytest.raises(k.KubeError):
+        perform(give_back, RecordingKube(refuse=503))
 
 
 def test_one_node_patch_counts_as_each_thing_it_does() -> None:

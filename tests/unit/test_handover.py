@@ -14,7 +14,8 @@ def deployment_pod(name: str = "vllm-7d9f-abcde", *, ready: bool = True, owner_u
     metadata = {"name": name, "namespace": "ml", "uid": f"uid-{name}",
                 "labels": {"app": "vllm", "pod-template-hash": "7d9f"},
                 "annotations": {"spotguard.io/surge": "true"},
-                "ownerReferences": [{"kind": "ReplicaSet", "name": "vllm-7d9f", "uid": owner_uid, "controller": True}]}
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "vllm-7d9f",
+                                     "uid": owner_uid, "controller": True}]}
     if deleting:
         metadata["deletionTimestamp"] = "2026-12-01T10:00:00Z"
     return {"metadata": metadata, "spec": {"readinessGates": [{"conditionType": "spotguard.io/serving"}]},
@@ -40,7 +41,13 @@ def test_a_deployments_pod_can_be_handed_over_and_others_cannot():
     del no_hash["metadata"]["labels"]["pod-template-hash"]
     not_controller = deployment_pod()
     not_controller["metadata"]["ownerReferences"][0]["controller"] = False
-    assert [handover.release_key(p) for p in (statefulset, no_hash, not_controller)] == [None, None, None]
+    other_group = deployment_pod()
+    other_group["metadata"]["ownerReferences"][0]["apiVersion"] = "example.com/v1"
+    # A ReadWriteOnce claim would hold the replacement until the pod is gone: a placeholder then.
+    with_claim = deployment_pod()
+    with_claim["spec"]["volumes"] = [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}]
+    assert [handover.release_key(p) for p in (statefulset, no_hash, not_controller, other_group, with_claim)] == \
+        [None] * 5
 
 
 def test_the_patches_take_the_hash_label_and_give_it_back_with_a_uid_precondition():
@@ -48,7 +55,8 @@ def test_the_patches_take_the_hash_label_and_give_it_back_with_a_uid_preconditio
         "uid": "uid-1", "labels": {"pod-template-hash": None},
         "annotations": {"spotguard.io/released-from": "vllm-7d9f/7d9f"}}}
     assert handover.readopt_patch("uid-1", "vllm-7d9f/7d9f") == {"metadata": {
-        "uid": "uid-1", "labels": {"pod-template-hash": "7d9f"}, "annotations": {"spotguard.io/released-from": None}}}
+        "uid": "uid-1", "labels": {"pod-template-hash": "7d9f"},
+        "annotations": {"spotguard.io/released-from": None, "controller.kubernetes.io/pod-deletion-cost": "-2147483648"}}}
 
 
 def test_a_released_pod_is_known_by_its_annotation_and_still_surges():

@@ -123,6 +123,43 @@ def test_a_restarted_daemon_resumes_the_hand_over_without_releasing_again():
     assert of_type(resumed.actions, lc.ReleasePod) == [] and resumed.state.progress.phase is lc.Phase.SURGING
 
 
+def test_a_refused_give_back_is_reported_once_and_not_asked_again():
+    left = released(deployment_pod("web-0"), replacement_ready=None)
+    state = lc.State()
+    state, reports = lc.record_surge_refused(state, lc.ReadoptPod(left), "HTTP 403: denied")
+    assert [r.reason for r in reports] == [lc.Reason.SURGE_GIVEN_UP] and "stays released" in reports[0].message
+    assert of_type(lc.decide(state, seen(left, notice=None), now=T0, timing=TIMING).actions, lc.ReadoptPod) == []
+
+
+def test_a_pod_no_longer_opted_in_is_not_given_back():
+    # The policy would refuse it (the surge annotation is what lets spotguard touch the pod).
+    left = replace(released(deployment_pod("web-0"), replacement_ready=None), surge=False)
+    assert of_type(lc.decide(lc.State(), seen(left, notice=None), now=T0, timing=TIMING).actions, lc.ReadoptPod) == []
+
+
+def test_a_stand_by_placeholder_goes_once_its_pod_is_handed_over():
+    web = deployment_pod("web-0")
+    state = started(web).state
+    gone = released(web, replacement_ready=False)
+    standing = placeholder(web, running=True)
+    decision = lc.decide(state, after(state, gone, placeholders=(standing,)), now=T0 + 5, timing=TIMING)
+    assert of_type(decision.actions, lc.DeletePlaceholder) == [lc.DeletePlaceholder(standing)]
+
+
+def test_cordoned_and_standing_by_nodes_ask_again_for_a_give_back_that_did_not_land():
+    left = released(deployment_pod("web-0"), replacement_ready=None)
+    cordon_only = Notice(MAINTENANCE.kind, deadline=T0 + 3600, cordon_only=True, source="test", detail="rebalance")
+    cordoned = lc.decide(lc.State(), seen(left, notice=cordon_only), now=T0, timing=TIMING).state
+    assert cordoned.progress.phase is lc.Phase.CORDONED
+    again = lc.decide(cordoned, after(cordoned, left, notice=cordon_only), now=T0 + 1, timing=TIMING)
+    assert of_type(again.actions, lc.ReadoptPod) == [lc.ReadoptPod(left)]
+    surge_only = Notice(MAINTENANCE.kind, deadline=T0 + 1800, surge_only=True, source="test", detail="rebalance")
+    standby = lc.decide(lc.State(), seen(left, notice=surge_only), now=T0, timing=TIMING).state
+    assert standby.progress.phase is lc.Phase.STANDBY
+    again = lc.decide(standby, seen(left, notice=surge_only), now=T0 + 1, timing=TIMING)
+    assert of_type(again.actions, lc.ReadoptPod) == [lc.ReadoptPod(left)]
+
+
 def test_a_full_notice_withdrawn_under_a_lesser_one_gives_the_pod_back_too():
     web = deployment_pod("web-0")
     state = started(web).state
