@@ -516,7 +516,7 @@ class Daemon:
         if isinstance(action, lc.UpdateNode):
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._set_node, result)
-            return None
+            return True   # landed (a failure is None, from _do): releases may follow in this step
         return result
 
     def _claim_too_late(self, update: lc.UpdateNode) -> bool:
