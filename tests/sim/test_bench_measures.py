@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from spotguard_sim.bench.config import PROFILES
+from spotguard_sim.bench.config import PROFILES, SCENARIOS
 from spotguard_sim.bench.scenarios import capacity_gap
 from spotguard_sim.router import EndpointChange, _StreamEnd
 
@@ -53,6 +53,18 @@ def stream(*events: bytes) -> _StreamEnd:
 
 
 TOKEN = b'{"choices":[{"index":0,"text":" the","finish_reason":null}]}'
+
+
+def test_each_scenario_runs_on_the_profiles_it_can_tell_something_about() -> None:
+    def runs_on(scenario: str) -> set[str]:
+        return {name for name, profile in PROFILES.items() if SCENARIOS[scenario].applies_to(profile)}
+
+    assert runs_on("spotguard_drain") == set(PROFILES)
+    assert runs_on("spotguard_surge") == {"gce-maintenance-180"}
+    assert runs_on("nth") == {"aws-spot-120"}
+    # The preStop helper only matters where vLLM gets SIGTERM while still in its Service (GKE).
+    assert runs_on("spotguard_prestop") == runs_on("kubelet_only_prestop") == {"gke-spot-30", "gke-spot-120"}
+    assert SCENARIOS["spotguard_prestop"].drain_aware and not SCENARIOS["spotguard"].drain_aware
 
 
 def test_a_whole_answer_ends_with_a_normal_finish_reason_then_done() -> None:

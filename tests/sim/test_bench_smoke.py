@@ -17,8 +17,8 @@ from spotguard_sim.bench.config import SCENARIOS, BenchConfig
 
 from spotguard_sim.bench.run import bench
 
-# What the smoke run's one profile (GKE, a short notice) runs: no surge (long notices only), no
-# real NTH (AWS profiles only).
+# What the smoke run's one profile (GKE, a short notice, SIGTERM at the notice) runs: no surge (long
+# notices only), no real NTH (AWS profiles only), the preStop helper (it matters there).
 SHORT_NOTICE_SCENARIOS = {name for name, scenario in SCENARIOS.items()
                           if not scenario.surge and scenario.handler != "nth"}
 

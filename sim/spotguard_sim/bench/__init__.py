@@ -14,7 +14,10 @@ What is measured (docs/BENCHMARKS.md has the method and the results):
   every pod at once) and `spotguard`, each with vLLM's default SIGTERM (in-flight requests aborted)
   and each again as `..._drain` with vLLM `--shutdown-timeout` (vLLM finishes what it has);
   `spotguard_drain` pods are annotated drains-on-sigterm, so spotguard evicts them at the notice.
-  The `_drain` controls separate what spotguard adds from what vLLM's own drain gives. Five notice
+  The `_drain` controls separate what spotguard adds from what vLLM's own drain gives. Where the
+  kubelet's SIGTERM comes with the notice (GKE), `..._prestop` puts the chart's drain-aware preStop
+  helper in front of vLLM's drain, so vLLM is not stopped while the pod is still in its Service;
+  on long notices `spotguard_surge` hands the pod over (its replacement Ready first). Five notice
   profiles (config.PROFILES): GKE spot with the default 30 s shutdown and with 120 s, GCE's 120 s
   `preemptionNoticeDuration`, EC2's two-minute warning and a (time-compressed) maintenance window;
   each says when the kubelet's graceful node shutdown starts and how long it lasts. Counted: requests

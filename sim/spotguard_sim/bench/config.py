@@ -54,6 +54,12 @@ class Profile:
         return self.notice == "maintenance"
 
     @property
+    def sigterm_at_notice(self) -> bool:
+        """The kubelet's shutdown starts with the notice (GKE): vLLM gets SIGTERM while the pod is
+        still in its Service, before any handler can take it out (the preStop scenarios run here)."""
+        return self.shutdown_at_s == 0
+
+    @property
     def daemon_env(self) -> dict[str, str]:
         """What an operator configures for this profile: GCE's preempted=TRUE carries no deadline,
         so the notice length is told (--notice-seconds); EC2 and GCE maintenance carry their own."""
@@ -93,10 +99,25 @@ class Scenario:
     description: str
     control: bool = False
     surge: bool = False  # pods annotated spotguard.io/surge (long-notice profiles only)
+    prestop: bool = False  # the chart's drain-aware preStop helper holds SIGTERM back
 
     @property
     def spotguard(self) -> bool:
         return self.handler == "spotguard"
+
+    @property
+    def drain_aware(self) -> bool:
+        """The pod finishes its own requests when it is stopped: annotated drains-on-sigterm when
+        spotguard runs, so spotguard evicts it at the notice."""
+        return self.shutdown_timeout or self.prestop
+
+    def applies_to(self, profile: Profile) -> bool:
+        if self.surge and not profile.long_notice:
+            return False  # a surge needs a notice long enough to bring a node
+        if self.handler == "nth" and profile.cloud != "aws":
+            return False  # NTH's IMDS mode reads EC2's metadata only
+        # Elsewhere the pod is out of its Service before anything stops it: the helper would change nothing.
+        return profile.sigterm_at_notice or not self.prestop
 
     def daemon_env(self, profile: Profile) -> dict[str, str]:
         """spotguard's surge settings: off, except in the surge scenario, where the time-compressed
@@ -127,6 +148,13 @@ SCENARIOS = {
         Scenario("spotguard", "spotguard", False, "spotguard; vLLM default SIGTERM (abort)"),
         Scenario("spotguard_drain", "spotguard", True,
                  "spotguard; vLLM --shutdown-timeout and the pod annotated drains-on-sigterm (evicted at the notice)"),
+        Scenario("kubelet_only_prestop", "none", True,
+                 "control: no handler; vLLM --shutdown-timeout behind the chart's drain-aware preStop helper "
+                 "(profiles with SIGTERM at the notice)", control=True, prestop=True),
+        Scenario("spotguard_prestop", "spotguard", True,
+                 "spotguard_drain with the chart's drain-aware preStop helper in front of vLLM's drain: vLLM gets "
+                 "SIGTERM only once its requests are done, so it never refuses one sent before the pod left "
+                 "its Service (profiles with SIGTERM at the notice)", prestop=True),
         Scenario("spotguard_surge", "spotguard", True,
                  "spotguard_drain with the pod annotated spotguard.io/surge: handed over (released from its "
                  "ReplicaSet, whose replacement starts at once and brings a node), it serves until the "
@@ -146,6 +174,7 @@ class BenchConfig:
     durations: DurationDistribution = DurationDistribution()
     token_interval: float = 0.1
     vllm_shutdown_timeout_s: int = 25  # the longest request: "let every request finish" (vLLM takes whole seconds)
+    prestop_max_wait_s: float = 25.0  # the preStop helper's --max-wait, the same for the same reason
     grace_seconds: int = 30  # terminationGracePeriodSeconds of the vLLM pods
     probe_period_s: int = 5  # the vLLM container's readinessProbe periodSeconds (GET /health, 3 misses)
     gpus_per_node: int = 1  # nvidia.com/gpu per node, and per vLLM pod (so a replacement preempts a placeholder)
@@ -181,7 +210,7 @@ class BenchConfig:
         """The smallest end-to-end configuration (tests): short requests, a few seconds each."""
         return cls(profiles=("gke-spot-30",), runs=1, rate=4.0, warmup_s=5.0, after_vm_gone_s=1.0,
                    durations=DurationDistribution(median_s=1.5, sigma=0.6, min_s=0.3, max_s=6.0),
-                   vllm_shutdown_timeout_s=6, probe_period_s=1, provisioning_delay_s=2.0, replacement_timeout_s=30.0,
+                   vllm_shutdown_timeout_s=6, prestop_max_wait_s=6.0, probe_period_s=1, provisioning_delay_s=2.0, replacement_timeout_s=30.0,
                    reaction_reps=5, footprint_s=5.0, storm_nodes=3, storm_batch=3,
                    admission_pod_counts=(4, 40), admission_evictions=10)
 

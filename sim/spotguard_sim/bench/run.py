@@ -87,10 +87,8 @@ async def run_bench(ctx: Context, *, parts: tuple[str, ...]) -> tuple[dict[str, 
             summaries = {}
             for scenario_name in cfg.scenarios:
                 scenario = SCENARIOS[scenario_name]
-                if scenario.surge and not profile.long_notice:
-                    continue  # a surge needs a notice long enough to bring a node
-                if scenario.handler == "nth" and profile.cloud != "aws":
-                    continue  # NTH's IMDS mode reads EC2's metadata only
+                if not scenario.applies_to(profile):
+                    continue
                 runs = []
                 for rep in range(cfg.runs):
                     ctx.say(f"  {scenario.name} run {rep + 1}/{cfg.runs}")

@@ -47,9 +47,10 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
                 handlers[vm.name] = nth.Nth(world, node=vm.name, metadata_url=vm.metadata.url, executable=executable)
                 tasks.append(asyncio.create_task(handlers[vm.name].run(), name=f"nth-{vm.name}"))
         world.deploy_vllm(replicas=2, shutdown_timeout=cfg.vllm_shutdown_timeout_s if scenario.shutdown_timeout
-                          else None, grace_seconds=cfg.grace_seconds, token_interval=cfg.token_interval,
+                          else None, prestop_max_wait=cfg.prestop_max_wait_s if scenario.prestop else None,
+                          grace_seconds=cfg.grace_seconds, token_interval=cfg.token_interval,
                           readiness_gate=scenario.spotguard, probe_period=cfg.probe_period_s,
-                          drains_on_sigterm=scenario.spotguard and scenario.shutdown_timeout,
+                          drains_on_sigterm=scenario.spotguard and scenario.drain_aware,
                           real_vllm=cfg.vllm == "real", surge=scenario.surge, gpus=cfg.gpus_per_node)
         # Real vLLM loads for 25-45 s on this machine (more with two at once).
         pods = await asyncio.to_thread(world.wait_ready_pods, 2, timeout=300 if cfg.vllm == "real" else 90)
