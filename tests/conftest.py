@@ -5,6 +5,7 @@ simulated kubelet), started once per test session and stopped at its end, even o
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,13 +40,25 @@ def api_client(cluster: controlplane.ClusterInfo):
 
 @pytest.fixture
 def namespace(api_client) -> Iterator[str]:
-    """A fresh namespace per test, deleted afterwards (its pods with it)."""
+    """A fresh namespace per test, deleted afterwards (its pods with it). Ready once its `default`
+    ServiceAccount exists: until the controller-manager has made it, the API server refuses pods
+    there (403 "serviceaccount default not found"), which the first test of a fresh cluster hits."""
     from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
 
     core = client.CoreV1Api(api_client)
     name = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name}})
     try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                core.read_namespaced_service_account("default", name)
+                break
+            except ApiException as exc:
+                if exc.status != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         yield name
     finally:
         core.delete_namespace(name, grace_period_seconds=0)

@@ -397,7 +397,7 @@ def test_deletion_runs_prestop_then_sigterm_and_the_object_disappears(core, name
                                                                          tmp_path):
     node = ready_node(core, sim_node)
     marker = tmp_path / "prestop"
-    pre_stop = {"exec": {"command": ["sh", "-c", f'date +%s.%N > {marker}; echo "$POD_IP $VLLM_HOST" >> {marker}; '
+    pre_stop = {"exec": {"command": ["sh", "-c", f'date +%s.%N > {marker}; echo "$POD_IP $VLLM_HOST $SPOTGUARD_METRICS_HOST" >> {marker}; '
                                                  "sleep 1"]}}
     core.create_namespaced_pod(namespace, pod_manifest("vllm", node, fake_vllm=True, grace=10, pre_stop=pre_stop))
     ip = running_pod(core, namespace, "vllm").status.pod_ip
@@ -407,7 +407,8 @@ def test_deletion_runs_prestop_then_sigterm_and_the_object_disappears(core, name
     events = watch_until_deleted(core, namespace, "vllm")
 
     prestop_at, env_line = marker.read_text().split("\n")[:2]
-    assert env_line == f"{ip} {ip}"  # POD_IP and VLLM_HOST point at the pod
+    # POD_IP, VLLM_HOST and the chart's preStop helper's SPOTGUARD_METRICS_HOST point at the pod
+    assert env_line == f"{ip} {ip} {ip}"
     sigterm_at = log_time(Path(cluster.dir) / "logs" / "pods" / f"{namespace}_vllm.log", "fake_vllm_signal")
     assert deleted_at <= float(prestop_at) <= sigterm_at
     assert sigterm_at - float(prestop_at) >= 0.9  # SIGTERM only after the hook (which sleeps 1 s) ended
