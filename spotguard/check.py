@@ -245,8 +245,15 @@ def _check_drain_on_sigterm(pod: k.Obj, say: Callable[[str, str], None]) -> None
         say("WARN", f"pod {_key(pod)}: terminationGracePeriodSeconds {grace} is shorter than vLLM's "
                     f"--shutdown-timeout {timeout}: the kubelet kills it before its drain ends")
         return
-    how = f"vLLM --shutdown-timeout {timeout}" if timeout else "the drain preStop helper"
-    say("OK", f"pod {_key(pod)} drains itself on SIGTERM ({how}): spotguard evicts it at the notice")
+    how = " behind ".join(filter(None, (f"vLLM --shutdown-timeout {timeout}" if timeout else "",
+                                         "the drain preStop helper" if helper else "")))
+    advice = ""
+    if not helper:
+        # vLLM's drain refuses new requests from its SIGTERM; on GKE that comes with the notice,
+        # tens of milliseconds before any handler has the pod out of its Service (docs/BENCHMARKS.md).
+        advice = ("; where the node's shutdown starts with the notice (GKE), also run the chart's preStop "
+                  "helper, so vLLM does not refuse requests sent before the pod leaves its Service")
+    say("OK", f"pod {_key(pod)} drains itself on SIGTERM ({how}): spotguard evicts it at the notice{advice}")
 
 
 def _shutdown_timeout(pod: k.Obj) -> int | None:

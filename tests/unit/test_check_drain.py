@@ -36,6 +36,15 @@ def test_the_equals_form_and_the_prestop_helper_count_too() -> None:
     assert level == "OK" and "preStop helper" in text
 
 
+def test_the_flag_alone_is_advised_the_helper_for_gke_and_both_together_are_not() -> None:
+    helper = ["python3", "/etc/spotguard/vllm-drain-prestop.py", "--max-wait", "25"]
+    (_, alone), = findings(vllm_pod(args=["--shutdown-timeout", "20"]))
+    assert "GKE" in alone and "preStop helper" in alone
+    (level, both), = findings(vllm_pod(args=["--shutdown-timeout", "20"], prestop=helper))
+    assert level == "OK" and "--shutdown-timeout 20 behind the drain preStop helper" in both
+    assert "GKE" not in both
+
+
 def test_annotated_without_any_drain_is_a_warning() -> None:
     (level, text), = findings(vllm_pod(args=["--model", "m", "--shutdown-timeout", "0"]))
     assert level == "WARN" and "aborted" in text
