@@ -35,6 +35,8 @@ REQUIRED_ACCESS = (
     ("list", "endpointslices", "discovery.k8s.io", ""),
     ("list", "poddisruptionbudgets", "policy", ""),
 )
+# daemonset/files/vllm-drain-prestop.py's --max-wait when its command gives none.
+PRESTOP_HELPER_DEFAULT_WAIT = 25.0
 # With the surge on: its placeholders, and Deployment pods handed over to their replacements.
 SURGE_ACCESS = (("create", "pods", "", ""), ("delete", "pods", "", ""), ("patch", "pods", "", ""),
                 ("get", "replicasets", "apps", ""))
@@ -228,25 +230,26 @@ def _check_drain_on_sigterm(pod: k.Obj, say: Callable[[str, str], None]) -> None
     trusting it to finish its in-flight requests after SIGTERM: say whether its spec backs that up
     (vLLM's --shutdown-timeout, or the chart's drain-aware preStop helper) and whether its grace
     period leaves the drain the time it asks for."""
-    timeout, helper = _shutdown_timeout(pod), _uses_prestop_helper(pod)
+    timeout, helper_wait = _shutdown_timeout(pod), _prestop_helper_wait(pod)
+    helper = helper_wait is not None
     grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+    how = " behind ".join(filter(None, (f"vLLM --shutdown-timeout {timeout}" if timeout else "",
+                                         "the drain preStop helper" if helper else "")))
     if not k.drains_on_sigterm(pod):
         if timeout or helper:
-            say("OK", f"pod {_key(pod)} drains on SIGTERM ({'--shutdown-timeout ' + str(timeout) if timeout else 'preStop helper'})"
-                      f"; annotate it {k.DRAINS_ON_SIGTERM_ANNOTATION}: \"true\" and spotguard evicts it at the notice, "
-                      "so its replacement starts while it drains")
+            say("OK", f"pod {_key(pod)} drains on SIGTERM ({how}); annotate it {k.DRAINS_ON_SIGTERM_ANNOTATION}: "
+                      "\"true\" and spotguard evicts it at the notice, so its replacement starts while it drains")
         return
     if not (timeout or helper):
         say("WARN", f"pod {_key(pod)} is annotated {k.DRAINS_ON_SIGTERM_ANNOTATION} but runs neither vLLM "
                     "--shutdown-timeout nor the chart's drain preStop helper: evicted at the notice, its in-flight "
                     "requests are aborted on SIGTERM (vLLM's default)")
         return
-    if timeout and isinstance(grace, int) and grace < timeout:
-        say("WARN", f"pod {_key(pod)}: terminationGracePeriodSeconds {grace} is shorter than vLLM's "
-                    f"--shutdown-timeout {timeout}: the kubelet kills it before its drain ends")
+    needed = (timeout or 0) + (helper_wait or 0)
+    if isinstance(grace, int) and grace < needed:
+        say("WARN", f"pod {_key(pod)}: terminationGracePeriodSeconds {grace} is shorter than {how} "
+                    f"({needed:g} s): the kubelet kills it before its drain ends")
         return
-    how = " behind ".join(filter(None, (f"vLLM --shutdown-timeout {timeout}" if timeout else "",
-                                         "the drain preStop helper" if helper else "")))
     advice = ""
     if not helper:
         # vLLM's drain refuses new requests from its SIGTERM; on GKE that comes with the notice,
@@ -271,12 +274,23 @@ def _shutdown_timeout(pod: k.Obj) -> int | None:
     return None
 
 
-def _uses_prestop_helper(pod: k.Obj) -> bool:
+def _prestop_helper_wait(pod: k.Obj) -> float | None:
+    """The --max-wait of the chart's drain preStop helper when a container runs it (its default, 25 s,
+    when the command does not say); None without the helper."""
     for container in (pod.get("spec") or {}).get("containers") or []:
-        command = (((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []
-        if any("vllm-drain-prestop" in str(word) for word in command):
-            return True
-    return False
+        command = [str(word) for word in
+                   (((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []]
+        if any("vllm-drain-prestop" in word for word in command):
+            for index, word in enumerate(command):
+                value = (command[index + 1] if word == "--max-wait" and index + 1 < len(command)
+                         else word.partition("=")[2] if word.startswith("--max-wait=") else None)
+                if value is not None:
+                    try:
+                        return max(0.0, float(value))
+                    except ValueError:
+                        break  # the helper itself would refuse it; judge by its default
+            return PRESTOP_HELPER_DEFAULT_WAIT
+    return None
 
 
 def _looks_like_vllm(pod: k.Obj) -> bool:

@@ -13,14 +13,14 @@ import json
 
 import pytest
 from spotguard_sim import controlplane
-from spotguard_sim.bench.config import SCENARIOS, BenchConfig
+from spotguard_sim.bench.config import PROFILES, SCENARIOS, BenchConfig
 
 from spotguard_sim.bench.run import bench
 
 # What the smoke run's one profile (GKE, a short notice, SIGTERM at the notice) runs: no surge (long
-# notices only), no real NTH (AWS profiles only), the preStop helper (it matters there).
-SHORT_NOTICE_SCENARIOS = {name for name, scenario in SCENARIOS.items()
-                          if not scenario.surge and scenario.handler != "nth"}
+# notices only), no real NTH (AWS profiles only), the preStop helper (it matters there); the rule is
+# tested in test_bench_measures.py.
+SHORT_NOTICE_SCENARIOS = {name for name, scenario in SCENARIOS.items() if scenario.applies_to(PROFILES["gke-spot-30"])}
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -99,16 +99,17 @@ def test_request_counts_add_up_in_every_scenario_and_run(report_and_files):
 def test_fields_are_null_exactly_where_they_do_not_apply(report_and_files):
     report, _, _, _ = report_and_files
     s = report["scenarios"]
-    for name in ("kubelet_only", "kubelet_only_drain"):
+    for name in ("kubelet_only", "kubelet_only_drain", "kubelet_only_prestop"):
         assert s[name]["reaction_ms"]["p50"] is None, "nothing cordons without a handler"
         assert "reaction_ms" in s[name]["null_reasons"]
-    for name in ("kubelet_only", "evict_immediately", "kubelet_only_drain", "evict_immediately_drain"):
+    for name in ("kubelet_only", "evict_immediately", "kubelet_only_drain", "evict_immediately_drain",
+                 "kubelet_only_prestop"):
         assert s[name]["drain_detect_lag_ms"]["p50"] is None and "drain_detect_lag_ms" in s[name]["null_reasons"]
         assert s[name]["daemon_reaction_ms"] is None
     for name, scenario in s.items():
         # One replica was lost for a while in every scenario: the gap is measured, never negative.
         assert scenario["capacity_gap_s"] is not None and scenario["capacity_gap_s"] > 0, name
-    for name in ("evict_immediately", "spotguard", "spotguard_drain"):
+    for name in ("evict_immediately", "spotguard", "spotguard_drain", "spotguard_prestop"):
         assert s[name]["reaction_ms"]["p50"] is not None and s[name]["reaction_ms"]["p50"] >= 0, name
     for name, scenario in s.items():
         assert scenario["notready_ms"]["p50"] is not None, name

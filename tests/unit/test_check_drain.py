@@ -40,9 +40,21 @@ def test_the_flag_alone_is_advised_the_helper_for_gke_and_both_together_are_not(
     helper = ["python3", "/etc/spotguard/vllm-drain-prestop.py", "--max-wait", "25"]
     (_, alone), = findings(vllm_pod(args=["--shutdown-timeout", "20"]))
     assert "GKE" in alone and "preStop helper" in alone
-    (level, both), = findings(vllm_pod(args=["--shutdown-timeout", "20"], prestop=helper))
+    (level, both), = findings(vllm_pod(args=["--shutdown-timeout", "20"], prestop=helper, grace=60))
     assert level == "OK" and "--shutdown-timeout 20 behind the drain preStop helper" in both
     assert "GKE" not in both
+
+
+def test_the_grace_must_hold_the_hooks_wait_and_vllms_drain_after_it() -> None:
+    helper = ["python3", "/etc/spotguard/vllm-drain-prestop.py", "--max-wait", "25"]
+    (level, text), = findings(vllm_pod(args=["--shutdown-timeout", "25"], prestop=helper, grace=30))
+    assert level == "WARN" and "terminationGracePeriodSeconds 30" in text and "50 s" in text
+    assert findings(vllm_pod(args=["--shutdown-timeout", "25"], prestop=helper, grace=55))[0][0] == "OK"
+    # The helper's own default (25 s) when its command gives no --max-wait, alone or with the flag.
+    (level, text), = findings(vllm_pod(prestop=["python3", "/etc/spotguard/vllm-drain-prestop.py"], grace=20))
+    assert level == "WARN" and "25 s" in text
+    assert findings(vllm_pod(prestop=["python3", "/etc/spotguard/vllm-drain-prestop.py", "--max-wait=10"],
+                             grace=20))[0][0] == "OK"
 
 
 def test_annotated_without_any_drain_is_a_warning() -> None:

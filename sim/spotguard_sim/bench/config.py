@@ -116,7 +116,8 @@ class Scenario:
             return False  # a surge needs a notice long enough to bring a node
         if self.handler == "nth" and profile.cloud != "aws":
             return False  # NTH's IMDS mode reads EC2's metadata only
-        # Elsewhere the pod is out of its Service before anything stops it: the helper would change nothing.
+        # Elsewhere spotguard has the pod out of its Service before anything stops it, so the helper
+        # would change nothing for it; its no-handler control runs where it runs.
         return profile.sigterm_at_notice or not self.prestop
 
     def daemon_env(self, profile: Profile) -> dict[str, str]:
@@ -221,7 +222,7 @@ class BenchConfig:
         return cls(vllm="real", profiles=("gke-spot-30",), scenarios=("kubelet_only_drain", "spotguard_drain"),
                    runs=2, rate=2.0, token_interval=0.004, warmup_s=20.0,
                    durations=DurationDistribution(median_s=3.0, sigma=0.6, min_s=0.5, max_s=12.0),
-                   vllm_shutdown_timeout_s=12, provisioning_delay_s=10.0, replacement_timeout_s=180.0)
+                   vllm_shutdown_timeout_s=12, prestop_max_wait_s=12.0, provisioning_delay_s=10.0, replacement_timeout_s=180.0)
 
     def describe(self) -> dict[str, Any]:
         data = asdict(self)

@@ -176,6 +176,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     unknown = [p for p in cfg.profiles if p not in PROFILES] + [s for s in cfg.scenarios if s not in SCENARIOS]
     if unknown:
         raise ValueError(f"unknown profile or scenario: {', '.join(unknown)}")
+    idle = [p for p in cfg.profiles if not any(SCENARIOS[s].applies_to(PROFILES[p]) for s in cfg.scenarios)]
+    if idle:
+        raise ValueError(f"--scenarios: none of them runs on profile {', '.join(idle)} (surge: long notices only; "
+                         "nth: AWS only; prestop: SIGTERM at the notice only); choose others or drop it from --profiles")
     if cfg.runs < 1 or cfg.reaction_reps < 1 or cfg.storm_nodes < 1 or cfg.footprint_s <= 0:
         raise ValueError("--runs, --reaction-reps and --storm-nodes must be >= 1, --footprint-seconds > 0")
     return cfg

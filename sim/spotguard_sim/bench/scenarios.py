@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -10,12 +11,21 @@ from spotguard.kubeapi import Obj
 from spotguard_sim.autoscaler import AutoscalerEmulator
 from spotguard_sim.bench import nth
 from spotguard_sim.bench.baselines import EvictImmediately
-from spotguard_sim.bench.config import Profile, Scenario
+from spotguard_sim.bench.config import BenchConfig, Profile, Scenario
 from spotguard_sim.bench.context import Context, add_vm, daemon_metrics, preempt
 from spotguard_sim.bench.measure import ms, quantiles_ms, rounded
 from spotguard_sim.bench.observe import Observer
 from spotguard_sim.router import EndpointChange, EndpointTracker, LoadGenerator, Outcome, RequestRecord
 from spotguard_sim.support import metric_value, quantile
+
+
+def pod_grace_seconds(cfg: BenchConfig, scenario: Scenario) -> int:
+    """The vLLM pods' terminationGracePeriodSeconds: with the preStop helper it must hold the hook's
+    wait and vLLM's drain after it, plus a few seconds, as the helper's usage says. (A node shutdown
+    caps it anyway: on gke-spot-30 every pod gets 15 s.)"""
+    if not scenario.prestop:
+        return cfg.grace_seconds
+    return max(cfg.grace_seconds, math.ceil(cfg.prestop_max_wait_s) + cfg.vllm_shutdown_timeout_s + 5)
 
 
 async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: int) -> dict[str, Any]:
@@ -48,7 +58,7 @@ async def run_scenario(ctx: Context, profile: Profile, scenario: Scenario, rep: 
                 tasks.append(asyncio.create_task(handlers[vm.name].run(), name=f"nth-{vm.name}"))
         world.deploy_vllm(replicas=2, shutdown_timeout=cfg.vllm_shutdown_timeout_s if scenario.shutdown_timeout
                           else None, prestop_max_wait=cfg.prestop_max_wait_s if scenario.prestop else None,
-                          grace_seconds=cfg.grace_seconds, token_interval=cfg.token_interval,
+                          grace_seconds=pod_grace_seconds(cfg, scenario), token_interval=cfg.token_interval,
                           readiness_gate=scenario.spotguard, probe_period=cfg.probe_period_s,
                           drains_on_sigterm=scenario.spotguard and scenario.drain_aware,
                           real_vllm=cfg.vllm == "real", surge=scenario.surge, gpus=cfg.gpus_per_node)
@@ -301,7 +311,8 @@ def summarize_runs(runs: list[dict[str, Any]], scenario: Scenario, profile: Prof
     if summary["drain_detect_lag_ms"]["p50"] is None:
         nulls["drain_detect_lag_ms"] = (
             "no drain: this handler never waits for in-flight requests" if not scenario.spotguard else
-            "the drain never ended by seeing 0 in flight (see drain_ended_by)")
+            "the pod drains itself (drains-on-sigterm): spotguard evicts it without waiting for its requests"
+            if scenario.drain_aware else "the drain never ended by seeing 0 in flight (see drain_ended_by)")
     if summary["replacement_ready_s"] is None:
         nulls["replacement_ready_s"] = "no replacement pod became Ready within the wait"
     if summary["notready_ms"]["p50"] is None:

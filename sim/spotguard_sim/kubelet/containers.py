@@ -393,8 +393,10 @@ class ContainerRunner:
             if "value" in item:
                 env[item["name"]] = str(item["value"])
         # In a pod, vLLM is on localhost; here each pod has its own loopback address. The chart's
-        # preStop helper reads it from SPOTGUARD_METRICS_HOST.
-        env["POD_IP"] = env["VLLM_HOST"] = env["SPOTGUARD_METRICS_HOST"] = rt.ip or HOST_IP
+        # preStop helper reads it from SPOTGUARD_METRICS_HOST (unless the pod sets it itself).
+        env["POD_IP"] = env["VLLM_HOST"] = rt.ip or HOST_IP
+        if not any(item.get("name") == "SPOTGUARD_METRICS_HOST" for item in spec.get("env") or []):
+            env["SPOTGUARD_METRICS_HOST"] = env["POD_IP"]
         log.info("prestop_exec", pod=rt.key, container=spec.get("name"), command=command)
         with open(self.pod_log(rt), "ab") as output:
             output.write(f"--- {now_rfc3339()} sim-kubelet: preStop exec {shlex.join(command)}\n".encode())
