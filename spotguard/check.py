@@ -263,14 +263,19 @@ def _shutdown_timeout(pod: k.Obj) -> int | None:
     """vLLM's --shutdown-timeout in a container's command or args (integer seconds; 0 means off)."""
     for container in (pod.get("spec") or {}).get("containers") or []:
         words = [str(w) for w in list(container.get("command") or []) + list(container.get("args") or [])]
-        for index, word in enumerate(words):
-            value = None
-            if word == "--shutdown-timeout" and index + 1 < len(words):
-                value = words[index + 1]
-            elif word.startswith("--shutdown-timeout="):
-                value = word.partition("=")[2]
-            if value is not None and value.strip().isdigit() and int(value) > 0:
-                return int(value)
+        value = _flag_value(words, "--shutdown-timeout")
+        if value is not None and value.strip().isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def _flag_value(words: list[str], flag: str) -> str | None:
+    """The value of `flag` in a command line, written `flag N` or `flag=N`; None when absent."""
+    for index, word in enumerate(words):
+        if word == flag and index + 1 < len(words):
+            return words[index + 1]
+        if word.startswith(flag + "="):
+            return word.partition("=")[2]
     return None
 
 
@@ -281,15 +286,11 @@ def _prestop_helper_wait(pod: k.Obj) -> float | None:
         command = [str(word) for word in
                    (((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []]
         if any("vllm-drain-prestop" in word for word in command):
-            for index, word in enumerate(command):
-                value = (command[index + 1] if word == "--max-wait" and index + 1 < len(command)
-                         else word.partition("=")[2] if word.startswith("--max-wait=") else None)
-                if value is not None:
-                    try:
-                        return max(0.0, float(value))
-                    except ValueError:
-                        break  # the helper itself would refuse it; judge by its default
-            return PRESTOP_HELPER_DEFAULT_WAIT
+            value = _flag_value(command, "--max-wait")
+            try:
+                return max(0.0, float(value)) if value is not None else PRESTOP_HELPER_DEFAULT_WAIT
+            except ValueError:
+                return PRESTOP_HELPER_DEFAULT_WAIT  # the helper itself would refuse it; judge by its default
     return None
 
 
