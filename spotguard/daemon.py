@@ -159,7 +159,9 @@ class Daemon:
         # From cached state only: a kubelet probing /readyz every 10 s must not become API traffic.
         if self.node_missing:
             return False, f"node {self.config.node_name} not found (NODE_NAME)"
-        if not self._list_watches or not all(watch.healthy for watch in self._list_watches):
+        if not self._list_watches:  # started after the node's first read, still under way
+            return False, f"reading node {self.config.node_name}"
+        if not all(watch.healthy for watch in self._list_watches):
             return False, "kubernetes API not reachable (watch down)"
         if not self.provider_ready or not self.metrics.metadata_reachable:
             return False, "metadata server not reachable"

@@ -106,7 +106,10 @@ def serving_pod(world: World, name: str, *, node: str, vllm_args: str = "", grac
            "spec": {"nodeName": node, "terminationGracePeriodSeconds": grace_seconds,
                     "readinessGates": [{"conditionType": SERVING}],
                     "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
-                                    "ports": [{"name": "http", "containerPort": 8000}]}]}}
+                                    "ports": [{"name": "http", "containerPort": 8000}],
+                                    # Ready when the server answers, not when its process starts.
+                                    "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
+                                                       "periodSeconds": 1}}]}}
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
                "spec": {"selector": labels, "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]}}
     world.api.call("POST", f"/api/v1/namespaces/{world.namespace}/services", body=service)

@@ -405,17 +405,23 @@ async def test_a_node_that_does_not_exist_is_said_so_not_blamed_on_the_api(world
                            log_path=tmp_path / "ghost.log")
     daemon.start()
     try:
+        answers: list[str] = []  # every 503 body, in order: none may blame the API
+
         def readyz() -> str | None:
             try:
                 with urllib.request.urlopen(f"{daemon.url}/readyz", timeout=1):
+                    answers.append("200")
                     return None
             except urllib.error.HTTPError as error:
-                return error.read().decode()
+                answers.append(error.read().decode().strip())
+                return answers[-1] if "not found" in answers[-1] else None
             except OSError:
                 return None
 
-        said = await asyncio.to_thread(wait_until, readyz, timeout=30, what="/readyz answering 503")
-        assert said.strip() == "node no-such-node-here not found (NODE_NAME)"
+        said = await asyncio.to_thread(wait_until, readyz, timeout=30, what="/readyz naming the missing node")
+        assert said == "node no-such-node-here not found (NODE_NAME)"
+        # Before the first read answers it says so; never "API not reachable", never ready.
+        assert set(answers) <= {"reading node no-such-node-here", said}, answers
         assert metric(await asyncio.to_thread(daemon.metrics), "spotguard_node_found") == 0
         assert '"event": "node not found"' in daemon.log_path.read_text()
     finally:

@@ -97,7 +97,11 @@ async def create_serving_pod(kube: Api, namespace: str, node: str, name: str) ->
                     "readinessGates": [{"conditionType": GATE}],
                     "tolerations": [{"key": "sim.spotguard.io/test", "operator": "Exists"}],
                     "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
-                                    "ports": [{"name": "http", "containerPort": 8000}]}]}}
+                                    "ports": [{"name": "http", "containerPort": 8000}],
+                                    # As a vLLM Deployment has it: without a probe the container is
+                                    # ready once its process starts, before the server listens.
+                                    "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
+                                                       "periodSeconds": 1}}]}}
     return await create_pod(kube, namespace, pod)
 
 
@@ -154,7 +158,7 @@ async def test_router_follows_the_readiness_gate_and_sends_nothing_new_to_a_not_
     await create_service(kube, namespace)
     for name in ("vllm-a", "vllm-b"):
         await create_serving_pod(kube, namespace, node, name)
-    # Running with its fake vLLM answering, but the gate is not True yet: listed, not ready.
+    # Listed once Running; not ready until its fake vLLM answers /health and the gate is True.
     await tracker.wait_for(lambda t: len(t.endpoints) == 2, timeout=60)
     assert tracker.ready_endpoints == ()
     assert tracker.next_endpoint() is None
@@ -192,7 +196,9 @@ async def test_router_follows_the_readiness_gate_and_sends_nothing_new_to_a_not_
     assert {r.pod for r in before} == {"vllm-a", "vllm-b"}
     assert after and all(r.pod == "vllm-b" for r in after)
     # Not ready means no new work, not dropped work: everything sent (either pod) completed.
-    assert all(r.outcome is Outcome.COMPLETED for r in load.records), load.summary()
+    not_completed = [(r.pod, r.outcome, r.reason, round(r.start - flipped, 2)) for r in load.records
+                     if r.outcome is not Outcome.COMPLETED]
+    assert not not_completed, (not_completed, tracker.changes)
     summary = load.summary()
     assert summary["completed"] == summary["requests"] == len(load.records) >= 45
     assert summary["lost"] == 0
