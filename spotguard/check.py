@@ -56,7 +56,7 @@ async def run_check(config: Config, *, out: TextIO = sys.stdout,
         findings.append(Finding(level, text))
         print(f"{level:<4} {text}", file=out, flush=True)
 
-    await _check_provider(config, say)
+    cloud = await _check_provider(config, say)
     try:
         api = k.Kube((client_factory or kubeapi.new_client)(), node_name=config.node_name)
     except Exception as error:  # noqa: BLE001 - report, don't crash
@@ -70,22 +70,24 @@ async def run_check(config: Config, *, out: TextIO = sys.stdout,
         pods = None
     await asyncio.to_thread(_check_admission, api, config, pods or [], say)
     if pods is not None:
-        await _check_pods(pods, say)
+        await _check_pods(pods, say, cloud=cloud)
     failed = [f for f in findings if f.level == "FAIL"]
     print(f"{'NOT PROTECTED' if failed else 'PROTECTED'}: {len(failed)} failed, "
           f"{sum(f.level == 'WARN' for f in findings)} warnings", file=out)
     return 1 if failed else 0
 
 
-async def _check_provider(config: Config, say: Callable[[str, str], None]) -> None:
+async def _check_provider(config: Config, say: Callable[[str, str], None]) -> str | None:
+    """Whether the metadata server answers; the cloud's name ("gce", "aws", "azure") when it does."""
     try:
         provider = await providers.detect(config)
         await provider.probe()
     except providers.ProviderUnreachable as error:
         say("FAIL", f"metadata: {error}")
-        return
+        return None
     say("OK", f"metadata: {provider.name} metadata server answers"
               f"{' at ' + config.metadata_url if config.metadata_url else ''}")
+    return provider.name
 
 
 def _check_node_and_access(api: k.Kube, config: Config, say: Callable[[str, str], None]) -> None:
@@ -200,7 +202,7 @@ def _verdict(say: Callable[[str, str], None], what: str, write: Callable[[], obj
     say("OK", f"admission: may {what} (dry run)")
 
 
-async def _check_pods(pods: list[k.Obj], say: Callable[[str, str], None]) -> None:
+async def _check_pods(pods: list[k.Obj], say: Callable[[str, str], None], *, cloud: str | None) -> None:
     serving = [pod for pod in pods if k.is_serving_pod(pod)]
     unguarded = [pod for pod in pods if not k.is_serving_pod(pod) and _looks_like_vllm(pod)]
     if not serving:
@@ -209,7 +211,7 @@ async def _check_pods(pods: list[k.Obj], say: Callable[[str, str], None]) -> Non
         say("WARN", f"pod {_key(pod)} looks like vLLM but has no spotguard.io/serving readiness gate: "
                     "routers will keep sending it work after a notice")
     for pod in serving:
-        _check_drain_on_sigterm(pod, say)
+        _check_drain_on_sigterm(pod, say, cloud=cloud)
     async with aiohttp.ClientSession() as session:
         for pod in serving:
             url = k.metrics_url(pod)
@@ -225,11 +227,11 @@ async def _check_pods(pods: list[k.Obj], say: Callable[[str, str], None]) -> Non
                       f"({reading.total:.0f} in flight over {reading.engines} engine(s))")
 
 
-def _check_drain_on_sigterm(pod: k.Obj, say: Callable[[str, str], None]) -> None:
+def _check_drain_on_sigterm(pod: k.Obj, say: Callable[[str, str], None], *, cloud: str | None) -> None:
     """A pod annotated spotguard.io/drains-on-sigterm is evicted as soon as it is out of rotation,
     trusting it to finish its in-flight requests after SIGTERM: say whether its spec backs that up
     (vLLM's --shutdown-timeout, or the chart's drain-aware preStop helper) and whether its grace
-    period leaves the drain the time it asks for."""
+    period leaves the drain the time it asks for. `cloud` (None: not known) decides the GKE advice."""
     timeout, helper_wait = _shutdown_timeout(pod), _prestop_helper_wait(pod)
     helper = helper_wait is not None
     grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
@@ -251,11 +253,13 @@ def _check_drain_on_sigterm(pod: k.Obj, say: Callable[[str, str], None]) -> None
                     f"({needed:g} s): the kubelet kills it before its drain ends")
         return
     advice = ""
-    if not helper:
-        # vLLM's drain refuses new requests from its SIGTERM; on GKE that comes with the notice,
-        # tens of milliseconds before any handler has the pod out of its Service (docs/BENCHMARKS.md).
-        advice = ("; where the node's shutdown starts with the notice (GKE), also run the chart's preStop "
-                  "helper, so vLLM does not refuse requests sent before the pod leaves its Service")
+    if not helper and cloud in ("gce", None):
+        # vLLM's drain refuses new requests from its SIGTERM; on GCE the node's shutdown, and so the
+        # kubelet's SIGTERM, comes with the notice, tens of milliseconds before any handler has the
+        # pod out of its Service (docs/BENCHMARKS.md). On AWS and Azure it comes at the notice's end.
+        where = "on GCE (without preemptionNoticeDuration)" if cloud == "gce" else "where (as on GKE)"
+        advice = (f"; {where} the node's shutdown starts with the notice: also run the chart's preStop helper, "
+                  "so vLLM does not refuse requests sent before the pod leaves its Service")
     say("OK", f"pod {_key(pod)} drains itself on SIGTERM ({how}): spotguard evicts it at the notice{advice}")
 
 

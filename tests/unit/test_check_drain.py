@@ -18,9 +18,9 @@ def vllm_pod(*, args: list[str] | None = None, annotated: bool = True, prestop: 
                      "readinessGates": [{"conditionType": "spotguard.io/serving"}]}}
 
 
-def findings(pod: dict[str, Any]) -> list[tuple[str, str]]:
+def findings(pod: dict[str, Any], *, cloud: str | None = "gce") -> list[tuple[str, str]]:
     said: list[tuple[str, str]] = []
-    check._check_drain_on_sigterm(pod, lambda level, text: said.append((level, text)))
+    check._check_drain_on_sigterm(pod, lambda level, text: said.append((level, text)), cloud=cloud)
     return said
 
 
@@ -39,10 +39,21 @@ def test_the_equals_form_and_the_prestop_helper_count_too() -> None:
 def test_the_flag_alone_is_advised_the_helper_for_gke_and_both_together_are_not() -> None:
     helper = ["python3", "/etc/spotguard/vllm-drain-prestop.py", "--max-wait", "25"]
     (_, alone), = findings(vllm_pod(args=["--shutdown-timeout", "20"]))
-    assert "GKE" in alone and "preStop helper" in alone
+    assert "on GCE (without preemptionNoticeDuration) the node's shutdown starts with the notice" in alone and "preStop helper" in alone
     (level, both), = findings(vllm_pod(args=["--shutdown-timeout", "20"], prestop=helper, grace=60))
     assert level == "OK" and "--shutdown-timeout 20 behind the drain preStop helper" in both
-    assert "GKE" not in both
+    assert "GCE" not in both and "GKE" not in both
+
+
+def test_the_helper_advice_follows_the_cloud_whose_shutdown_comes_with_the_notice() -> None:
+    flag_alone = vllm_pod(args=["--shutdown-timeout", "20"])
+    # AWS and Azure shut the node down at the notice's end: the drain's refusals race nothing.
+    for cloud in ("aws", "azure"):
+        (level, text), = findings(flag_alone, cloud=cloud)
+        assert level == "OK" and "preStop" not in text and text.endswith("evicts it at the notice")
+    # Metadata unreadable: the advice stays, worded for the clouds it applies to.
+    (_, unknown), = findings(flag_alone, cloud=None)
+    assert "where (as on GKE) the node's shutdown starts with the notice" in unknown
 
 
 def test_the_grace_must_hold_the_hooks_wait_and_vllms_drain_after_it() -> None:
