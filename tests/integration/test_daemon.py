@@ -376,7 +376,12 @@ async def test_auto_provider_waits_for_a_metadata_server_that_starts_late(world)
         timeout=20, what="failed probes counted")
     assert daemon.process is not None and daemon.process.poll() is None, "the daemon exited"
     assert (await get("/healthz"))[0] == 200
-    status, body = await get("/readyz")
+    # Its watches' first lists may still be under way (then it names those); it must come to this:
+    for _ in range(100):
+        status, body = await get("/readyz")
+        if "metadata" in body:
+            break
+        await asyncio.sleep(0.1)
     assert status == 503 and "metadata server not reachable" in body
     assert metric(text, "spotguard_metadata_up") == 0
     assert metric(text, "spotguard_build_info", provider="auto") == 1
