@@ -254,11 +254,13 @@ async def test_default_sigterm_ends_streams_with_abort_and_done_or_silence(serve
 
     await until(lambda: all(settled(s) for s in streams) or not server.alive(), timeout=20, what="streams to end")
     await asyncio.sleep(1.0)
-    outcomes = {s.outcome for s in streams}
+    seen = [(s.outcome, s.end.error) for s in streams]
     # Real vLLM: the engine's abort outputs (finish_reason abort, then [DONE]) or, when it loses
-    # the race, silence with the connection open. Never a normal end, never an error event.
-    assert outcomes <= {"abort + [DONE]", "open"}, outcomes
-    assert all(s.end.error is None for s in streams)
+    # the race, silence with the connection open, or (seen once in a CI run, all three streams) its
+    # in-band error event, then [DONE] with no finish reason, as when a drain runs out. Never a
+    # normal end: the load generator counts each of these as lost.
+    assert {outcome for outcome, _ in seen} <= {"abort + [DONE]", "open", "None + [DONE]"}, seen
+    assert all((error is not None) == (outcome == "None + [DONE]") for outcome, error in seen), seen
     assert await get_status(session, server.url + "/health") is None, "the listener is closed"
     for s in streams:  # the clients leave; the process then exits 0
         if s.task is not None and not s.task.done():
@@ -297,7 +299,7 @@ async def test_when_the_drain_runs_out_streams_go_silent_and_the_process_waits_f
     # Real vLLM varies here too: the streams are left open and silent, or (seen once in a CI run,
     # all three) ended with its in-band error and [DONE], no finish reason. Never completed.
     outcomes = [s.outcome for s in streams]
-    assert set(outcomes) <= {"open", "None + [DONE]"}, outcomes
+    assert set(outcomes) <= {"open", "None + [DONE]"}, [(s.outcome, s.end.error) for s in streams]
     assert all(s.last_data is not None and s.last_data - signalled < 3.5 for s in streams), "no data after N"
     assert await get_status(session, server.url + "/health") is None, "the listener is closed after N"
     if "open" in outcomes:
